@@ -1,0 +1,263 @@
+"""The artifact: a folder Hugging Face tooling can read, plus the compressed tensors and a manifest.
+
+    artifact.save(model, tokenizer, "out/smollm2-int8", manifest={"spec": "int8", "base_model": {...}})
+    model, tokenizer, kind = artifact.load("out/smollm2-int8")
+
+Layout: ``config.json`` and tokenizer files; ``model.safetensors`` with the tensors exactly as stored (int8 values,
+packed int4, scales; mostly-zero tensors as a bit mask plus the non-zero values, so pruning shrinks the bytes on
+disk); ``raypress.json`` with the base model, the spec, metrics, library versions and a sha256 of every file.
+Writes go to a temporary folder renamed into place, so a crash never leaves a half artifact that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress import models, specs
+
+FORMAT = "raypress-artifact"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+SPARSE_MIN_ZERO_FRACTION = 0.4  # below this, mask + values would not save enough to be worth it
+
+
+class ArtifactError(ValueError):
+    """An artifact folder that is incomplete, tampered with, or not an artifact."""
+
+
+def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, manifest: dict | None = None) -> Path:
+    """Write ``model`` (compressed or not) and ``tokenizer`` as an artifact at ``out_dir``; returns the path.
+
+    Args:
+        manifest: fields to record: ``spec`` (default "base"), ``base_model`` ({"id", "weight_digest"}),
+            ``metrics``, and anything else JSON-serializable. Files, versions and format are filled in here.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = dict(manifest or {})
+        manifest["spec"] = str(specs.parse(manifest.get("spec", specs.BASE)))
+        tensors, aliases, sparse = _encode_state_dict(model.state_dict())
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = getattr(model.config, "_name_or_path", "")
+        if source and Path(source).is_dir():
+            models.copy_sentence_transformers_files(Path(source), tmp)
+        manifest.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            kind=models.model_kind(model.config),
+            dtype=str(_float_dtype(model)).removeprefix("torch."),
+            aliases=aliases,
+            sparse=sparse,
+            versions=_versions(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write_json(tmp / models.MANIFEST, manifest)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> models.LoadedModel:
+    """Rebuild the compressed model from an artifact, after checking every file's digest.
+
+    ``dtype`` defaults to the dtype the artifact was saved in; quantized tensors keep their storage type.
+    """
+    path = Path(path)
+    manifest = verify(path)
+    device = torch.device(device) if device is not None else models.default_device()
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    kind = manifest["kind"]
+    cls = AutoModelForCausalLM if kind == models.CAUSAL else AutoModel
+    saved_dtype = getattr(torch, manifest["dtype"])
+    with no_init_weights():
+        model = cls.from_config(config, dtype=saved_dtype)
+    model.tie_weights()  # skipped under no_init_weights; restore_ must see the tie to rebuild it
+    specs.restore_(model, manifest["spec"])
+    state = _decode_state_dict(load_file(str(path / WEIGHTS)), manifest["aliases"], manifest["sparse"])
+    model.load_state_dict(state, strict=True)
+    if dtype is not None and dtype != saved_dtype:
+        model.to(dtype)
+    model.to(device).eval()
+    model.config.raypress_manifest = {k: manifest[k] for k in ("spec", "base_model") if k in manifest}
+    tokenizer = models.load_tokenizer(path, kind)
+    if kind == models.ENCODER:
+        model.config.raypress_pooling = models.read_pooling(path)
+    return models.LoadedModel(model, tokenizer, kind)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    file = Path(path) / models.MANIFEST
+    if not file.exists():
+        raise ArtifactError(f"{str(path)!r} is not a raypress artifact: it has no {models.MANIFEST}")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{str(file)!r} is not valid JSON ({e}); the artifact is damaged") from e
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{str(file)!r} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """Check every file against the manifest's sha256; returns the manifest or raises ArtifactError."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for rel, digest in manifest["files"].items():
+        file = path / rel
+        if not file.exists():
+            raise ArtifactError(f"artifact {str(path)!r} is missing {rel!r}; re-create it")
+        if _sha256(file) != digest:
+            raise ArtifactError(
+                f"artifact {str(path)!r}: {rel!r} does not match its sha256 in {models.MANIFEST} "
+                "(changed or truncated after saving); re-create the artifact"
+            )
+    return manifest
+
+
+def weight_digest(model: torch.nn.Module) -> str:
+    """sha256 over the model's tensors (names, dtypes, shapes, bytes): identifies the base weights."""
+    h = hashlib.sha256()
+    seen = set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Bytes of every file in the artifact."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def weights_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the tensor file alone: the model's size, without tokenizer and config."""
+    return (Path(path) / WEIGHTS).stat().st_size
+
+
+def update_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    """Record measured metrics in the manifest (the manifest is not among the digested files)."""
+    manifest = read_manifest(path)
+    manifest["metrics"] = metrics
+    _write_json(Path(path) / models.MANIFEST, manifest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _encode_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, list]:
+    """Deduplicate shared tensors (tied weights) and store mostly-zero ones as mask + values."""
+    tensors, aliases, sparse, first = {}, {}, [], {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
+        if key is not None and key in first:
+            aliases[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
+        t = t.detach().to("cpu").contiguous()
+        if t.dim() == 2 and t.numel() >= 4096 and (t == 0).float().mean().item() >= SPARSE_MIN_ZERO_FRACTION:
+            mask = t != 0
+            tensors[f"{name}::mask"] = torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
+            tensors[f"{name}::values"] = t[mask]
+            tensors[f"{name}::shape"] = torch.tensor(t.shape, dtype=torch.int64)
+            sparse.append(name)
+        else:
+            tensors[name] = t
+    return tensors, aliases, sparse
+
+
+def _decode_state_dict(tensors: dict, aliases: dict, sparse: list) -> dict:
+    state = {k: v for k, v in tensors.items() if "::" not in k}
+    for name in sparse:
+        shape = tuple(tensors[f"{name}::shape"].tolist())
+        values = tensors[f"{name}::values"]
+        n = int(np.prod(shape))
+        mask = torch.from_numpy(np.unpackbits(tensors[f"{name}::mask"].numpy(), count=n).astype(bool))
+        dense = torch.zeros(n, dtype=values.dtype)
+        dense[mask] = values
+        state[name] = dense.reshape(shape)
+    for alias, name in aliases.items():
+        state[alias] = state[name]
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _write_json(file: Path, obj: dict) -> None:
+    file.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _versions() -> dict:
+    import transformers
+
+    from compress import __version__
+
+    return {
+        "raypress": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,126 @@
+"""Text for calibration and evaluation.
+
+By default the base model writes its own text from a built-in list of varied prompts, so nothing has to be
+downloaded. Users may give a text file (one document per blank-line-separated paragraph), or a parquet, jsonl or
+csv file with a text column.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PROMPTS = [
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What were the main causes of the French Revolution?",
+    "Describe the water cycle to a ten-year-old.",
+    "Give three tips for writing clear emails at work.",
+    "How does a bill become a law in the United States?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is photosynthesis and why does it matter?",
+    "Write a recipe for a simple vegetable soup.",
+    "Explain the difference between a virus and a bacterium.",
+    "Describe a busy market in a large city in the morning.",
+    "What should someone consider before adopting a dog?",
+    "Explain how compound interest works with an example.",
+    "Write a letter thanking a teacher who made a difference.",
+    "Why is the sky blue?",
+    "Describe how the internet sends a message from one computer to another.",
+    "What are the rules of chess for how each piece moves?",
+    "Tell me about the history of the printing press.",
+    "How do vaccines train the immune system?",
+    "Write a poem about autumn leaves.",
+    "Explain what a black hole is.",
+    "List the planets of the solar system and one fact about each.",
+    "How can a small town attract more visitors?",
+    "Describe the life cycle of a butterfly.",
+    "What makes a good team leader?",
+    "Explain how a bicycle stays upright while moving.",
+    "Write a product description for a waterproof backpack.",
+    "What happened during the first moon landing?",
+    "How do earthquakes happen?",
+    "Explain the basics of supply and demand.",
+    "Describe a walk through a forest after rain.",
+    "What are the benefits of learning a second language?",
+]
+
+
+def read_texts(path: str | os.PathLike, column: str = "text", limit: int | None = None) -> list[str]:
+    """Read documents from a .txt (paragraphs), .jsonl, .json, .parquet or .csv file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".md", ".raw"):
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        texts = [p for p in paragraphs if p and not p.startswith("=")]  # skip wikitext-style headings
+    elif suffix in (".jsonl", ".json"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()] if suffix == ".jsonl" else json.loads(lines[0])
+        texts = [_column(r, column, path) for r in rows]
+    elif suffix in (".parquet", ".csv"):
+        import pyarrow.csv
+        import pyarrow.parquet
+
+        table = pyarrow.parquet.read_table(path) if suffix == ".parquet" else pyarrow.csv.read_csv(path)
+        if column not in table.column_names:
+            raise ValueError(f"{str(path)!r} has no column {column!r}; columns: {table.column_names}")
+        texts = [t for t in table.column(column).to_pylist() if t]
+    else:
+        raise ValueError(f"{str(path)!r}: unsupported text format {suffix!r}; use .txt, .jsonl, .parquet or .csv")
+    if not texts:
+        raise ValueError(f"{str(path)!r} holds no text")
+    return texts[:limit] if limit else texts
+
+
+def _column(row: dict, column: str, path: Path) -> str:
+    if column not in row:
+        raise ValueError(f"{str(path)!r}: a row has no field {column!r} (fields: {sorted(row)})")
+    return row[column]
+
+
+@torch.inference_mode()
+def generated_texts(model, tokenizer, n: int = 16, max_new_tokens: int = 96, seed: int = 0) -> list[str]:
+    """Text the causal model writes itself from the built-in prompts (sampled, fixed seed): calibration data that
+    needs no download."""
+    prompts = [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)]
+    torch.manual_seed(seed)
+    texts = []
+    for start in range(0, n, 8):
+        batch = [chat_prompt(tokenizer, p) for p in prompts[start : start + 8]]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts += [f"{p}\n{a.strip()}" for p, a in zip(prompts[start : start + 8], answers, strict=True)]
+    return texts
+
+
+def chat_prompt(tokenizer, user_text: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user_text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return user_text
+
+
+def token_blocks(tokenizer, texts: list[str], seq_len: int, n_blocks: int) -> torch.Tensor:
+    """Concatenate the texts' tokens and cut ``n_blocks`` blocks of ``seq_len`` tokens: [n_blocks, seq_len]."""
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one block of {seq_len}")
+    if available < n_blocks:
+        log.warning("text gives %d blocks of %d tokens, fewer than the %d asked for", available, seq_len, n_blocks)
+    n = min(n_blocks, available)
+    return ids[: n * seq_len].reshape(n, seq_len)

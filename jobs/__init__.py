@@ -1,0 +1,1 @@
+"""raypress jobs: Ray pipelines, each runnable as `python -m jobs.NAME --help`."""

@@ -1,0 +1,1 @@
+"""raypress serving: the Ray Serve application (import it as `serve.app`)."""

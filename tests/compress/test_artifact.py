@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from compress import artifact, models, specs
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+IDS = torch.tensor([[1, 20, 300, 4000, 5, 6, 70, 800]])
+
+
+@pytest.mark.parametrize("spec", ["base", "int8", "bf16"])
+def test_round_trip_gives_bit_identical_logits(tiny_causal, tmp_path, spec):
+    model, tokenizer, _ = tiny_causal
+    specs.apply_(model, spec)
+    path = artifact.save(model, tokenizer, tmp_path / "a", {"spec": spec})
+    loaded, tok2, kind = models.load(path)
+    assert kind == models.CAUSAL
+    assert torch.equal(_logits(model, IDS), _logits(loaded, IDS))
+    assert tok2("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+    manifest = json.loads((path / "raypress.json").read_text())
+    assert manifest["spec"] == spec and set(manifest["files"]) >= {"model.safetensors", "config.json"}
+    assert {"torch", "transformers", "raypress"} <= set(manifest["versions"])
+
+
+def test_tied_quantized_table_is_stored_once_and_retied_on_load(tiny_causal, tmp_path):
+    model, tokenizer, _ = tiny_causal
+    specs.apply_(model, "int8")
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
+    path = artifact.save(model, tokenizer, tmp_path / "a", {"spec": "int8"})
+    loaded = artifact.load(path).model
+    assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
+    table = model.model.embed_tokens.qweight
+    assert artifact.weights_bytes(path) < evaluate_bytes(model) + table.numel() // 2  # the table is not written twice
+
+
+def evaluate_bytes(model):
+    from compress.evaluate import memory_bytes
+
+    return memory_bytes(model)
+
+
+def test_encoder_round_trip_keeps_pooling(tiny_encoder, tmp_path):
+    model, tokenizer, _ = tiny_encoder
+    path = artifact.save(model, tokenizer, tmp_path / "enc", {"spec": "base"})
+    loaded, tok, kind = models.load(path)
+    assert kind == models.ENCODER
+    texts = ["one sentence", "another, longer sentence here"]
+    assert torch.equal(models.encode(model, tokenizer, texts), models.encode(loaded, tok, texts))
+
+
+def test_tampered_file_is_refused_naming_it(tiny_causal, tmp_path):
+    model, tokenizer, _ = tiny_causal
+    path = artifact.save(model, tokenizer, tmp_path / "a")
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="model.safetensors"):
+        models.load(path)
+
+
+def test_truncated_file_is_refused_naming_it(tiny_causal, tmp_path):
+    model, tokenizer, _ = tiny_causal
+    path = artifact.save(model, tokenizer, tmp_path / "a")
+    (path / "config.json").write_text((path / "config.json").read_text()[:20])
+    with pytest.raises(artifact.ArtifactError, match="config.json"):
+        artifact.load(path)
+
+
+def test_crash_while_writing_leaves_no_artifact_and_keeps_the_old_one(tiny_causal, tmp_path, monkeypatch):
+    model, tokenizer, _ = tiny_causal
+    out = tmp_path / "a"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        artifact.save(model, tokenizer, out)
+    assert list(tmp_path.iterdir()) == []  # neither the artifact nor a temporary folder
+
+    monkeypatch.undo()
+    artifact.save(model, tokenizer, out, {"spec": "base"})
+    before = artifact.verify(out)["files"]
+    monkeypatch.setattr(artifact, "save_file", crash)
+    with pytest.raises(OSError):
+        artifact.save(model, tokenizer, out, {"spec": "int8"})
+    assert artifact.verify(out)["files"] == before and [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_mostly_zero_tensors_are_stored_as_mask_and_values(tiny_causal, tmp_path):
+    model, tokenizer, _ = tiny_causal
+    dense = artifact.weights_bytes(artifact.save(model, tokenizer, tmp_path / "dense"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.up_proj.weight
+            w[w.abs() < w.abs().median()] = 0
+    path = artifact.save(model, tokenizer, tmp_path / "sparse")
+    assert artifact.weights_bytes(path) < dense
+    assert "model.layers.0.mlp.up_proj.weight" in artifact.read_manifest(path)["sparse"]
+    assert torch.equal(_logits(model, IDS), _logits(models.load(path).model, IDS))
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(artifact.ArtifactError, match="not a raypress artifact"):
+        artifact.verify(tmp_path)

@@ -1,0 +1,106 @@
+"""Shared fixtures: the built-in models (loaded once), tiny random models, one local Ray per test session."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from compress import models  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    if not WIKITEXT.exists():
+        raise FileNotFoundError(f"test data {WIKITEXT} is missing: the tests expect ../shared/data beside the repo")
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def wikitext_texts(wikitext) -> list[str]:
+    from compress.data import read_texts
+
+    return read_texts(wikitext)
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded() -> models.LoadedModel:
+    return models.load("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(smollm2_loaded) -> models.LoadedModel:
+    """A fresh copy per test, so a test may compress it in place."""
+    m, tok, kind = smollm2_loaded
+    return models.LoadedModel(copy.deepcopy(m), tok, kind)
+
+
+@pytest.fixture(scope="session")
+def minilm_loaded() -> models.LoadedModel:
+    return models.load("minilm-l6")
+
+
+@pytest.fixture
+def minilm(minilm_loaded) -> models.LoadedModel:
+    m, tok, kind = minilm_loaded
+    return models.LoadedModel(copy.deepcopy(m), tok, kind)
+
+
+def tiny_llama(tokenizer, layers: int = 2, hidden: int = 64, tie: bool = True, seed: int = 0):
+    """A random float32 Llama with the built-in tokenizer's vocabulary: fast stand-in for method tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=512,
+    )
+    config.architectures = ["BertModel"]
+    model = BertModel(config).eval()
+    model.config.raypress_pooling = {"mode": "mean", "normalize": True}
+    return model
+
+
+@pytest.fixture
+def tiny_causal(smollm2_loaded) -> models.LoadedModel:
+    return models.LoadedModel(tiny_llama(smollm2_loaded.tokenizer), smollm2_loaded.tokenizer, models.CAUSAL)
+
+
+@pytest.fixture
+def tiny_encoder(minilm_loaded) -> models.LoadedModel:
+    return models.LoadedModel(tiny_bert(minilm_loaded.tokenizer), minilm_loaded.tokenizer, models.ENCODER)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session, sized so 2 cores never deadlock (actors take fractional CPUs)."""
+    import ray
+
+    ray.init(
+        num_cpus=4, include_dashboard=False, configure_logging=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
