@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,14 +16,30 @@ import torch  # noqa: E402
 from compress import models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def shared_data_dirs() -> list[Path]:
+    """Where the shared test data may be: $RAYPRESS_SHARED_DATA, ../shared/data beside this checkout, or beside the
+    checkout this one was cloned from (a fresh clone in a temporary folder)."""
+    dirs = [Path(os.environ["RAYPRESS_SHARED_DATA"])] if os.environ.get("RAYPRESS_SHARED_DATA") else []
+    dirs.append(ROOT.parent / "shared" / "data")
+    try:
+        origin = subprocess.run(
+            ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and Path(origin).is_dir():
+        dirs.append(Path(origin).resolve().parent / "shared" / "data")
+    return dirs
 
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    if not WIKITEXT.exists():
-        raise FileNotFoundError(f"test data {WIKITEXT} is missing: the tests expect ../shared/data beside the repo")
-    return WIKITEXT
+    for d in shared_data_dirs():
+        if (d / "wikitext2-valid.txt").exists():
+            return d / "wikitext2-valid.txt"
+    raise FileNotFoundError(f"wikitext2-valid.txt not found in any of {[str(d) for d in shared_data_dirs()]}")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,146 @@
+// Small-batch matrix products on quantized weights for x86 CPUs with AVX2 + FMA.
+//
+// At decode time a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the
+// speed of streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them to float
+// in registers reads 4x (8x) fewer bytes than a float32 matmul. Each output n is a dot product over K, so a weight
+// row is read once per tile of activation rows (the Python side sends at most 16 rows here).
+//
+//   int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                          -> y[M,N] = (x @ q.T) * scale
+//   int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G] f32, offset[N,G] f32, gs) -> y[M,N] = x @ W.T
+//
+// int4: W[n,k] = q[n,k] * scale[n,g] + offset[n,g] with g = k / gs (asymmetric: offset is the group's minimum).
+// Packing: each block of 16 consecutive k holds k0..k7 in the low nibbles of its 8 bytes and k8..k15 in the high
+// nibbles, so one 8-byte load widens into two contiguous runs of 8 values. K and gs are multiples of 16, so a block
+// never straddles two groups; the last group may be shorter than gs.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+inline __m256 widen8_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Weight rows widened 16 columns at a time into two vectors of 8 floats.
+struct Int8Rows {
+  const int8_t* q;
+  int64_t K;
+  inline void load(int64_t n, int64_t k, __m256& w0, __m256& w1) const {
+    w0 = widen8_i8(q + n * K + k);
+    w1 = widen8_i8(q + n * K + k + 8);
+  }
+};
+
+struct Int4Rows {
+  const uint8_t* q;
+  const float* scale;
+  const float* offset;
+  int64_t K, G, gs;
+  inline void load(int64_t n, int64_t k, __m256& w0, __m256& w1) const {
+    const int64_t i = n * G + k / gs;
+    const __m256 s = _mm256_broadcast_ss(scale + i), o = _mm256_broadcast_ss(offset + i);
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * (K / 2) + k / 2)));
+    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF))), s, o);
+    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s, o);
+  }
+};
+
+// One tile: MR activation rows x NR weight rows. MR * NR independent accumulators hide the FMA latency, and each
+// widened weight vector serves all MR rows. Sizes keep accumulators + weights + inputs within 16 registers.
+template <int MR, int NR, typename Rows>
+inline void tile(const Rows& rows, const float* x, int64_t K, int64_t n, float out[4][4]) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256 w0[NR], w1[NR];
+    for (int j = 0; j < NR; ++j) rows.load(n + j, k, w0[j], w1[j]);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(x + m * K + k), x1 = _mm256_loadu_ps(x + m * K + k + 8);
+      for (int j = 0; j < NR; ++j) {
+        acc[m][j] = _mm256_fmadd_ps(w0[j], x0, acc[m][j]);
+        acc[m][j] = _mm256_fmadd_ps(w1[j], x1, acc[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) out[m][j] = hsum(acc[m][j]);
+}
+
+// Tiles of up to 4 activation rows: 1-2 rows x 4 weight rows, 3-4 rows x 2 weight rows; single rows at the edge.
+template <typename Rows>
+inline int run_tile(int mr, int n_left, const Rows& rows, const float* x, int64_t K, int64_t n, float out[4][4]) {
+  const int want = mr <= 2 ? 4 : 2;
+  if (n_left >= want) {
+    switch (mr) {
+      case 1: tile<1, 4>(rows, x, K, n, out); return 4;
+      case 2: tile<2, 4>(rows, x, K, n, out); return 4;
+      case 3: tile<3, 2>(rows, x, K, n, out); return 2;
+      default: tile<4, 2>(rows, x, K, n, out); return 2;
+    }
+  }
+  switch (mr) {
+    case 1: tile<1, 1>(rows, x, K, n, out); return 1;
+    case 2: tile<2, 1>(rows, x, K, n, out); return 1;
+    case 3: tile<3, 1>(rows, x, K, n, out); return 1;
+    default: tile<4, 1>(rows, x, K, n, out); return 1;
+  }
+}
+
+template <typename Rows>
+torch::Tensor gemv(const torch::Tensor& x, const Rows& rows, int64_t N, const float* out_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous f32 [M,K]");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "at most ", kMaxRows, " activation rows");
+  TORCH_CHECK(x.size(1) == rows.K && rows.K % 16 == 0, "x has ", x.size(1), " columns; weights have ", rows.K);
+  const int64_t M = x.size(0), K = rows.K;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+    float out[4][4];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+      for (int64_t n = n0; n < n1;) {
+        const int done = run_tile(mr, static_cast<int>(n1 - n), rows, xp + m0 * K, K, n, out);
+        for (int m = 0; m < mr; ++m)
+          for (int j = 0; j < done; ++j) yp[(m0 + m) * N + n + j] = out_scale ? out[m][j] * out_scale[n + j] : out[m][j];
+        n += done;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous int8 [N,K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == q.size(0), "scale must be f32 [N]");
+  return gemv(x, Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, q.size(0), scale.contiguous().data_ptr<float>());
+}
+
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs) {
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous u8 [N,K/2]");
+  TORCH_CHECK(gs % 16 == 0, "group size must be a multiple of 16");
+  TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
+                  offset.scalar_type() == torch::kFloat32 && scale.sizes() == offset.sizes(),
+              "scale and offset must be contiguous f32 [N,G]");
+  const Int4Rows rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), q.size(1) * 2,
+                      scale.size(1), gs};
+  return gemv(x, rows, q.size(0), nullptr);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_gemv", &int8_gemv, "int8-weight matrix product for a few activation rows");
+  m.def("int4_gemv", &int4_gemv, "packed int4-weight matrix product for a few activation rows");
+}
