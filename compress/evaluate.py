@@ -115,13 +115,13 @@ def _neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def memory_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers, each shared tensor counted once."""
+    """Bytes of parameters and buffers (each shared tensor once), plus kernel-packed copies of weights."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(getattr(m, "packed_bytes", 0) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compress import quantize
+import torch
+
+from compress import distill, gptq, prune, quantize
 
 BASE = "base"
 
@@ -18,12 +20,45 @@ BASE = "base"
 _STEPS: list[tuple[str, Callable]] = [
     (r"(bf16|fp16)", lambda m: quantize.CastConfig(m[1])),
     (r"int8", lambda m: quantize.Int8WeightOnlyConfig()),
+    (r"int8-dynamic", lambda m: quantize.Int8DynamicConfig()),
+    (r"int4-g(\d+)", lambda m: quantize.Int4WeightOnlyConfig(group_size=int(m[1]))),
+    (r"gptq-int4-g(\d+)", lambda m: gptq.GPTQConfig(group_size=int(m[1]))),
+    (r"prune-(\d+)%", lambda m: prune.MagnitudePruneConfig(sparsity=int(m[1]) / 100)),
+    (r"prune-(\d+:\d+)", lambda m: prune.MagnitudePruneConfig(pattern=m[1])),
+    (r"wanda-(\d+)%", lambda m: prune.WandaPruneConfig(sparsity=int(m[1]) / 100)),
+    (r"wanda-(\d+:\d+)", lambda m: prune.WandaPruneConfig(pattern=m[1])),
+    (r"distill-l(\d+)", lambda m: distill.DistillConfig(layers=int(m[1]))),
 ]
+
+
+def _prune_token(prefix: str) -> Callable:
+    return lambda c: f"{prefix}-{c.pattern}" if c.pattern else f"{prefix}-{round(c.sparsity * 100)}%"
+
+
 # The canonical token of each config type: the inverse of _STEPS.
 _TOKENS: dict[type, Callable] = {
     quantize.CastConfig: lambda c: c.dtype,
     quantize.Int8WeightOnlyConfig: lambda c: "int8",
+    quantize.Int8DynamicConfig: lambda c: "int8-dynamic",
+    quantize.Int4WeightOnlyConfig: lambda c: f"int4-g{c.group_size}",
+    gptq.GPTQConfig: lambda c: f"gptq-int4-g{c.group_size}",
+    prune.MagnitudePruneConfig: _prune_token("prune"),
+    prune.WandaPruneConfig: _prune_token("wanda"),
+    distill.DistillConfig: lambda c: f"distill-L{c.layers}",
 }
+
+# The function that applies each config type: f(model, config, restore=..., blocks=...).
+_APPLY: dict[type, Callable] = {
+    quantize.CastConfig: quantize.quantize_,
+    quantize.Int8WeightOnlyConfig: quantize.quantize_,
+    quantize.Int8DynamicConfig: quantize.quantize_,
+    quantize.Int4WeightOnlyConfig: quantize.quantize_,
+    gptq.GPTQConfig: gptq.gptq_,
+    prune.MagnitudePruneConfig: prune.prune_,
+    prune.WandaPruneConfig: prune.prune_,
+    distill.DistillConfig: distill.distill_,
+}
+NEEDS_CALIBRATION = (gptq.GPTQConfig, prune.WandaPruneConfig, distill.DistillConfig)
 
 
 @dataclass(frozen=True)
@@ -73,15 +108,45 @@ def _token(config) -> str:
 # Applying a spec
 
 
-def apply_(model, spec: str | Spec, **context):
-    """Compress ``model`` in place with every step of ``spec``; returns it."""
-    for config in parse(spec).steps:
-        quantize.quantize_(model, config)
-    return model
+def needs_calibration(spec: str | Spec) -> bool:
+    return any(isinstance(c, NEEDS_CALIBRATION) for c in parse(spec).steps)
+
+
+def apply_(model, spec: str | Spec, *, blocks: torch.Tensor | None = None) -> dict:
+    """Compress ``model`` in place with every step of ``spec``, left to right.
+
+    Args:
+        blocks: calibration token ids [n, seq_len], for the steps that look at activations (GPTQ, Wanda,
+            distillation); see ``calibration_blocks``.
+    Returns:
+        what the steps reported (e.g. distillation's loss before and after training), by step name.
+    """
+    spec = parse(spec)
+    if needs_calibration(spec) and blocks is None:
+        raise ValueError(f"spec {str(spec)!r} needs calibration text; pass blocks= (see calibration_blocks)")
+    notes = {}
+    for config in spec.steps:
+        fn = _APPLY[type(config)]
+        out = fn(model, config, blocks=blocks)
+        if isinstance(out, dict) and out:
+            notes[_token(config)] = out
+    return notes
 
 
 def restore_(model, spec: str | Spec):
     """Give a freshly built model the module structure of ``spec`` (for loading an artifact)."""
     for config in parse(spec).steps:
-        quantize.restore_(model, config)
+        _APPLY[type(config)](model, config, restore=True)
     return model
+
+
+def calibration_blocks(model, tokenizer, kind: str, texts: list[str] | None = None, n_blocks: int = 32) -> torch.Tensor:
+    """Token blocks for calibration: from ``texts``, or by default text the causal model writes itself from
+    built-in prompts (encoders: the built-in prompts), so nothing has to be downloaded."""
+    from compress import data
+    from compress.models import CAUSAL
+
+    if texts is None:
+        texts = data.generated_texts(model, tokenizer, n=32) if kind == CAUSAL else list(data.BUILTIN_PROMPTS) * 4
+    seq_len = 256 if kind == CAUSAL else 64
+    return data.token_blocks(tokenizer, texts, seq_len, n_blocks)

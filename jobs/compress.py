@@ -77,6 +77,7 @@ def main(
     out: str = "artifacts/compressed",
     eval_data: str | None = None,
     eval_column: str = "text",
+    calib_data: str | None = None,
     seq_len: int = 256,
     eval_blocks: int = 8,
     speed: bool = True,
@@ -89,7 +90,9 @@ def main(
         out: artifact folder to write (replaced if it exists, only once the new one is complete).
         eval_data: text file (.txt paragraphs, .jsonl, .parquet, .csv) for evaluation and calibration;
             default: text the base model writes itself from built-in prompts.
-        eval_column: column holding the text in a .jsonl / .parquet / .csv eval file.
+        eval_column: column holding the text in a .jsonl / .parquet / .csv file (eval and calibration).
+        calib_data: text file for the methods that calibrate on activations (gptq, wanda, distill); default: text
+            the base model writes itself from built-in prompts (a different sample from the evaluation text).
         seq_len: tokens per evaluation block (causal models).
         eval_blocks: number of evaluation blocks (causal models).
         speed: measure speed (prefill/decode tokens/s, or sentences/s) as well as quality.
@@ -103,8 +106,13 @@ def main(
     base_metrics = measure(base, tokenizer, kind, reference, texts, speed)
     base_metrics["artifact_bytes"] = base_metrics["memory_bytes"]  # float tensors as a safetensors file holds them
 
+    blocks = None
+    if specs.needs_calibration(parsed):
+        calib = data.read_texts(calib_data, column=eval_column) if calib_data else None
+        blocks = specs.calibration_blocks(base, tokenizer, kind, calib)
     t0 = time.perf_counter()
-    variant = specs.apply_(copy.deepcopy(base), parsed, tokenizer=tokenizer, calibration=texts)
+    variant = copy.deepcopy(base)
+    notes = specs.apply_(variant, parsed, blocks=blocks)
     compress_s = time.perf_counter() - t0
     metrics = measure(variant, tokenizer, kind, reference, texts, speed)
     manifest = {
@@ -113,6 +121,7 @@ def main(
         "metrics": metrics,
         "base_metrics": base_metrics,
         "compress_seconds": compress_s,
+        "notes": notes,
     }
     path = artifact.save(variant, tokenizer, out, manifest)
     metrics["artifact_bytes"] = artifact.weights_bytes(path)

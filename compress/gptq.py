@@ -1,0 +1,88 @@
+"""GPTQ: int4 weights with error-compensating rounding, in the same stored format as round-to-nearest int4.
+
+    quantize_(model, GPTQConfig(group_size=128), blocks=calibration_token_blocks)
+
+For each linear layer, H = 2 X X^T from the layer's inputs on calibration text. Columns are quantized one at a
+time, in order of decreasing H diagonal (the inputs that matter most first), and each column's rounding error is
+spread over the columns not yet quantized through the inverse Hessian's Cholesky factor (Frantar et al., 2022).
+Group scales and offsets are fixed up front from the float weights ("static groups"), so the column order does not
+change the stored layout. Hessians come from one pass of the float model over the calibration text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress import calibrate, quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    group_size: int = 128
+    damp: float = 0.01  # fraction of the mean H diagonal added to the diagonal
+    block_size: int = 128  # columns updated together (lazy batch updates)
+    act_order: bool = True
+
+    def __post_init__(self):
+        if self.group_size not in quantize.GROUP_SIZES:
+            raise ValueError(f"GPTQConfig.group_size={self.group_size!r}: expected one of {quantize.GROUP_SIZES}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"GPTQConfig.damp={self.damp!r}: expected a value in (0, 1)")
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, bits: int = 4):
+    """w[N, K], H[K, K] -> (q uint8 [N, K], scale [N, G], offset [N, G]) minimizing ||(W - Q) X||."""
+    W = w.detach().float().clone()
+    H = H.clone()
+    N, K = W.shape
+    gs = config.group_size
+    scale, offset = quantize.quantize_groupwise(W, gs, bits)[1:]  # static groups from the float weights
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // gs  # group of each permuted column
+    H += config.damp * torch.mean(torch.diag(H)) * torch.eye(K)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, K, config.block_size):
+        i2 = min(i1 + config.block_size, K)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = group_of[i1 + i]
+            s, o = scale[:, g], offset[:, g]
+            q = quantize.quantize_with(W1[:, i : i + 1], s, o, bits)[:, 0]
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - (q * s + o)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    return Q.to(torch.uint8), scale, offset
+
+
+def gptq_(model: nn.Module, config: GPTQConfig, *, restore: bool = False, blocks: torch.Tensor | None = None) -> None:
+    """Quantize every linear layer with GPTQ (the embedding table, and a head tied to it, round to nearest)."""
+    quantized = None
+    if not restore:
+        if blocks is None:
+            raise ValueError("GPTQ needs calibration text (blocks=): token blocks from the calibration data")
+        layers = {n: m for n, m in calibrate.block_linears(model).items() if m.in_features % 16 == 0}
+        log.info("GPTQ: collecting Hessians for %d layers from %d calibration blocks", len(layers), len(blocks))
+        hess = calibrate.hessians(model, blocks, layers)
+        quantized = {}
+        for name, layer in layers.items():
+            quantized[name] = gptq_quantize(layer.weight.cpu(), hess.pop(name), config)
+            quantized[name] = tuple(t.to(layer.weight.device) for t in quantized[name])
+    gs = config.group_size
+    quantize.swap_modules_(
+        model, quantize.int4_linear_maker(gs, restore, quantized), quantize.int4_embedding_maker(gs, restore)
+    )
+

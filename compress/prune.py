@@ -1,0 +1,103 @@
+"""Pruning: zero weights of the linear layers inside the model's blocks.
+
+    prune_(model, MagnitudePruneConfig(sparsity=0.5))          # unstructured: smallest |W| per layer
+    prune_(model, MagnitudePruneConfig(pattern="2:4"))         # semi-structured: 2 of every 4 along the input
+    prune_(model, WandaPruneConfig(sparsity=0.5), blocks=...)  # |W| x ||X_j||, compared within each output row
+
+The weights stay dense in memory; an artifact stores mostly-zero tensors as a bit mask plus the non-zero values, so
+pruning shrinks the bytes on disk. Wanda (Sun et al., 2023) scores each weight by its magnitude times the norm of
+its input channel over calibration text, so channels that carry large activations keep their weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress import calibrate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MagnitudePruneConfig:
+    sparsity: float = 0.5  # fraction of weights zeroed (unstructured), ignored with a pattern
+    pattern: str | None = None  # "N:M": keep N of every M consecutive input weights
+
+    def __post_init__(self):
+        _check(type(self).__name__, self.sparsity, self.pattern)
+
+
+@dataclass(frozen=True)
+class WandaPruneConfig:
+    sparsity: float = 0.5
+    pattern: str | None = None
+
+    def __post_init__(self):
+        _check(type(self).__name__, self.sparsity, self.pattern)
+
+
+def _check(cls: str, sparsity: float, pattern: str | None) -> None:
+    if pattern is not None:
+        n, _, m = pattern.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise ValueError(f"{cls}.pattern={pattern!r}: expected 'N:M' with 0 < N < M, such as '2:4'")
+    elif not 0.0 < sparsity < 1.0:
+        raise ValueError(f"{cls}.sparsity={sparsity!r}: expected a fraction in (0, 1)")
+
+
+def prune_mask(score: torch.Tensor, sparsity: float, pattern: str | None, per_row: bool) -> torch.Tensor:
+    """Boolean keep-mask [N, K] that drops the lowest scores: N:M groups, per output row, or per whole matrix."""
+    N, K = score.shape
+    if pattern is not None:
+        n, m = (int(v) for v in pattern.split(":"))
+        if K % m:
+            raise ValueError(f"{pattern} pruning needs in_features divisible by {m}, got {K}")
+        groups = score.reshape(N, K // m, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+        return keep.reshape(N, K)
+    if per_row:
+        drop = int(K * sparsity)
+        idx = score.argsort(dim=1)[:, :drop]
+        return torch.ones_like(score, dtype=torch.bool).scatter_(1, idx, False)
+    drop = int(score.numel() * sparsity)
+    threshold = score.reshape(-1).kthvalue(max(drop, 1)).values
+    return score > threshold
+
+
+@torch.no_grad()
+def prune_(model: nn.Module, config, *, restore: bool = False, blocks: torch.Tensor | None = None) -> nn.Module:
+    """Zero weights in place as ``config`` says; returns the model. ``restore`` is a no-op (weights stay dense)."""
+    if restore:
+        return model
+    layers = calibrate.block_linears(model)
+    if not layers:
+        raise ValueError(f"nothing to prune in {type(model).__name__}: it has no linear layers inside its blocks")
+    wanda = isinstance(config, WandaPruneConfig)
+    if wanda:
+        if blocks is None:
+            raise ValueError("Wanda pruning needs calibration text (blocks=)")
+        norms = calibrate.input_norms(model, blocks, layers)
+    pruned = 0
+    for name, layer in layers.items():
+        w = layer.weight
+        if config.pattern and w.shape[1] % int(config.pattern.split(":")[1]):
+            log.info("skip %s %s: in_features not divisible for %s", name, tuple(w.shape), config.pattern)
+            continue
+        score = w.abs().float() * (norms[name].to(w.device)[None, :] if wanda else 1.0)
+        w.mul_(prune_mask(score, config.sparsity, config.pattern, per_row=wanda).to(w.dtype))
+        pruned += 1
+    if pruned == 0:
+        raise ValueError(f"no layer of {type(model).__name__} could be pruned with {config}")
+    return model
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zero weights over the linear layers inside the blocks."""
+    layers = calibrate.block_linears(model).values()
+    zeros = sum((m.weight == 0).sum().item() for m in layers)
+    return zeros / max(sum(m.weight.numel() for m in layers), 1)
