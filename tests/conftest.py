@@ -101,6 +101,12 @@ def tiny_bert(tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0):
 
 
 @pytest.fixture
+def make_tiny_llama(smollm2_loaded):
+    """Build a random Llama with other sizes: make_tiny_llama(layers=3, hidden=64)."""
+    return lambda **kw: tiny_llama(smollm2_loaded.tokenizer, **kw)
+
+
+@pytest.fixture
 def tiny_causal(smollm2_loaded) -> models.LoadedModel:
     return models.LoadedModel(tiny_llama(smollm2_loaded.tokenizer), smollm2_loaded.tokenizer, models.CAUSAL)
 

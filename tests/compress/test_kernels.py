@@ -1,0 +1,58 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress import kernels, quantize
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = kernels._extension()
+    assert ext is not None, "the AVX2 kernels must build on this machine (g++ and ninja are installed by make)"
+    return ext
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("n,k", [(37, 64), (128, 576), (6, 1536)])
+def test_int8_gemv_matches_the_dequantized_matmul(ext, m, n, k):
+    torch.manual_seed(m * n)
+    q, scale = quantize.quantize_per_channel(torch.randn(n, k))
+    x = torch.randn(m, k)
+    ref = F.linear(x.double(), q.double()) * scale.double()
+    assert torch.allclose(ext.int8_gemv(x, q, scale).double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64)])
+def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext, m, n, k, gs):
+    torch.manual_seed(m + n)
+    q, scale, offset = quantize.quantize_groupwise(torch.randn(n, k), gs)
+    packed = kernels.pack_int4(q)
+    assert torch.equal(kernels.unpack_int4(packed), q)
+    x = torch.randn(m, k)
+    ref = F.linear(x.double(), kernels.dequantize_int4(packed, scale, offset, gs).double())
+    assert torch.allclose(ext.int4_gemv(x, packed, scale, offset, gs).double(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_linear_ops_agree_between_kernel_and_portable_paths():
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    q, scale = quantize.quantize_per_channel(w)
+    x_small, x_large = torch.randn(2, 3, 128), torch.randn(40, 128)  # kernel path, float matmul path
+    with torch.inference_mode():
+        for x in (x_small, x_large):
+            ref = F.linear(x, q.float() * scale[:, None])
+            assert torch.allclose(kernels.int8_linear(x, q, scale, None), ref, atol=1e-4)
+
+
+def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(10, 128)
+    x[:, 5] *= 40  # an outlier channel, as in real models
+    q, scale = quantize.quantize_per_channel(w)
+    packed = kernels.fbgemm_prepack(q, scale)
+    xq, sx = kernels.quantize_per_token(x)
+    exact = F.linear(xq, q.float()) * scale * sx
+    fast = kernels.int8_dynamic_linear(x, q, scale, None, packed)
+    assert (fast - exact).norm() / exact.norm() < 0.02
+    assert torch.allclose(kernels.int8_dynamic_linear(x, q, scale, None, None), exact, atol=1e-4)
