@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,12 +96,19 @@ def fbgemm_available() -> bool:
 
 
 def fbgemm_prepack(qweight: torch.Tensor, scale: torch.Tensor):
-    """Pack int8 weights [N, K] with per-row scales for fbgemm's int8 x int8 GEMM (CPU)."""
+    """Pack int8 weights [N, K] with per-row scales for fbgemm's int8 x int8 GEMM (CPU); None where torch no
+    longer offers these ops (its quantized tensors are deprecated), and callers then take the portable path."""
     n = qweight.shape[0]
-    wq = torch._make_per_channel_quantized_tensor(
-        qweight.cpu(), scale.detach().double().cpu(), torch.zeros(n, dtype=torch.long), 0
-    )
-    return torch.ops.quantized.linear_prepack(wq, None)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            wq = torch._make_per_channel_quantized_tensor(
+                qweight.cpu(), scale.detach().double().cpu(), torch.zeros(n, dtype=torch.long), 0
+            )
+            return torch.ops.quantized.linear_prepack(wq, None)
+    except (AttributeError, RuntimeError) as e:
+        log.warning("fbgemm int8 GEMM unavailable (%s); int8-dynamic uses the portable path", e)
+        return None
 
 
 def int8_dynamic_linear(x, qweight, scale, bias, packed=None):

@@ -141,16 +141,17 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._packed = None
+        self._packed = None  # fbgemm's packed copy, made on the first CPU forward; False: not available
 
     @property
     def packed_bytes(self) -> int:
-        return self.qweight.numel() if self._packed is not None else 0
+        return self.qweight.numel() if self._packed else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None and x.device.type == "cpu" and kernels.fbgemm_available():
-            self._packed = kernels.fbgemm_prepack(self.qweight, self.scale)
-        packed = self._packed if x.device.type == "cpu" else None
+        if self._packed is None and x.device.type == "cpu":
+            packed = kernels.fbgemm_prepack(self.qweight, self.scale) if kernels.fbgemm_available() else None
+            self._packed = packed if packed is not None else False
+        packed = self._packed if x.device.type == "cpu" and self._packed else None
         return kernels.int8_dynamic_linear(x, self.qweight, self.scale, self.bias, packed)
 
     def _load_from_state_dict(self, *args, **kwargs):
