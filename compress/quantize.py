@@ -145,13 +145,13 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
 
     @property
     def packed_bytes(self) -> int:
-        return self.qweight.numel() if self._packed else 0
+        return 0 if self._packed is None or self._packed is False else self.qweight.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None and x.device.type == "cpu":
             packed = kernels.fbgemm_prepack(self.qweight, self.scale) if kernels.fbgemm_available() else None
             self._packed = packed if packed is not None else False
-        packed = self._packed if x.device.type == "cpu" and self._packed else None
+        packed = self._packed if x.device.type == "cpu" and self._packed is not False else None
         return kernels.int8_dynamic_linear(x, self.qweight, self.scale, self.bias, packed)
 
     def _load_from_state_dict(self, *args, **kwargs):
