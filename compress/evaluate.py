@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compress import data
 from compress.data import BUILTIN_PROMPTS, chat_prompt
-from compress.models import encode
+from compress.models import CAUSAL, encode
 
 GREEDY_PROMPTS = BUILTIN_PROMPTS[:8]
 
@@ -174,3 +175,36 @@ def encoder_speed(model, tokenizer, texts: list[str], *, batch_size: int = 64, r
     batch = (texts * (batch_size // max(len(texts), 1) + 1))[:batch_size]
     t = _median_time(lambda: encode(model, tokenizer, batch, batch_size=batch_size), repeats)
     return {"sentences_per_s": batch_size / t}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# By kind
+
+
+def default_eval_texts(model, tokenizer, kind: str) -> list[str]:
+    """Evaluation text that needs no download: the causal model's own writing (a sample other than calibration's),
+    or the built-in prompts for encoders."""
+    if kind == CAUSAL:
+        return data.generated_texts(model, tokenizer, n=16, max_new_tokens=160, seed=1)
+    return list(BUILTIN_PROMPTS)
+
+
+def reference(model, tokenizer, kind: str, texts: list[str], seq_len: int = 256, n_blocks: int = 8):
+    """What a variant is compared against: base log-probs on token blocks, or base embeddings of sentences."""
+    if kind == CAUSAL:
+        return causal_reference(model, tokenizer, data.token_blocks(tokenizer, texts, seq_len, n_blocks))
+    sentences = [s.strip() for t in texts for s in t.replace("\n", " ").split(". ") if len(s.strip()) > 20]
+    return encoder_reference(model, tokenizer, (sentences or texts)[:256])
+
+
+def quality(model, tokenizer, kind: str, ref) -> dict:
+    """Quality against ``ref`` plus bytes in memory."""
+    q = causal_quality(model, tokenizer, ref) if kind == CAUSAL else encoder_quality(model, tokenizer, ref)
+    q["memory_bytes"] = memory_bytes(model)
+    return q
+
+
+def speed(model, tokenizer, kind: str, repeats: int = 3) -> dict:
+    if kind == CAUSAL:
+        return causal_speed(model, tokenizer, repeats=repeats)
+    return encoder_speed(model, tokenizer, list(BUILTIN_PROMPTS), repeats=repeats)

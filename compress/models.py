@@ -110,6 +110,22 @@ def load(
     return load_pretrained(path, device=device, dtype=dtype)
 
 
+def kind_of(name_or_path: str | os.PathLike) -> str:
+    """"causal" or "encoder", without loading weights."""
+    name = str(name_or_path)
+    if name in BUILTINS:
+        return BUILTINS[name].kind
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name.count("/") != 1 or name.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"model {name!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing "
+                                    "folder nor a hub id 'org/name'")
+        path = _hub_path(name)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a Hugging Face model folder")
+    return model_kind(AutoConfig.from_pretrained(path))
+
+
 def load_pretrained(path: Path, *, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a plain Hugging Face model folder."""
     config_file = Path(path) / "config.json"

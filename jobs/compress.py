@@ -21,36 +21,11 @@ from compress import artifact, data, evaluate, models, specs
 log = logging.getLogger("jobs.compress")
 
 
-def measure(model, tokenizer, kind: str, reference, texts: list[str], speed: bool) -> dict:
-    """Quality against the reference, bytes in memory, and (optionally) speed on this machine."""
-    if kind == models.CAUSAL:
-        metrics = evaluate.causal_quality(model, tokenizer, reference)
-    else:
-        metrics = evaluate.encoder_quality(model, tokenizer, reference)
-    metrics["memory_bytes"] = evaluate.memory_bytes(model)
+def measure(model, tokenizer, kind: str, reference, speed: bool) -> dict:
+    metrics = evaluate.quality(model, tokenizer, kind, reference)
     if speed:
-        if kind == models.CAUSAL:
-            metrics.update(evaluate.causal_speed(model, tokenizer))
-        else:
-            metrics.update(evaluate.encoder_speed(model, tokenizer, texts))
+        metrics.update(evaluate.speed(model, tokenizer, kind))
     return metrics
-
-
-def eval_texts(model, tokenizer, kind: str, eval_data: str | None, eval_column: str) -> list[str]:
-    if eval_data:
-        return data.read_texts(eval_data, column=eval_column)
-    if kind == models.CAUSAL:
-        log.info("no --eval-data: the base model writes its own evaluation text from built-in prompts")
-        return data.generated_texts(model, tokenizer, n=16, max_new_tokens=160, seed=1)
-    return list(data.BUILTIN_PROMPTS)
-
-
-def make_reference(model, tokenizer, kind: str, texts: list[str], seq_len: int, n_blocks: int):
-    if kind == models.CAUSAL:
-        blocks = data.token_blocks(tokenizer, texts, seq_len, n_blocks)
-        return evaluate.causal_reference(model, tokenizer, blocks)
-    sentences = [s.strip() for t in texts for s in t.replace("\n", " ").split(". ") if len(s.strip()) > 20]
-    return evaluate.encoder_reference(model, tokenizer, sentences[:256])
 
 
 def format_table(base: dict, variant: dict, spec: str) -> str:
@@ -101,9 +76,13 @@ def main(
     start = time.perf_counter()
     base, tokenizer, kind = models.load(model)
     log.info("loaded %s (%s) in %.1f s", model, kind, time.perf_counter() - start)
-    texts = eval_texts(base, tokenizer, kind, eval_data, eval_column)
-    reference = make_reference(base, tokenizer, kind, texts, seq_len, eval_blocks)
-    base_metrics = measure(base, tokenizer, kind, reference, texts, speed)
+    if eval_data:
+        texts = data.read_texts(eval_data, column=eval_column)
+    else:
+        log.info("no --eval-data: evaluating on text the base model writes itself from built-in prompts")
+        texts = evaluate.default_eval_texts(base, tokenizer, kind)
+    reference = evaluate.reference(base, tokenizer, kind, texts, seq_len, eval_blocks)
+    base_metrics = measure(base, tokenizer, kind, reference, speed)
     base_metrics["artifact_bytes"] = base_metrics["memory_bytes"]  # float tensors as a safetensors file holds them
 
     blocks = None
@@ -114,7 +93,7 @@ def main(
     variant = copy.deepcopy(base)
     notes = specs.apply_(variant, parsed, blocks=blocks)
     compress_s = time.perf_counter() - t0
-    metrics = measure(variant, tokenizer, kind, reference, texts, speed)
+    metrics = measure(variant, tokenizer, kind, reference, speed)
     manifest = {
         "spec": str(parsed),
         "base_model": {"id": model, "weight_digest": artifact.weight_digest(base)},

@@ -1,0 +1,195 @@
+"""A sweep's verdict: which variants meet the quality budget, the Pareto fronts, the choice, report.md and
+pareto.png. Pure functions over the results table (a list of row dicts), so they test without Ray."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+CAUSAL_BUDGET_KEYS = {"max_ppl_increase", "min_top1_agreement", "max_kl", "min_greedy_agreement"}
+ENCODER_BUDGET_KEYS = {"min_cosine", "min_neighbour_overlap"}
+OBJECTIVES = ("smallest", "fastest", "fastest_under_size")
+_SIZE = re.compile(r"^\s*([\d.]+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def parse_size(value) -> int:
+    """100MB / '1.5 GB' / 12345 -> bytes."""
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"size {value!r}: expected a number of bytes or e.g. '100MB', '1.5GB'")
+    return int(float(m[1]) * _UNITS[(m[2] or "B").upper()])
+
+
+def check_budget(budget: dict, kind: str) -> dict:
+    allowed = CAUSAL_BUDGET_KEYS if kind == "causal" else ENCODER_BUDGET_KEYS
+    for key, value in budget.items():
+        if key not in allowed:
+            raise ValueError(f"budget key {key!r} is not known for a {kind} model; allowed: {sorted(allowed)}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"budget {key}={value!r}: expected a number")
+    return budget
+
+
+def check_objective(objective) -> tuple[str, int | None]:
+    """'smallest' | 'fastest' | {'fastest_under_size': '100MB'} (or 'fastest_under_size: 100MB')."""
+    if isinstance(objective, dict) and len(objective) == 1:
+        (name, arg), = objective.items()
+    elif isinstance(objective, str) and ":" in objective:
+        name, arg = (p.strip() for p in objective.split(":", 1))
+    else:
+        name, arg = objective, None
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: expected one of {list(OBJECTIVES)} (fastest_under_size: SIZE)")
+    if name == "fastest_under_size":
+        if arg is None:
+            raise ValueError("objective fastest_under_size needs a size, e.g. {fastest_under_size: 100MB}")
+        return name, parse_size(arg)
+    return name, None
+
+
+def speed_key(kind: str) -> str:
+    return "decode_tokens_per_s_b1" if kind == "causal" else "sentences_per_s"
+
+
+def quality_key(kind: str) -> str:
+    return "ppl" if kind == "causal" else "cosine_to_base"
+
+
+def failures(row: dict, base: dict, budget: dict) -> list[str]:
+    """The budget lines a finished row misses (empty: it passes)."""
+    if row.get("error"):
+        return ["failed"]
+    out = []
+    for key, limit in budget.items():
+        if key == "max_ppl_increase":
+            value = row["ppl"] / base["ppl"] - 1
+            ok = value <= limit
+        else:
+            metric = {"min_top1_agreement": "top1_agreement", "max_kl": "kl_to_base",
+                      "min_greedy_agreement": "greedy_agreement", "min_cosine": "cosine_to_base",
+                      "min_neighbour_overlap": "neighbour_overlap"}[key]
+            value = row.get(metric)
+            ok = value is not None and (value <= limit if key.startswith("max") else value >= limit)
+        if not ok:
+            out.append(f"{key} {value:.4g} vs {limit}" if isinstance(value, float) else f"{key} missing")
+    return out
+
+
+def sort_key(objective: tuple[str, int | None], kind: str):
+    name, _ = objective
+    if name == "smallest":
+        return lambda r: (r.get("artifact_bytes") or math.inf, -(r.get(speed_key(kind)) or 0))
+    return lambda r: (-(r.get(speed_key(kind)) or 0), r.get("artifact_bytes") or math.inf)
+
+
+def choose(rows: list[dict], base: dict, budget: dict, objective, kind: str) -> dict | None:
+    """Best row by the objective among compressed variants within budget (and under the size cap), or None."""
+    name, size_cap = objective
+    candidates = [r for r in rows if r["spec"] != "base" and not failures(r, base, budget)]
+    if size_cap is not None:
+        candidates = [r for r in candidates if (r.get("artifact_bytes") or math.inf) <= size_cap]
+    return min(candidates, key=sort_key(objective, kind)) if candidates else None
+
+
+def pareto_front(rows: list[dict], x: str, y: str, higher_y_better: bool, lower_x_better: bool) -> list[dict]:
+    """Rows not dominated on (x, y)."""
+    pts = [r for r in rows if not r.get("error") and r.get(x) is not None and r.get(y) is not None]
+
+    def better_eq(a, b):
+        bx = a[x] <= b[x] if lower_x_better else a[x] >= b[x]
+        by = a[y] >= b[y] if higher_y_better else a[y] <= b[y]
+        return bx and by
+
+    return [r for r in pts if not any(better_eq(o, r) and (o[x], o[y]) != (r[x], r[y]) for o in pts)]
+
+
+def write_report(out: Path, rows: list[dict], base: dict, budget: dict, objective, kind: str, model: str,
+                 chosen: dict | None) -> Path:
+    ordered = [base] + sorted([r for r in rows if r is not base], key=sort_key(objective, kind))
+    q, s = quality_key(kind), speed_key(kind)
+    lines = [f"# Sweep of {model}", ""]
+    if model == "smollm2-135m":
+        lines += ["smollm2-135m ships as a 4-bit GGUF (Q4_1): its base is that checkpoint dequantized to float32, "
+                  "so 4-bit variants re-quantize an already 4-bit model.", ""]
+    lines += [f"Budget: {budget or 'none'}; objective: {_objective_text(objective)}.", ""]
+    if chosen:
+        lines += [f"**Chosen: `{chosen['spec']}`** ({_mb(chosen.get('artifact_bytes'))}, {q} {chosen.get(q, 0):.4g}"
+                  f", {s} {chosen.get(s) or 0:.1f}) -> `chosen/`, served by `serve run serve.yaml`.", ""]
+    else:
+        lines += ["**No variant meets the budget.** The closest ones are at the top of the table below "
+                  "(fewest budget lines missed). No `chosen/` was written.", ""]
+        ordered = [base] + sorted([r for r in rows if r is not base], key=lambda r: len(failures(r, base, budget)))
+    cols = ["spec", "verdict", q, "kl_to_base" if kind == "causal" else "neighbour_overlap",
+            "top1_agreement" if kind == "causal" else "cosine_min", "artifact_bytes", s, "seconds"]
+    lines += ["| " + " | ".join(cols + ["size x base", "speed x base"]) + " |", "|" + "---|" * (len(cols) + 2)]
+    for r in ordered:
+        miss = failures(r, base, budget) if r is not base else []
+        verdict = "base" if r is base else ("error: " + str(r["error"])[:60] if r.get("error") else
+                                            ("pass" if not miss else "fail: " + "; ".join(miss)))
+        cells = [r["spec"], verdict] + [_cell(r.get(c)) for c in cols[2:]]
+        cells += [_ratio(r.get("artifact_bytes"), base.get("artifact_bytes")), _ratio(r.get(s), base.get(s))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![Pareto fronts](pareto.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_pareto(out: Path, rows: list[dict], kind: str, chosen: dict | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q, s = quality_key(kind), speed_key(kind)
+    higher_q = kind != "causal"
+    ok = [r for r in rows if not r.get("error")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, x, xlabel, lower_x in ((axes[0], "artifact_bytes", "artifact size (MB)", True),
+                                    (axes[1], s, s.replace("_", " "), False)):
+        pts = [r for r in ok if r.get(x) is not None]
+        front = pareto_front(pts, x, q, higher_q, lower_x)
+        scale = 1e6 if x == "artifact_bytes" else 1
+        ax.scatter([r[x] / scale for r in pts], [r[q] for r in pts], color="tab:blue", label="variants")
+        front = sorted(front, key=lambda r: r[x])
+        ax.plot([r[x] / scale for r in front], [r[q] for r in front], "o--", color="tab:orange", label="Pareto front")
+        for r in pts:
+            ax.annotate(r["spec"], (r[x] / scale, r[q]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        if chosen and chosen.get(x) is not None:
+            ax.scatter([chosen[x] / scale], [chosen[q]], s=250, facecolors="none", edgecolors="red", linewidths=2,
+                       label=f"chosen: {chosen['spec']}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(q + (" (lower is better)" if not higher_q else " (higher is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("quality vs size and quality vs speed")
+    fig.tight_layout()
+    path = out / "pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _objective_text(objective) -> str:
+    name, cap = objective
+    return f"{name} {_mb(cap)}" if cap else name
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.1f} MB" if n else "-"
+
+
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and v > 10**5:
+        return _mb(v)
+    return str(v)
+
+
+def _ratio(v, b) -> str:
+    return f"{v / b:.2f}x" if v and b else "-"

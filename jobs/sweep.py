@@ -1,0 +1,357 @@
+"""Sweep compression specs on Ray: measure every variant, draw the Pareto fronts, pick one to serve.
+
+    python -m jobs.sweep sweeps/smollm2.yaml --out artifacts/sweep-smollm2
+    ray job submit --working-dir . -- python -m jobs.sweep sweeps/minilm.yaml --out /tmp/sweep-minilm
+
+A pool of trial actors each loads the base model once and takes spec after spec: compress a copy, evaluate it
+against the base, save the artifact. Each finished trial is written to OUT/results.parquet at once, so a rerun
+skips what is done and a killed sweep resumes. Speed is then measured one variant at a time, with the machine to
+itself. OUT gets report.md, pareto.png (+ pareto.csv), chosen/ (the best variant within budget) and serve.yaml.
+Exit code 0: a variant was chosen; 3: none met the budget; 2: bad config.
+
+Config (YAML):
+    model: smollm2-135m            # built-in, folder, artifact or hub id
+    eval_data: null                # text file; default: text the base model writes itself
+    calib_data: null               # for gptq / wanda / distill; default likewise (another sample)
+    specs: [base, int8, "int4-g{g}"]
+    grid: {g: [32, 128]}           # placeholders in specs expand over these values
+    budget: {max_ppl_increase: 0.02, min_top1_agreement: 0.95}   # encoders: min_cosine, min_neighbour_overlap
+    objective: smallest            # or fastest, or {fastest_under_size: 100MB}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import yaml
+
+from compress import artifact, data, evaluate, models, specs
+from jobs import report
+
+log = logging.getLogger("jobs.sweep")
+CONFIG_KEYS = {"model", "eval_data", "calib_data", "eval_column", "specs", "grid", "budget", "objective", "seq_len",
+               "eval_blocks", "calib_blocks", "speed"}
+NO_VARIANT_EXIT = 3
+
+
+@dataclass
+class SweepConfig:
+    model: str
+    specs: list[str]
+    budget: dict
+    objective: tuple
+    kind: str
+    eval_data: str | None = None
+    calib_data: str | None = None
+    eval_column: str = "text"
+    seq_len: int = 256
+    eval_blocks: int = 8
+    calib_blocks: int = 32
+    speed: bool = True
+    raw: dict = field(default_factory=dict)
+
+
+def load_config(path: str | os.PathLike) -> SweepConfig:
+    """Read and check a sweep config; every error names the key, before any trial starts."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"sweep config {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(path)!r}: expected a mapping of keys, got {type(raw).__name__}")
+    unknown = set(raw) - CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"{str(path)!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+    for key in ("model", "specs"):
+        if not raw.get(key):
+            raise ValueError(f"{str(path)!r}: key {key!r} is required")
+    model = str(raw["model"])
+    kind = models.kind_of(model)
+    expanded = expand_specs(raw["specs"], raw.get("grid") or {})
+    canonical = []
+    for s in expanded:
+        try:
+            name = str(specs.parse(s))
+        except ValueError as e:
+            raise ValueError(f"specs: {e}") from None
+        if name not in canonical:
+            canonical.append(name)
+    if "base" not in canonical:
+        canonical.insert(0, "base")  # everything is measured against it
+    return SweepConfig(
+        model=model, specs=canonical, kind=kind,
+        budget=report.check_budget(raw.get("budget") or {}, kind),
+        objective=report.check_objective(raw.get("objective", "smallest")),
+        **{k: raw[k] for k in ("eval_data", "calib_data", "eval_column", "seq_len", "eval_blocks", "calib_blocks",
+                               "speed") if k in raw},
+        raw=raw,
+    )
+
+
+def expand_specs(templates: list, grid: dict) -> list[str]:
+    """["int4-g{g}"] x {g: [32, 128]} -> ["int4-g32", "int4-g128"]; names without placeholders pass through."""
+    if not isinstance(templates, list):
+        raise ValueError(f"specs: expected a list of spec strings, got {templates!r}")
+    out = []
+    for t in templates:
+        names = re.findall(r"{(\w+)}", str(t))
+        missing = [n for n in names if n not in grid]
+        if missing:
+            raise ValueError(f"specs: {t!r} uses {missing} but grid has only {sorted(grid)}")
+        for values in itertools.product(*(grid[n] for n in names)):
+            out.append(str(t).format(**dict(zip(names, values, strict=True))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trials
+
+
+class TrialActor:
+    """Holds the base model and its reference once; compresses, evaluates and saves one spec per call."""
+
+    def __init__(self, model: str, eval_texts: list[str], calib_texts: list[str] | None, cfg: dict, out: str):
+        import torch
+
+        torch.set_grad_enabled(False)
+        self.name, self.out = model, Path(out)
+        self.base, self.tokenizer, self.kind = models.load(model)
+        self.ref = evaluate.reference(self.base, self.tokenizer, self.kind, eval_texts, cfg["seq_len"],
+                                      cfg["eval_blocks"])
+        self.calib = None
+        if calib_texts:
+            seq_len = cfg["seq_len"] if self.kind == models.CAUSAL else 64
+            self.calib = data.token_blocks(self.tokenizer, calib_texts, seq_len, cfg["calib_blocks"])
+        self.digest = artifact.weight_digest(self.base)
+
+    def run(self, spec: str) -> dict:
+        import copy
+
+        start = time.perf_counter()
+        row = {"spec": spec, "error": None}
+        try:
+            model = self.base if spec == "base" else copy.deepcopy(self.base)
+            notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
+            metrics = evaluate.quality(model, self.tokenizer, self.kind, self.ref)
+            path = artifact.save(model, self.tokenizer, self.out / "artifacts" / _slug(spec), {
+                "spec": spec, "base_model": {"id": self.name, "weight_digest": self.digest}, "metrics": metrics,
+                "notes": notes,
+            })
+            row.update(metrics, artifact=str(path), artifact_bytes=artifact.weights_bytes(path),
+                       notes=json.dumps(notes))
+        except Exception as e:  # a trial that fails is recorded, and the sweep goes on
+            log.warning("trial %s failed: %s", spec, traceback.format_exc())
+            row["error"] = f"{type(e).__name__}: {e}"
+        row["seconds"] = time.perf_counter() - start
+        row["finished_at"] = time.time()
+        if self.kind == models.CAUSAL:
+            row["base_ppl"] = self.ref.ppl
+        return row
+
+
+def measure_speed(artifact_path: str, threads: int) -> dict:
+    """Speed of one saved variant, loaded from disk, with ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    model, tokenizer, kind = models.load(artifact_path)
+    return evaluate.speed(model, tokenizer, kind)
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", spec.replace("%", "pct"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results
+
+
+def read_results(out: Path) -> list[dict]:
+    file = out / "results.parquet"
+    return pq.read_table(file).to_pylist() if file.exists() else []
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """Rewrite results.parquet with every row so far, atomically (temporary file + rename)."""
+    tmp = out / ".results.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, out / "results.parquet")
+
+
+def run_trials(cfg: SweepConfig, out: Path, rows: list[dict], eval_texts, calib_texts, num_actors: int,
+               cpus_per_actor: float, gpus_per_actor: float) -> list[dict]:
+    done = {r["spec"] for r in rows}
+    todo = [s for s in cfg.specs if s not in done]
+    if done:
+        log.info("resuming: %d spec(s) already in results.parquet, %d to run", len(done & set(cfg.specs)), len(todo))
+    if not todo:
+        return rows
+    actor_cls = ray.remote(TrialActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0)
+    args = (cfg.model, eval_texts, calib_texts, {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
+                                                 "calib_blocks": cfg.calib_blocks}, str(out))
+    actors = [actor_cls.remote(*args) for _ in range(min(num_actors, len(todo)))]
+    inflight = {}
+    for actor in actors:
+        if todo:
+            spec = todo.pop(0)
+            inflight[actor.run.remote(spec)] = (actor, spec)
+    total, finished = len(inflight) + len(todo), 0
+    while inflight:
+        (ref,), _ = ray.wait(list(inflight), num_returns=1)
+        actor, spec = inflight.pop(ref)
+        try:
+            row = ray.get(ref)
+        except ray.exceptions.RayError as e:  # the actor died (out of memory, killed): record it, replace it
+            row = {"spec": spec, "error": f"trial actor died: {type(e).__name__}: {str(e)[:300]}",
+                   "finished_at": time.time()}
+            actor = actor_cls.remote(*args)
+        rows.append(row)
+        write_results(out, rows)
+        finished += 1
+        status = f"error: {row['error']}" if row.get("error") else _summary(row, cfg.kind)
+        log.info("[%d/%d] %s (%.0f s): %s", finished, total, spec, row.get("seconds", 0), status)
+        if todo:
+            nxt = todo.pop(0)
+            inflight[actor.run.remote(nxt)] = (actor, nxt)
+    for actor in actors:
+        ray.kill(actor)
+    return rows
+
+
+def run_speed(cfg: SweepConfig, out: Path, rows: list[dict], cpus: float, gpus: float) -> list[dict]:
+    """Measure each variant's speed in turn, alone on the machine, and record it as it finishes."""
+    key = report.speed_key(cfg.kind)
+    todo = [r for r in rows if not r.get("error") and r.get(key) is None and r["spec"] in cfg.specs]
+    if not todo:
+        return rows
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) if gpus == 0 else 4)
+    task = ray.remote(measure_speed).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    for i, row in enumerate(todo, 1):
+        try:
+            row.update(ray.get(task.remote(row["artifact"], min(threads, os.cpu_count() or 1))))
+        except ray.exceptions.RayError as e:
+            row["error"] = f"speed measurement failed: {str(e)[:300]}"
+        write_results(out, rows)
+        log.info("speed [%d/%d] %s: %s %.1f", i, len(todo), row["spec"], key, row.get(key) or float("nan"))
+    return rows
+
+
+def _summary(row: dict, kind: str) -> str:
+    q = report.quality_key(kind)
+    return f"{q} {row.get(q, float('nan')):.4g}, {row.get('artifact_bytes', 0) / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The choice
+
+
+def write_choice(out: Path, chosen: dict | None) -> None:
+    chosen_dir = out / "chosen"
+    tmp = out / ".chosen.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if chosen is None:
+        shutil.rmtree(chosen_dir, ignore_errors=True)
+        (out / "serve.yaml").unlink(missing_ok=True)
+        return
+    shutil.copytree(chosen["artifact"], tmp)
+    shutil.rmtree(chosen_dir, ignore_errors=True)
+    os.replace(tmp, chosen_dir)
+    (out / "serve.yaml").write_text(serve_yaml(chosen_dir.resolve(), chosen["spec"]))
+
+
+def serve_yaml(model_dir: Path, spec: str) -> str:
+    return yaml.safe_dump({
+        "applications": [{
+            "name": "raypress",
+            "route_prefix": "/",
+            "import_path": "serve.app:build",
+            "args": {"model": str(model_dir), "model_name": f"raypress-{spec}"},
+        }],
+    }, sort_keys=False)
+
+
+def main(
+    config: str,
+    out: str = "artifacts/sweep",
+    num_actors: int = 2,
+    cpus_per_actor: float = 0.5,
+    gpus_per_actor: float = 0.0,
+) -> int:
+    """Run a compression sweep: every spec of CONFIG measured against the base; report, Pareto plot, choice.
+
+    Args:
+        config: sweep config YAML (see sweeps/smollm2.yaml).
+        out: output folder; a rerun with the same folder resumes.
+        num_actors: trial actors in the pool, each holding the base model once.
+        cpus_per_actor: CPUs reserved per trial actor (fractional leaves room for Ray's own tasks).
+        gpus_per_actor: GPUs per trial actor (fractional to share a GPU between small models).
+    """
+    start = time.perf_counter()
+    cfg = load_config(config)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("sweep of %s: %d specs %s -> %s", cfg.model, len(cfg.specs), cfg.specs, out_dir)
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    rows = [r for r in read_results(out_dir) if r["spec"] in cfg.specs]
+    eval_texts, calib_texts = _texts(cfg, out_dir, rows)
+    rows = run_trials(cfg, out_dir, rows, eval_texts, calib_texts, num_actors, cpus_per_actor, gpus_per_actor)
+    if cfg.speed:
+        rows = run_speed(cfg, out_dir, rows, cpus_per_actor, gpus_per_actor)
+    base = next((r for r in rows if r["spec"] == "base" and not r.get("error")), None)
+    if base is None:
+        raise RuntimeError("the base model itself failed to evaluate; see results.parquet")
+    chosen = report.choose(rows, base, cfg.budget, cfg.objective, cfg.kind)
+    write_choice(out_dir, chosen)
+    report.write_report(out_dir, rows, base, cfg.budget, cfg.objective, cfg.kind, cfg.model, chosen)
+    report.plot_pareto(out_dir, rows, cfg.kind, chosen)
+    pa_rows = [{k: r.get(k) for k in ("spec", "artifact_bytes", report.quality_key(cfg.kind),
+                                      report.speed_key(cfg.kind), "error")} for r in rows]
+    pq.write_table(pa.Table.from_pylist(pa_rows), out_dir / "pareto.parquet")
+    print((out_dir / "report.md").read_text())
+    verdict = f"chosen: {chosen['spec']} -> {out_dir / 'chosen'}" if chosen else "no variant meets the budget"
+    print(f"{len(rows)} trials, {sum(bool(r.get('error')) for r in rows)} failed, {time.perf_counter() - start:.0f} s;"
+          f" {verdict}; report: {out_dir / 'report.md'}, plot: {out_dir / 'pareto.png'}")
+    return 0 if chosen else NO_VARIANT_EXIT
+
+
+def _texts(cfg: SweepConfig, out: Path, rows: list[dict]) -> tuple[list[str], list[str] | None]:
+    """Eval and calibration text, made once and kept in OUT so that a resumed sweep measures on the same text."""
+    cache = out / "texts.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        return saved["eval"], saved["calib"]
+    needs_calib = any(specs.needs_calibration(s) for s in cfg.specs)
+    eval_texts = data.read_texts(cfg.eval_data, cfg.eval_column) if cfg.eval_data else None
+    calib_texts = data.read_texts(cfg.calib_data, cfg.eval_column) if cfg.calib_data else None
+    if eval_texts is None or (needs_calib and calib_texts is None):
+        log.info("writing built-in evaluation/calibration text with the base model")
+        model, tokenizer, kind = models.load(cfg.model)
+        if eval_texts is None:
+            eval_texts = evaluate.default_eval_texts(model, tokenizer, kind)
+        if needs_calib and calib_texts is None:
+            calib_texts = (data.generated_texts(model, tokenizer, n=32) if kind == models.CAUSAL
+                           else list(data.BUILTIN_PROMPTS) * 4)
+        del model
+    cache.write_text(json.dumps({"eval": eval_texts, "calib": calib_texts}))
+    return eval_texts, calib_texts
+
+
+if __name__ == "__main__":
+    from jobs.cli import run
+
+    sys.exit(run(main))
