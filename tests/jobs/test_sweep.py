@@ -1,0 +1,127 @@
+"""jobs.sweep end to end on a real local Ray, with a tiny random model as the base."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from compress import artifact, evaluate, models
+from jobs import sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_causal, tmp_path) -> Path:
+    return artifact.save(tiny_causal.model, tiny_causal.tokenizer, tmp_path / "tiny")
+
+
+def write_config(tmp_path, model_dir, wikitext, **overrides) -> Path:
+    cfg = {
+        "model": str(model_dir), "eval_data": str(wikitext), "calib_data": str(wikitext),
+        "seq_len": 64, "eval_blocks": 2, "calib_blocks": 4,
+        "specs": ["int8", "int4-g{g}", "wanda-50%", "distill-L5"], "grid": {"g": [32, 64]},
+        "budget": {"max_ppl_increase": 0.05}, "objective": "smallest",
+    }
+    cfg.update(overrides)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local, tmp_path, tiny_model_dir, wikitext):
+    out = tmp_path / "out"
+    code = sweep.main(str(write_config(tmp_path, tiny_model_dir, wikitext)), out=str(out), num_actors=2)
+    assert code == 0
+    rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert set(rows) == {"base", "int8", "int4-g32", "int4-g64", "wanda-50%", "distill-L5"}
+    assert "fewer layers" in rows["distill-L5"]["error"]  # a failing spec is recorded; the others finish
+    for spec, row in rows.items():
+        if spec != "distill-L5":
+            assert row["error"] is None and row["decode_tokens_per_s_b1"] > 0 and row["artifact_bytes"] > 0
+    assert rows["int4-g64"]["artifact_bytes"] < rows["int8"]["artifact_bytes"] < rows["base"]["artifact_bytes"]
+
+    report = (out / "report.md").read_text()
+    assert "Chosen: `int4-g64`" in report and "| base |" in report and "error: ValueError" in report
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "pareto.parquet").exists()
+    serve_cfg = yaml.safe_load((out / "serve.yaml").read_text())
+    assert serve_cfg["applications"][0]["args"]["model"] == str((out / "chosen").resolve())
+
+    # The chosen artifact reloads, and its quality measured again agrees with the report.
+    chosen, tokenizer, kind = models.load(out / "chosen")
+    texts = json.loads((out / "texts.json").read_text())["eval"]
+    base, _, _ = models.load(tiny_model_dir)
+    ref = evaluate.reference(base, tokenizer, kind, texts, 64, 2)
+    again = evaluate.quality(chosen, tokenizer, kind, ref)
+    assert again["ppl"] == pytest.approx(rows["int4-g64"]["ppl"], rel=1e-5)
+    assert again["top1_agreement"] == pytest.approx(rows["int4-g64"]["top1_agreement"], abs=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_path, tiny_model_dir, wikitext):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%"], grid={},
+                       budget={"min_top1_agreement": 1.01})
+    assert sweep.main(str(cfg), out=str(out), num_actors=2) == sweep.NO_VARIANT_EXIT
+    assert not (out / "chosen").exists() and not (out / "serve.yaml").exists()
+    assert "No variant meets the budget" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"specs": ["int8", "int3-g64"]}, "unknown step 'int3-g64'"),
+    ({"budget": {"max_perplexity": 0.1}}, "budget key 'max_perplexity'"),
+    ({"budget": {"min_cosine": 0.99}}, "budget key 'min_cosine' is not known for a causal model"),
+    ({"objective": "cheapest"}, "objective 'cheapest'"),
+    ({"specs": ["int4-g{gs}"], "grid": {"g": [32]}}, "uses \\['gs'\\]"),
+    ({"speeed": True}, "unknown key\\(s\\) \\['speeed'\\]"),
+])
+def test_config_errors_name_the_key_before_any_trial(tmp_path, tiny_model_dir, wikitext, override, message):
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, **override)
+    proc = subprocess.run([sys.executable, "-m", "jobs.sweep", str(cfg), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    import re
+
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "results.parquet").exists()
+
+
+@pytest.mark.timeout(420)
+def test_killed_sweep_resumes_without_evaluating_a_spec_twice(ray_local, tmp_path, tiny_model_dir, wikitext):
+    out = tmp_path / "out"
+    specs_list = ["int8", "int4-g32", "int4-g64", "prune-50%", "wanda-50%", "prune-2:4"]
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=specs_list, grid={})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.sweep", str(cfg), "--out", str(out), "--num-actors", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if (out / "results.parquet").exists() and pq.read_table(out / "results.parquet").num_rows >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first run wrote no results in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    first = {r["spec"]: r["finished_at"] for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert 3 <= len(first) < len(specs_list) + 1, first
+
+    assert sweep.main(str(cfg), out=str(out), num_actors=2) == 0
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    specs_seen = [r["spec"] for r in rows]
+    assert sorted(specs_seen) == sorted(["base"] + specs_list)  # every spec once
+    for r in rows:
+        if r["spec"] in first:
+            assert r["finished_at"] == first[r["spec"]], f"{r['spec']} was evaluated again"
