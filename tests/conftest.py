@@ -106,6 +106,15 @@ def make_tiny_llama(smollm2_loaded):
     return lambda **kw: tiny_llama(smollm2_loaded.tokenizer, **kw)
 
 
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory, smollm2_loaded) -> Path:
+    """A tiny random Llama saved once as an artifact: a fast model for job and serving tests."""
+    from compress import artifact
+
+    return artifact.save(tiny_llama(smollm2_loaded.tokenizer), smollm2_loaded.tokenizer,
+                         tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
 @pytest.fixture
 def tiny_causal(smollm2_loaded) -> models.LoadedModel:
     return models.LoadedModel(tiny_llama(smollm2_loaded.tokenizer), smollm2_loaded.tokenizer, models.CAUSAL)

@@ -1,0 +1,164 @@
+"""serve.app over real HTTP on a local Ray, with the official openai client."""
+
+import concurrent.futures as cf
+
+import openai
+import pytest
+import requests
+import torch
+from ray import serve
+
+from compress import models
+from compress.data import chat_prompt
+from serve.app import ModelServer, server_args
+
+PORT = 8011
+URL = f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture(scope="module")
+def serve_instance(ray_local):
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    yield serve
+    serve.shutdown()
+
+
+def run_app(name: str, route: str, args: dict, **deployment_options) -> str:
+    """Deploy the app (with Serve deployment options, e.g. autoscaling) and return its base URL."""
+    app = ModelServer.options(**deployment_options).bind(**server_args(args))
+    serve.run(app, name=name, route_prefix=route)
+    return f"{URL}{route.rstrip('/')}"
+
+
+@pytest.fixture(scope="module")
+def smol_url(serve_instance):
+    return run_app("smol", "/smol", {"model": "smollm2-135m", "model_name": "smol", "num_threads": 2})
+
+
+@pytest.fixture(scope="module")
+def client(smol_url):
+    return openai.OpenAI(base_url=f"{smol_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.timeout(300)
+def test_openai_client_completions_equal_the_model_run_directly(client, smollm2_loaded):
+    model, tokenizer, _ = smollm2_loaded
+    prompt = chat_prompt(tokenizer, "What is the capital of France?")
+    r = client.completions.create(model="smol", prompt=prompt, max_tokens=12, temperature=0)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        direct = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    new = [t for t in direct.tolist() if t != tokenizer.eos_token_id]
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert r.choices[0].text == expected and "Paris" in expected
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(new)
+
+
+@pytest.mark.timeout(300)
+def test_openai_client_chat_and_streaming(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="smol", messages=messages, max_tokens=16, temperature=0)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model="smol", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3  # token by token, not one blob
+    assert "".join(pieces) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.timeout(300)
+def test_sampling_parameters_may_differ_within_a_batch(smol_url):
+    prompt = "Once upon a time"
+    bodies = [{"prompt": prompt, "max_tokens": 8, "temperature": 0},
+              {"prompt": prompt, "max_tokens": 3, "temperature": 0},
+              {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 7},
+              {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 7}]
+    with cf.ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda b: requests.post(f"{smol_url}/v1/completions", json=b, timeout=120).json(), bodies))
+    assert out[1]["usage"]["completion_tokens"] <= 3 and out[1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert out[0]["choices"][0]["text"].startswith(out[1]["choices"][0]["text"])  # greedy: a prefix of the longer
+    assert out[2]["choices"][0]["text"] == out[3]["choices"][0]["text"]  # same seed, same sample
+
+
+@pytest.mark.timeout(300)
+def test_32_concurrent_requests_are_batched_and_all_answered(smol_url):
+    questions = ["What is the capital of France?", "What is the capital of Italy?",
+                 "What is the capital of Japan?", "What is the capital of Spain?"]
+    answers = ["Paris", "Rome", "Tokyo", "Madrid"]
+
+    def ask(i):
+        body = {"messages": [{"role": "user", "content": questions[i % 4]}], "max_tokens": 12, "temperature": 0}
+        return i, requests.post(f"{smol_url}/v1/chat/completions", json=body, timeout=240)
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(ask, range(32)))
+    for i, r in results:
+        assert r.status_code == 200, r.text
+        assert answers[i % 4] in r.json()["choices"][0]["message"]["content"]
+    sizes = requests.get(f"{smol_url}/stats", timeout=30).json()["batch_sizes"]
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.parametrize("body,param", [
+    ("{not json", None),
+    ({"prompt": 5, "max_tokens": 4}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "hi", "model": "gpt-4"}, "model"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hello " * 9000, "max_tokens": 4}, "max_tokens"),
+])
+@pytest.mark.timeout(120)
+def test_bad_requests_get_400_with_an_openai_error_body(smol_url, body, param):
+    kw = {"data": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    r = requests.post(f"{smol_url}/v1/completions", timeout=60, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert param in (err["param"] or "") or param in err["message"]
+    assert requests.get(f"{smol_url}/health", timeout=30).status_code == 200  # the replica stays healthy
+
+
+@pytest.mark.timeout(120)
+def test_embeddings_of_a_causal_model_are_refused(smol_url):
+    r = requests.post(f"{smol_url}/v1/embeddings", json={"input": "hello"}, timeout=60)
+    assert r.status_code == 400 and "embeddings need an encoder" in r.json()["error"]["message"]
+
+
+@pytest.mark.timeout(300)
+def test_embeddings_with_the_openai_client(serve_instance, minilm_loaded):
+    url = run_app("mini", "/mini", {"model": "minilm-l6", "model_name": "mini"})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    texts = ["A man plays the guitar.", "Someone performs music on a guitar.", "Stock markets fell today."]
+    r = client.embeddings.create(model="mini", input=texts)
+    got = torch.tensor([d.embedding for d in r.data])
+    model, tokenizer, _ = minilm_loaded
+    assert torch.allclose(got, models.encode(model, tokenizer, texts), atol=1e-5)
+    assert r.usage.prompt_tokens > 0
+    bad = requests.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=60)
+    assert bad.status_code == 400 and "encoder" in bad.json()["error"]["message"]
+    serve.delete("mini")
+
+
+@pytest.mark.timeout(300)
+def test_api_key_on_and_off(serve_instance, tiny_causal_dir, monkeypatch):
+    tiny = tiny_causal_dir
+    monkeypatch.setenv("RAYPRESS_API_KEY", "s3cret")
+    url = run_app("keyed", "/keyed", {"model": str(tiny), "model_name": "tiny"})
+    body = {"prompt": "hi", "max_tokens": 2}
+    assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    r = requests.post(f"{url}/v1/completions", json=body, headers=wrong, timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    ok = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+    assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
+    assert requests.get(f"{url}/health", timeout=30).status_code == 200  # health needs no key
+    monkeypatch.delenv("RAYPRESS_API_KEY")
+    url = run_app("keyed", "/keyed", {"model": str(tiny), "model_name": "tiny"})  # redeployed without a key
+    assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    serve.delete("keyed")
