@@ -10,9 +10,8 @@ the application is built, requests need ``Authorization: Bearer <key>``. Bad req
 error body; a full queue (``max_queued_requests`` in the YAML) gets 503 from Serve.
 """
 
-from __future__ import annotations
-
 import asyncio
+import base64
 import collections
 import logging
 import os
@@ -21,6 +20,7 @@ import time
 import uuid
 from typing import Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -98,7 +98,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,6 +202,8 @@ class ModelServer:
             raise APIError(400, f"input {too_long[0]} has {counts[too_long[0]]} tokens; the model takes at most "
                                 f"{self.context}", "input")
         vectors = await asyncio.gather(*(self._embed_batch(t) for t in texts))
+        if body.encoding_format == "base64":  # little-endian float32 bytes, as OpenAI sends them
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         data = [{"object": "embedding", "index": k, "embedding": v} for k, v in enumerate(vectors)]
         usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
         return {"object": "list", "data": data, "model": self.name, "usage": usage}

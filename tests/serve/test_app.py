@@ -84,9 +84,9 @@ def test_sampling_parameters_may_differ_within_a_batch(smol_url):
 
 @pytest.mark.timeout(300)
 def test_32_concurrent_requests_are_batched_and_all_answered(smol_url):
-    questions = ["What is the capital of France?", "What is the capital of Italy?",
-                 "What is the capital of Japan?", "What is the capital of Spain?"]
-    answers = ["Paris", "Rome", "Tokyo", "Madrid"]
+    questions = ["What is the capital of France?", "What is the capital of Germany?",
+                 "What is the capital of Japan?", "How many days are in a week?"]
+    answers = ["Paris", "Berlin", "Tokyo", "7"]
 
     def ask(i):
         body = {"messages": [{"role": "user", "content": questions[i % 4]}], "max_tokens": 12, "temperature": 0}
