@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.1)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -77,8 +78,8 @@ def main() -> None:
     results = {}
     for label, batch in (("batched", args.max_batch_size), ("max_batch_size=1", 1)):
         app = ModelServer.options(max_ongoing_requests=args.clients + 4, ray_actor_options={"num_cpus": 1}).bind(
-            **server_args({"model": args.model, "max_batch_size": batch, "batch_wait_timeout_s": 0.02,
-                           "num_threads": threads}))
+            **server_args({"model": args.model, "max_batch_size": batch, "num_threads": threads,
+                           "batch_wait_timeout_s": args.batch_wait_timeout_s}))
         serve.run(app, name="bench", route_prefix="/bench")
         url = f"http://127.0.0.1:{PORT}/bench"
         drive(url, 2, 3, 4)  # warm-up

@@ -113,15 +113,12 @@ class ModelServer:
         model: str = models.DEFAULT_MODEL,
         model_name: str | None = None,
         max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.02,
+        batch_wait_timeout_s: float = 0.1,
         default_max_tokens: int = 64,
         num_threads: int | None = None,
         api_key: str | None = None,
     ):
-        import torch
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        self.num_threads = num_threads
         start = time.perf_counter()
         self.model, self.tokenizer, self.kind = models.load(model)
         self.name = model_name or os.path.basename(os.path.normpath(str(model)))
@@ -223,7 +220,13 @@ class ModelServer:
         return emb.tolist()
 
     def _locked(self, fn, *args):
+        """Run ``fn`` holding the model. The thread count is set here, in the worker thread: OpenMP keeps it per
+        thread, and worker threads start from OMP_NUM_THREADS (which Ray sets to the replica's num_cpus)."""
+        import torch
+
         with self._torch_lock:
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
             return fn(*args)
 
     def _sse(self, ids: list[int], params: gen.SamplingParams, chat: bool) -> StreamingResponse:
@@ -231,12 +234,14 @@ class ModelServer:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def produce():
+            sent = ""
+            for (g,) in gen.stream(self.model, self.tokenizer, [ids], [params]):
+                delta, sent = g.text[len(sent):], g.text
+                loop.call_soon_threadsafe(queue.put_nowait, (delta, g.finish_reason, len(g.token_ids)))
+
+        def run():
             try:
-                with self._torch_lock:
-                    sent = ""
-                    for (g,) in gen.stream(self.model, self.tokenizer, [ids], [params]):
-                        delta, sent = g.text[len(sent):], g.text
-                        loop.call_soon_threadsafe(queue.put_nowait, (delta, g.finish_reason, len(g.token_ids)))
+                self._locked(produce)
             except Exception as e:
                 loop.call_soon_threadsafe(queue.put_nowait, e)
             loop.call_soon_threadsafe(queue.put_nowait, None)
@@ -255,7 +260,7 @@ class ModelServer:
         async def events():
             import json
 
-            threading.Thread(target=produce, daemon=True).start()
+            threading.Thread(target=run, daemon=True).start()
             if chat:
                 yield f"data: {json.dumps(chunk('', None, first=True))}\n\n"
             n_out = 0
