@@ -91,18 +91,7 @@ def load(
         dtype: floating dtype; default bf16 on CUDA, float32 on CPU. Quantized tensors keep their storage type.
     """
     device = torch.device(device) if device is not None else default_device()
-    name = str(name_or_path)
-    if name in BUILTINS:
-        path = builtin_path(name)
-    elif Path(name).expanduser().exists():
-        path = Path(name).expanduser()
-    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        path = _hub_path(name)
-    else:
-        raise FileNotFoundError(
-            f"model {name!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing folder nor a hub id "
-            "'org/name'. Check the spelling or the path."
-        )
+    path = resolve(name_or_path)
     if (path / MANIFEST).exists():
         from compress import artifact
 
@@ -112,18 +101,31 @@ def load(
 
 def kind_of(name_or_path: str | os.PathLike) -> str:
     """"causal" or "encoder", without loading weights."""
-    name = str(name_or_path)
-    if name in BUILTINS:
-        return BUILTINS[name].kind
-    path = Path(name).expanduser()
-    if not path.exists():
-        if name.count("/") != 1 or name.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"model {name!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing "
-                                    "folder nor a hub id 'org/name'")
-        path = _hub_path(name)
+    if str(name_or_path) in BUILTINS:
+        return BUILTINS[str(name_or_path)].kind
+    path = resolve(name_or_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a Hugging Face model folder")
     return model_kind(AutoConfig.from_pretrained(path))
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """The local folder behind a built-in name, a path, or a (cached) hub id."""
+    name = str(name_or_path)
+    if name in BUILTINS:
+        return builtin_path(name)
+    if Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _hub_path(name)
+    raise FileNotFoundError(f"model {name!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing folder "
+                            "nor a hub id 'org/name'. Check the spelling or the path.")
+
+
+def tokenizer_for(name_or_path: str | os.PathLike):
+    """The tokenizer and kind of a model, without loading its weights."""
+    kind = kind_of(name_or_path)
+    return load_tokenizer(resolve(name_or_path), kind), kind
 
 
 def load_pretrained(path: Path, *, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from pathlib import Path
-
-import torch
 
 from compress import artifact, data, evaluate, models, specs
 
@@ -116,7 +115,8 @@ def main(
 
 
 if __name__ == "__main__":
+    # Run the imported module's main, not __main__'s: Ray pickles functions and classes by module name.
+    from jobs import compress as job
     from jobs.cli import run
 
-    torch.set_grad_enabled(False)
-    run(main)
+    sys.exit(run(job.main))

@@ -352,6 +352,8 @@ def _texts(cfg: SweepConfig, out: Path, rows: list[dict]) -> tuple[list[str], li
 
 
 if __name__ == "__main__":
+    # Run the imported module's main, not __main__'s: Ray pickles functions and classes by module name.
+    from jobs import sweep as job
     from jobs.cli import run
 
-    sys.exit(run(main))
+    sys.exit(run(job.main))

@@ -1,0 +1,477 @@
+"""Offline batch inference on Ray Data: every input row comes out, with the model's answer or an error.
+
+    python -m jobs.batch_infer --model smollm2-135m --input prompts.jsonl --output out/ --task generate
+    python -m jobs.batch_infer --model minilm-l6 --input docs/ --output emb/ --task embed --column text
+    ray job submit --working-dir . -- python -m jobs.batch_infer --model artifacts/sweep/chosen --input s3://b/in/ ...
+
+Pipeline: read (parquet, jsonl or csv; a file, folder or glob; any filesystem pyarrow knows) -> template and
+tokenize (CPU tasks) -> model actors (--num-actors, --num-gpus-per-actor; each batch sorted by length so padding
+wastes little) -> decode and format (CPU tasks) -> parquet files in OUTPUT.
+
+Columns: generate adds generated_text, num_prompt_tokens, num_generated_tokens, finish_reason (per-row max_tokens,
+temperature, top_p, seed, stop columns override the flags); embed adds embedding (list<float32>, pooled as the
+model's sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every task adds
+error: null, or why that row got no answer. Output rows = input rows. --resume skips rows already in OUTPUT (by
+--id-column, or by the row_index this job adds in input order).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from compress import generate as gen
+from compress import models
+
+log = logging.getLogger("jobs.batch_infer")
+TASKS = ("generate", "embed", "score")
+PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+ROW_INDEX = "row_index"
+TYPE_ERRORS = "_input_error"  # set by the reader for rows it could not type; dropped from the output
+FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def list_input_files(path: str) -> tuple[list[str], pafs.FileSystem, str]:
+    """A file, a folder (every supported file below it) or a glob -> (files, filesystem, format)."""
+    pattern = None
+    if any(c in path for c in "*?["):
+        cut = min(path.index(c) for c in "*?[" if c in path)
+        path, pattern = path[: path.rfind("/", 0, cut) + 1] or ".", path
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {path!r} does not exist")
+    if info.type == pafs.FileType.File:
+        files = [root]
+    else:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(f.path for f in found if f.type == pafs.FileType.File and Path(f.path).suffix in FORMATS)
+    if pattern:
+        local = pattern if "://" not in pattern else pattern.split("://", 1)[1]
+        files = [f for f in files if fnmatch.fnmatch(f, os.path.abspath(local) if "://" not in pattern else local)]
+    if not files:
+        raise FileNotFoundError(f"input {pattern or path!r} holds no .parquet, .jsonl or .csv files")
+    formats = {FORMATS[Path(f).suffix] for f in files}
+    if len(formats) > 1:
+        raise ValueError(f"input {path!r} mixes formats {sorted(formats)}; give one kind of file")
+    return files, fs, formats.pop()
+
+
+def read_input(path: str) -> pa.Table:
+    files, fs, fmt = list_input_files(path)
+    if fmt == "json":
+        rows = []
+        for f in files:
+            with fs.open_input_stream(f) as stream:
+                for n, line in enumerate(stream.read().decode("utf-8").splitlines(), 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            rows.append({TYPE_ERRORS: f"line {n} of {f} is not JSON: {e}"})
+        return rows_to_table(rows)
+    return pads.dataset(files, filesystem=fs, format=fmt).to_table()
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """JSON rows -> a table. A value whose type differs from the rest of its column becomes null, and the row
+    carries the reason in a hidden column, so that one bad row cannot fail the whole read."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    problems = [r.get(TYPE_ERRORS, "") for r in rows]
+    arrays = {}
+    for col in (c for c in columns if c != TYPE_ERRORS):
+        values = [r.get(col) for r in rows]
+        try:
+            arrays[col] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            types = [type(v).__name__ for v in values if v is not None]
+            common = max(set(types), key=types.count)
+            for i, v in enumerate(values):
+                if v is not None and type(v).__name__ != common:
+                    problems[i] = problems[i] or f"column {col!r}: expected {common}, got {type(v).__name__}"
+                    values[i] = None
+            arrays[col] = pa.array(values)
+    if any(problems):
+        arrays[TYPE_ERRORS] = pa.array(problems, pa.string())
+    return pa.table(arrays)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-batch functions (pure): batches are dicts of numpy arrays
+
+
+@functools.cache
+def _tokenizer(model: str):
+    return models.tokenizer_for(model)
+
+
+def preprocess(batch: dict, model: str, task: str, column: str, context: int, defaults: dict) -> dict:
+    """Template and tokenize each row; a bad row gets its error here and skips the model."""
+    tokenizer, kind = _tokenizer(model)
+    n = len(next(iter(batch.values())))
+    ids, errors, params = [], [], []
+    for i in range(n):
+        value = batch[column][i] if column in batch else None
+        if _is_null(value) and task == "generate" and column != "messages" and "messages" in batch:
+            value = batch["messages"][i]  # rows may give a prompt or OpenAI chat messages
+        try:
+            if TYPE_ERRORS in batch and batch[TYPE_ERRORS][i]:
+                raise ValueError(batch[TYPE_ERRORS][i])
+            text = _row_text(value, column, tokenizer, task, chat=defaults.get("chat", False))
+            row_ids = tokenizer(text, add_special_tokens=task != "generate")["input_ids"]
+            p = _row_params(batch, i, defaults) if task == "generate" else None
+            budget = p.max_tokens if p else 0
+            if len(row_ids) + budget > context:
+                raise ValueError(f"{len(row_ids)} prompt tokens + {budget} new tokens exceed the model's context of "
+                                 f"{context} tokens")
+            if task == "score" and len(row_ids) < 2:
+                raise ValueError("scoring needs at least 2 tokens")
+            ids.append(json.dumps(row_ids))
+            params.append(json.dumps(p.__dict__) if p else "")
+            errors.append("")
+        except (ValueError, TypeError) as e:
+            ids.append("[]")
+            params.append("")
+            errors.append(str(e))
+    batch["_ids"], batch["_params"], batch["_error"] = np.array(ids), np.array(params), np.array(errors)
+    return batch
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> str:
+    if _is_null(value):
+        raise ValueError(f"column {column!r} is null")
+    if isinstance(value, np.ndarray | list) and task == "generate":
+        messages = [dict(m) for m in value]
+        if not messages or not all(isinstance(m.get("content"), str) and m.get("role") for m in messages):
+            raise ValueError(f"column {column!r}: expected OpenAI chat messages [{{role, content}}, ...]")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(value, str):
+        raise TypeError(f"column {column!r}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"column {column!r} is empty")
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": value}], tokenize=False,
+                                             add_generation_prompt=True)
+    return value
+
+
+def _row_params(batch: dict, i: int, defaults: dict) -> gen.SamplingParams:
+    values = dict(defaults)
+    values.pop("chat", None)
+    for key in PARAM_COLUMNS:
+        if key in batch:
+            v = batch[key][i]
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                values[key] = v
+    stop = values.get("stop") or ()
+    values["stop"] = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
+    values["max_tokens"] = int(values["max_tokens"])
+    values["seed"] = None if values.get("seed") is None else int(values["seed"])
+    values["temperature"], values["top_p"] = float(values["temperature"]), float(values["top_p"])
+    return gen.SamplingParams(**values)
+
+
+class Predictor:
+    """One model replica per actor. Maps a batch to its outputs; rows with an error pass through untouched."""
+
+    def __init__(self, model: str, task: str, max_sub_batch: int, fail_after: int = 0, fault_marker: str = ""):
+        import torch
+
+        torch.set_grad_enabled(False)
+        threads = os.environ.get("RAYPRESS_TORCH_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model, self.tokenizer, self.kind = models.load(model)
+        self.task, self.max_sub_batch = task, max_sub_batch
+        self.fail_after, self.fault_marker, self.batches = fail_after, fault_marker, 0
+
+    def __call__(self, batch: dict) -> dict:
+        self.batches += 1
+        _maybe_fail(self.fail_after, self.batches, self.fault_marker)
+        n = len(batch["_ids"])
+        out = {"_out": np.array([""] * n, dtype=object), "_error": batch["_error"].copy()}
+        todo = [i for i in range(n) if not batch["_error"][i]]
+        ids = {i: json.loads(batch["_ids"][i]) for i in todo}
+        todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
+        for start in range(0, len(todo), self.max_sub_batch):
+            rows = todo[start : start + self.max_sub_batch]
+            try:
+                results = self._run([ids[i] for i in rows], [batch["_params"][i] for i in rows])
+                for i, r in zip(rows, results, strict=True):
+                    out["_out"][i] = json.dumps(r)
+            except Exception as e:  # a batch the model cannot take: record it on its rows and go on
+                for i in rows:
+                    out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+        batch.update(out)
+        return batch
+
+    def _run(self, ids: list[list[int]], params: list[str]) -> list:
+        import torch
+
+        if self.task == "generate":
+            p = [gen.SamplingParams(**{**json.loads(s), "stop": tuple(json.loads(s)["stop"])}) for s in params]
+            return [{"ids": g.token_ids, "finish_reason": g.finish_reason}
+                    for g in gen.generate(self.model, self.tokenizer, ids, p)]
+        if self.task == "embed":
+            texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+            return models.encode(self.model, self.tokenizer, texts).tolist()
+        return _score(self.model, ids, self.tokenizer.pad_token_id or 0, torch)
+
+
+def _score(model, ids: list[list[int]], pad: int, torch) -> list[dict]:
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, row in enumerate(ids):
+        x[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    device = next(model.parameters()).device
+    logp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    token_lp = logp[:, :-1].gather(-1, x[:, 1:, None].to(device))[..., 0].cpu() * mask[:, 1:]
+    sums, counts = token_lp.sum(1), mask[:, 1:].sum(1)
+    return [{"sum": float(s), "mean": float(s / c)} for s, c in zip(sums, counts, strict=True)]
+
+
+def _maybe_fail(fail_after: int, batches: int, marker: str) -> None:
+    """Test hook (RAYPRESS_FAULT_AFTER_BATCHES and RAYPRESS_FAULT_MARKER where the job starts): the first actor
+    to reach batch ``fail_after`` dies, once; the marker file records that it happened."""
+    if fail_after and batches == fail_after and marker and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
+
+
+def postprocess(batch: dict, model: str, task: str) -> dict:
+    """Decode and format the model's outputs into the job's columns; drop the internal ones."""
+    tokenizer, _ = _tokenizer(model)
+    errors = [e or None for e in batch["_error"]]
+    outs = [json.loads(o) if o and not errors[i] else None for i, o in enumerate(batch["_out"])]
+    if task == "generate":
+        texts, n_gen, finish = [], [], []
+        for o, p in zip(outs, batch["_params"], strict=True):
+            if o is None:
+                texts.append(None), n_gen.append(None), finish.append(None)
+                continue
+            text = tokenizer.decode(o["ids"], skip_special_tokens=True)
+            for s in json.loads(p)["stop"]:
+                text = text.split(s)[0]
+            texts.append(text), n_gen.append(len(o["ids"])), finish.append(o["finish_reason"])
+        batch["generated_text"] = np.array(texts, dtype=object)
+        batch["num_prompt_tokens"] = np.array([len(json.loads(i)) if not e else None
+                                               for i, e in zip(batch["_ids"], errors, strict=True)], dtype=object)
+        batch["num_generated_tokens"] = np.array(n_gen, dtype=object)
+        batch["finish_reason"] = np.array(finish, dtype=object)
+    elif task == "embed":
+        embedding = pa.array([o for o in outs], type=pa.list_(pa.float32()))  # list<float32>, not a tensor type
+    else:
+        batch["logprob_sum"] = np.array([o["sum"] if o else None for o in outs], dtype=object)
+        batch["logprob_mean"] = np.array([o["mean"] if o else None for o in outs], dtype=object)
+        batch["perplexity"] = np.array([math.exp(-o["mean"]) if o else None for o in outs], dtype=object)
+    batch["error"] = np.array(errors, dtype=object)
+    for key in ("_ids", "_params", "_error", "_out", TYPE_ERRORS):
+        batch.pop(key, None)
+    if task != "embed":
+        return batch
+    table = pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in batch.items()})
+    return table.append_column("embedding", embedding)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume and summary
+
+
+def done_ids(output: Path, id_column: str) -> set:
+    """Ids already written by earlier runs; an unreadable (half-written) file is removed so its rows are redone."""
+    ids = set()
+    for f in sorted(output.glob("*.parquet")) if output.exists() else []:
+        try:
+            ids.update(pq.read_table(f, columns=[id_column]).column(id_column).to_pylist())
+        except (pa.ArrowInvalid, OSError) as e:
+            log.warning("removing unreadable output %s (%s); its rows will be redone", f.name, e)
+            f.unlink()
+    return ids
+
+
+def summarize(output: Path, task: str, seconds: float) -> str:
+    table = pq.read_table(sorted(output.glob("*.parquet")))
+    errors = table.column("error").to_pylist()
+    n, bad = table.num_rows, sum(e is not None for e in errors)
+    tin = sum(x or 0 for x in table.column("num_prompt_tokens").to_pylist()) if task == "generate" else 0
+    tout = sum(x or 0 for x in table.column("num_generated_tokens").to_pylist()) if task == "generate" else 0
+    return (f"{n} rows ({n - bad} ok, {bad} errors), {tin} tokens in, {tout} tokens out, {seconds:.1f} s, "
+            f"{n / seconds:.2f} rows/s, {(tin + tout) / seconds:.1f} tokens/s -> {output}")
+
+
+def plan_sharding(model_bytes: int, free_bytes: list[int], headroom: float = 0.85) -> dict[int, int]:
+    """Fewest devices whose usable memory holds the model: {device index: max bytes to place there}.
+
+    Each device gets an equal share of the model (plus headroom for activations and the KV cache); raises when
+    even all devices are too small.
+    """
+    if model_bytes <= 0 or not free_bytes:
+        raise ValueError(f"plan_sharding needs a positive model size and devices, got {model_bytes}, {free_bytes}")
+    for k in range(1, len(free_bytes) + 1):
+        share = math.ceil(model_bytes / k)
+        chosen = sorted(range(len(free_bytes)), key=lambda i: -free_bytes[i])[:k]
+        if all(free_bytes[i] * headroom >= share for i in chosen):
+            return {i: int(free_bytes[i] * headroom) for i in sorted(chosen)}
+    raise ValueError(f"a model of {model_bytes / 1e9:.1f} GB does not fit on {len(free_bytes)} device(s) with "
+                     f"{[round(b / 1e9, 1) for b in free_bytes]} GB free")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def main(
+    *,
+    model: str,
+    input: str,
+    output: str,
+    task: str = "generate",
+    column: str | None = None,
+    id_column: str | None = None,
+    resume: bool = False,
+    num_actors: int = 1,
+    num_gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    actor_resources: str | None = None,
+    batch_size: int = 16,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    chat: bool = False,
+) -> int:
+    """Run a model over a dataset with Ray Data and write every row, answered or with its error, to parquet.
+
+    Args:
+        model: built-in name, model folder, raypress artifact (e.g. a sweep's chosen/), or hub id.
+        input: parquet, jsonl or csv: a file, a folder, or a glob; local or any pyarrow filesystem (s3://...).
+        output: folder for the output parquet files.
+        task: generate (text), embed (sentence embeddings) or score (log-probability and perplexity of the text).
+        column: input column: default prompt (or messages, in OpenAI chat form) for generate, text otherwise.
+        id_column: column that identifies rows, for --resume; default: a row_index added in input order.
+        resume: skip rows already written to OUTPUT by an interrupted run.
+        num_actors: model actors (replicas) in the pool.
+        num_gpus_per_actor: GPUs per actor: fractional to share one, several to shard a big model across them.
+        cpus_per_actor: CPUs per actor (fractional leaves room for the read/write tasks on small machines).
+        actor_resources: JSON of custom Ray resources per actor, e.g. '{"accelerator": 1}'.
+        batch_size: rows per model batch.
+        max_tokens: default new tokens per row (a max_tokens column overrides it per row).
+        temperature: default sampling temperature; 0 is greedy.
+        top_p: default nucleus sampling threshold.
+        seed: default sampling seed.
+        stop: default stop strings.
+        chat: wrap each prompt in the model's chat template as one user message (instruction-tuned models).
+    """
+    import ray
+
+    start = time.perf_counter()
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: expected one of {TASKS}")
+    out_dir = Path(output)
+    table = read_input(input)
+    column = column or _default_column(task, table.column_names)
+    if column not in table.column_names:
+        raise ValueError(f"input has no column {column!r}; its columns: {table.column_names} (use --column)")
+    kind = models.kind_of(model)
+    if (task == "embed") != (kind == models.ENCODER):
+        raise ValueError(f"--task {task} does not fit {model!r}, a {kind} model: encoders embed; causal LMs "
+                         "generate and score")
+    id_column = _with_ids(table, id_column)
+    if id_column == ROW_INDEX and ROW_INDEX not in table.column_names:
+        table = table.append_column(ROW_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    existing = list(out_dir.glob("*.parquet")) if out_dir.exists() else []
+    if existing and not resume:
+        raise ValueError(f"output {str(out_dir)!r} already holds {len(existing)} parquet file(s); pass --resume to "
+                         "continue that run, or choose another folder")
+    if resume:
+        done = done_ids(out_dir, id_column)
+        if done:
+            keep = pa.compute.invert(pa.compute.is_in(table.column(id_column), value_set=pa.array(list(done))))
+            todo = sum(keep.to_pylist())
+            log.info("resume: %d of %d rows already written; %d to go", len(done), table.num_rows, todo)
+            table = table.filter(keep)
+    if table.num_rows:
+        if not ray.is_initialized():
+            ray.init(configure_logging=False)
+        defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                    "stop": tuple(stop or ()), "chat": chat}
+        _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus_per_actor,
+                      cpus_per_actor, json.loads(actor_resources) if actor_resources else {}, batch_size)
+    print(summarize(out_dir, task, time.perf_counter() - start))
+    return 0
+
+
+def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus, num_cpus, resources,
+                  batch_size) -> None:
+    context = _context_length(model)
+    fault = {"fail_after": int(os.environ.get("RAYPRESS_FAULT_AFTER_BATCHES", "0")),
+             "fault_marker": os.environ.get("RAYPRESS_FAULT_MARKER", "")}
+    rows_per_call = batch_size * 4  # each actor call sorts this many rows by length, then runs batch_size at a time
+    blocks = max(1, math.ceil(table.num_rows / rows_per_call))
+    ds = ray.data.from_arrow(table).repartition(blocks)
+    ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
+                        fn_kwargs={"model": model, "task": task, "column": column, "context": context,
+                                   "defaults": defaults})
+    ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=rows_per_call,
+                        compute=ray.data.ActorPoolStrategy(size=num_actors),
+                        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                        fn_constructor_kwargs={"model": model, "task": task, "max_sub_batch": batch_size, **fault},
+                        max_restarts=-1, max_task_retries=-1)
+    ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
+                        fn_kwargs={"model": model, "task": task})
+    ds.write_parquet(str(out_dir))
+
+
+def _default_column(task: str, columns: list[str]) -> str:
+    if task == "generate" and "prompt" not in columns and "messages" in columns:
+        return "messages"
+    return "prompt" if task == "generate" else "text"
+
+
+def _with_ids(table: pa.Table, id_column: str | None) -> str:
+    if id_column is None:
+        return ROW_INDEX
+    if id_column not in table.column_names:
+        raise ValueError(f"--id-column {id_column!r} is not an input column; columns: {table.column_names}")
+    if pa.compute.count_distinct(table.column(id_column)).as_py() != table.num_rows:
+        raise ValueError(f"--id-column {id_column!r} has repeated values; resuming needs one id per row")
+    return id_column
+
+
+def _context_length(model: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(models.resolve(model))
+    return int(getattr(config, "max_position_embeddings", 512) or 512)
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not __main__'s: Ray pickles functions and classes by module name.
+    from jobs import batch_infer as job
+    from jobs.cli import run
+
+    sys.exit(run(job.main))

@@ -1,0 +1,166 @@
+"""jobs.batch_infer end to end on a real local Ray: every task, bad rows, a killed actor, resume, an artifact."""
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv  # noqa: F401  (pa.csv)
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from compress import models
+from jobs import batch_infer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_out(out: Path) -> list[dict]:
+    return pq.read_table(sorted(glob.glob(str(out / "*.parquet")))).to_pylist()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
+    rows = [
+        {"prompt": "What is the capital of France?", "max_tokens": 12},
+        {"prompt": "What is the capital of Germany?", "temperature": 0.8, "seed": 3, "max_tokens": 6},
+        {"prompt": None},
+        {"prompt": 5},
+        {"prompt": ""},
+        {"prompt": "hello " * 9000},
+        {"messages": [{"role": "user", "content": "What is the capital of Japan?"}], "max_tokens": 12},
+        {"prompt": "Count: one, two, three,", "stop": [","], "max_tokens": 12},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "out"), chat=True,
+                            max_tokens=8, cpus_per_actor=0.5, batch_size=4) == 0
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["row_index"])
+    assert [r["row_index"] for r in out] == list(range(len(rows)))  # every row, once
+    assert "Paris" in out[0]["generated_text"] and out[0]["num_generated_tokens"] <= 12 and out[0]["error"] is None
+    assert out[1]["num_generated_tokens"] <= 6 and out[1]["error"] is None
+    assert out[2]["error"] == "column 'prompt' is null" and out[2]["generated_text"] is None
+    assert "expected str, got int" in out[3]["error"]
+    assert "empty" in out[4]["error"]
+    assert "exceed the model's context" in out[5]["error"]
+    assert "Tokyo" in out[6]["generated_text"] and out[6]["finish_reason"] in ("stop", "length")
+    assert "," not in out[7]["generated_text"]  # cut at the stop string
+    for r in out:
+        assert set(r) >= {"prompt", "generated_text", "num_prompt_tokens", "num_generated_tokens", "finish_reason",
+                          "error"}
+
+    again = tmp_path / "again"
+    batch_infer.main(model="smollm2-135m", input=str(src), output=str(again), chat=True, max_tokens=8,
+                     cpus_per_actor=0.5, batch_size=2)
+    seeded = {r["row_index"]: r["generated_text"] for r in read_out(again)}
+    assert seeded[1] == out[1]["generated_text"]  # a seeded sample is the same in another batch
+
+
+@pytest.mark.timeout(300)
+def test_embed_from_a_folder_of_csv_matches_direct_encoding(ray_local, tmp_path, minilm_loaded):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    texts = ["A man plays the guitar.", "The stock market fell.", "Cats sleep a lot.", "Rain is expected."]
+    for k in range(2):
+        pa.csv.write_csv(pa.table({"id": [f"{k}-{i}" for i in range(2)], "text": texts[2 * k : 2 * k + 2]}),
+                         folder / f"part{k}.csv")
+    batch_infer.main(model="minilm-l6", input=str(folder), output=str(tmp_path / "out"), task="embed",
+                     id_column="id", cpus_per_actor=0.5)
+    out = {r["id"]: r for r in read_out(tmp_path / "out")}
+    assert len(out) == 4 and all(r["error"] is None for r in out.values())
+    model, tokenizer, _ = minilm_loaded
+    direct = models.encode(model, tokenizer, texts)
+    got = torch.tensor([out[f"{i // 2}-{i % 2}"]["embedding"] for i in range(4)])
+    assert torch.allclose(got, direct, atol=1e-5)
+    assert pq.read_schema(glob.glob(str(tmp_path / "out" / "*.parquet"))[0]).field("embedding").type == \
+        pa.list_(pa.float32())
+
+
+@pytest.mark.timeout(300)
+def test_score_matches_the_models_own_log_probabilities(ray_local, tmp_path, tiny_causal_dir):
+    texts = ["The cat sat on the mat.", "Paris is the capital of France, a country in Europe."]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "in.parquet")
+    batch_infer.main(model=str(tiny_causal_dir), input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
+                     task="score", cpus_per_actor=0.5)
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["row_index"])
+    model, tokenizer, _ = models.load(tiny_causal_dir)
+    for text, row in zip(texts, out, strict=True):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).sum().item()
+        assert row["logprob_sum"] == pytest.approx(lp, rel=1e-4, abs=1e-3)
+        assert row["perplexity"] == pytest.approx(math.exp(-row["logprob_mean"]))
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, tmp_path, tiny_causal_dir,
+                                                                      monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYPRESS_FAULT_AFTER_BATCHES", "2")
+    monkeypatch.setenv("RAYPRESS_FAULT_MARKER", str(marker))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Story number {i}:"} for i in range(40)])
+    batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=4,
+                     batch_size=2, cpus_per_actor=0.5)
+    assert marker.exists(), "the fault was not injected"
+    ids = [r["row_index"] for r in read_out(tmp_path / "out")]
+    assert sorted(ids) == list(range(40))
+
+
+@pytest.mark.timeout(420)
+def test_resume_after_a_run_killed_halfway(ray_local, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a word about the number {i}."} for i in range(48)])
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "jobs.batch_infer", "--model", "smollm2-135m", "--input", str(src), "--output",
+            str(out), "--max-tokens", "6", "--batch-size", "2", "--cpus-per-actor", "0.5"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(glob.glob(str(out / "*.parquet"))) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    first = batch_infer.done_ids(out, "row_index")
+    assert 0 < len(first) < 48, f"the first run should stop halfway, wrote {len(first)} rows"
+    with pytest.raises(ValueError, match="pass --resume"):
+        batch_infer.main(model="smollm2-135m", input=str(src), output=str(out))
+    batch_infer.main(model="smollm2-135m", input=str(src), output=str(out), resume=True, max_tokens=6,
+                     batch_size=4, cpus_per_actor=0.5)
+    ids = [r["row_index"] for r in read_out(out)]
+    assert sorted(ids) == list(range(48))  # the union of both runs: every row exactly once
+
+
+def test_bad_invocations_are_refused_with_the_reason(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="--task embed does not fit"):
+        batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "o"), task="embed")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        batch_infer.main(model="smollm2-135m", input=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="--task 'translate'"):
+        batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "o"), task="translate")
+
+
+def test_sharding_plan_uses_the_fewest_devices_that_fit():
+    gb = 10**9
+    assert batch_infer.plan_sharding(10 * gb, [80 * gb]) == {0: int(68 * gb)}
+    plan = batch_infer.plan_sharding(40 * gb, [24 * gb, 24 * gb, 24 * gb])
+    assert len(plan) == 2 and sum(plan.values()) >= 40 * gb
+    assert len(batch_infer.plan_sharding(60 * gb, [24 * gb] * 4)) == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        batch_infer.plan_sharding(100 * gb, [24 * gb] * 4)
