@@ -81,6 +81,7 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    max_memory: dict[int, int] | None = None,
 ) -> LoadedModel:
     """Load a model, its tokenizer and its kind ("causal" or "encoder").
 
@@ -89,14 +90,17 @@ def load(
             raypress artifact), or a hub id ``org/name`` (only when the machine is online).
         device: where to put it; default CUDA when present, else CPU.
         dtype: floating dtype; default bf16 on CUDA, float32 on CPU. Quantized tensors keep their storage type.
+        max_memory: {GPU index: bytes} to shard the model's layers across several GPUs (Hugging Face folders).
     """
     device = torch.device(device) if device is not None else default_device()
     path = resolve(name_or_path)
     if (path / MANIFEST).exists():
+        if max_memory:
+            raise ValueError(f"{str(path)!r} is a raypress artifact: sharding artifacts across GPUs is not supported")
         from compress import artifact
 
         return artifact.load(path, device=device, dtype=dtype)
-    return load_pretrained(path, device=device, dtype=dtype)
+    return load_pretrained(path, device=device, dtype=dtype, max_memory=max_memory)
 
 
 def kind_of(name_or_path: str | os.PathLike) -> str:
@@ -122,14 +126,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
                             "nor a hub id 'org/name'. Check the spelling or the path.")
 
 
+def weights_bytes(name_or_path: str | os.PathLike) -> int:
+    """Bytes of a model's weight files: what it needs on its devices, before activations."""
+    return sum(f.stat().st_size for f in resolve(name_or_path).glob("*.safetensors"))
+
+
 def tokenizer_for(name_or_path: str | os.PathLike):
     """The tokenizer and kind of a model, without loading its weights."""
     kind = kind_of(name_or_path)
     return load_tokenizer(resolve(name_or_path), kind), kind
 
 
-def load_pretrained(path: Path, *, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a plain Hugging Face model folder."""
+def load_pretrained(
+    path: Path, *, device: torch.device, dtype: torch.dtype | None = None, max_memory: dict[int, int] | None = None
+) -> LoadedModel:
+    """Load a plain Hugging Face model folder (sharded over GPUs by ``max_memory``, if given)."""
     config_file = Path(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a Hugging Face model folder")
@@ -137,7 +148,10 @@ def load_pretrained(path: Path, *, device: torch.device, dtype: torch.dtype | No
     kind = model_kind(config)
     dtype = dtype or default_dtype(device)
     cls = AutoModelForCausalLM if kind == CAUSAL else AutoModel
-    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    if max_memory:
+        model = cls.from_pretrained(path, dtype=dtype, device_map="auto", max_memory=max_memory).eval()
+    else:
+        model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(path, kind)
     if kind == ENCODER:
         model.config.raypress_pooling = read_pooling(path)

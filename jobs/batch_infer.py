@@ -196,18 +196,24 @@ def _row_params(batch: dict, i: int, defaults: dict) -> gen.SamplingParams:
 class Predictor:
     """One model replica per actor. Maps a batch to its outputs; rows with an error pass through untouched."""
 
-    def __init__(self, model: str, task: str, max_sub_batch: int, fail_after: int = 0, fault_marker: str = ""):
+    def __init__(self, model: str, task: str, max_sub_batch: int, threads: int | None = None, fail_after: int = 0,
+                 fault_marker: str = ""):
         import torch
 
-        torch.set_grad_enabled(False)
-        threads = os.environ.get("RAYPRESS_TORCH_THREADS")
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.model, self.tokenizer, self.kind = models.load(model)
+        self.threads = threads
+        max_memory = None
+        if torch.cuda.device_count() > 1:  # this actor holds several GPUs: shard the model's layers over them
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            max_memory = plan_sharding(models.weights_bytes(model), free)
+        self.model, self.tokenizer, self.kind = models.load(model, max_memory=max_memory)
         self.task, self.max_sub_batch = task, max_sub_batch
         self.fail_after, self.fault_marker, self.batches = fail_after, fault_marker, 0
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
+        if self.threads:  # per call: OpenMP keeps the thread count per calling thread
+            torch.set_num_threads(self.threads)
         self.batches += 1
         _maybe_fail(self.fail_after, self.batches, self.fault_marker)
         n = len(batch["_ids"])
@@ -218,7 +224,8 @@ class Predictor:
         for start in range(0, len(todo), self.max_sub_batch):
             rows = todo[start : start + self.max_sub_batch]
             try:
-                results = self._run([ids[i] for i in rows], [batch["_params"][i] for i in rows])
+                with torch.inference_mode():
+                    results = self._run([ids[i] for i in rows], [batch["_params"][i] for i in rows])
                 for i, r in zip(rows, results, strict=True):
                     out["_out"][i] = json.dumps(r)
             except Exception as e:  # a batch the model cannot take: record it on its rows and go on
@@ -355,6 +362,7 @@ def main(
     num_actors: int = 1,
     num_gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
+    threads_per_actor: int | None = None,
     actor_resources: str | None = None,
     batch_size: int = 16,
     max_tokens: int = 64,
@@ -377,6 +385,7 @@ def main(
         num_actors: model actors (replicas) in the pool.
         num_gpus_per_actor: GPUs per actor: fractional to share one, several to shard a big model across them.
         cpus_per_actor: CPUs per actor (fractional leaves room for the read/write tasks on small machines).
+        threads_per_actor: torch threads per actor; default: what Ray gives an actor of that many CPUs.
         actor_resources: JSON of custom Ray resources per actor, e.g. '{"accelerator": 1}'.
         batch_size: rows per model batch.
         max_tokens: default new tokens per row (a max_tokens column overrides it per row).
@@ -419,14 +428,15 @@ def main(
             ray.init(configure_logging=False)
         defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                     "stop": tuple(stop or ()), "chat": chat}
+        resources = json.loads(actor_resources) if actor_resources else {}
         _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus_per_actor,
-                      cpus_per_actor, json.loads(actor_resources) if actor_resources else {}, batch_size)
+                      cpus_per_actor, threads_per_actor, resources, batch_size)
     print(summarize(out_dir, task, time.perf_counter() - start))
     return 0
 
 
-def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus, num_cpus, resources,
-                  batch_size) -> None:
+def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus, num_cpus, threads,
+                  resources, batch_size) -> None:
     context = _context_length(model)
     fault = {"fail_after": int(os.environ.get("RAYPRESS_FAULT_AFTER_BATCHES", "0")),
              "fault_marker": os.environ.get("RAYPRESS_FAULT_MARKER", "")}
@@ -439,7 +449,8 @@ def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors
     ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=rows_per_call,
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                        fn_constructor_kwargs={"model": model, "task": task, "max_sub_batch": batch_size, **fault},
+                        fn_constructor_kwargs={"model": model, "task": task, "max_sub_batch": batch_size,
+                                               "threads": threads, **fault},
                         max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"model": model, "task": task})
