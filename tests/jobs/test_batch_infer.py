@@ -164,3 +164,19 @@ def test_sharding_plan_uses_the_fewest_devices_that_fit():
     assert len(batch_infer.plan_sharding(60 * gb, [24 * gb] * 4)) == 3
     with pytest.raises(ValueError, match="does not fit"):
         batch_infer.plan_sharding(100 * gb, [24 * gb] * 4)
+
+
+@pytest.mark.timeout(300)
+def test_the_readme_batch_commands_run_as_written(tmp_path):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"### Batch inference\n\n```bash\n(.*?)```", readme, re.S)[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PATH": f"{Path(sys.executable).parent}:"
+                                                                         + os.environ.get("PATH", "")}
+    proc = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = pq.read_table(tmp_path / "out" / "answers").to_pylist()
+    assert len(rows) == 2 and all(r["error"] is None for r in rows)
+    assert "Paris" in next(r["generated_text"] for r in rows if "France" in r["prompt"])

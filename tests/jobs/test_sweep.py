@@ -69,7 +69,7 @@ def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local
 def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_path, tiny_model_dir, wikitext):
     out = tmp_path / "out"
     cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%"], grid={},
-                       budget={"min_top1_agreement": 1.01})
+                       budget={"min_top1_agreement": 1.01}, speed=False)
     assert sweep.main(str(cfg), out=str(out), num_actors=2) == sweep.NO_VARIANT_EXIT
     assert not (out / "chosen").exists() and not (out / "serve.yaml").exists()
     assert "No variant meets the budget" in (out / "report.md").read_text()
@@ -98,7 +98,7 @@ def test_config_errors_name_the_key_before_any_trial(tmp_path, tiny_model_dir, w
 def test_killed_sweep_resumes_without_evaluating_a_spec_twice(ray_local, tmp_path, tiny_model_dir, wikitext):
     out = tmp_path / "out"
     specs_list = ["int8", "int4-g32", "int4-g64", "prune-50%", "wanda-50%", "prune-2:4"]
-    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=specs_list, grid={})
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=specs_list, grid={}, speed=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.sweep", str(cfg), "--out", str(out), "--num-actors", "1"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

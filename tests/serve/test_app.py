@@ -10,29 +10,11 @@ from ray import serve
 
 from compress import models
 from compress.data import chat_prompt
-from serve.app import ModelServer, server_args
-
-PORT = 8011
-URL = f"http://127.0.0.1:{PORT}"
 
 
 @pytest.fixture(scope="module")
-def serve_instance(ray_local):
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    yield serve
-    serve.shutdown()
-
-
-def run_app(name: str, route: str, args: dict, **deployment_options) -> str:
-    """Deploy the app (with Serve deployment options, e.g. autoscaling) and return its base URL."""
-    app = ModelServer.options(**deployment_options).bind(**server_args(args))
-    serve.run(app, name=name, route_prefix=route)
-    return f"{URL}{route.rstrip('/')}"
-
-
-@pytest.fixture(scope="module")
-def smol_url(serve_instance):
-    return run_app("smol", "/smol", {"model": "smollm2-135m", "model_name": "smol", "num_threads": 2})
+def smol_url(deploy):
+    return deploy("smol", {"model": "smollm2-135m", "model_name": "smol", "num_threads": 2})
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +111,8 @@ def test_embeddings_of_a_causal_model_are_refused(smol_url):
 
 
 @pytest.mark.timeout(300)
-def test_embeddings_with_the_openai_client(serve_instance, minilm_loaded):
-    url = run_app("mini", "/mini", {"model": "minilm-l6", "model_name": "mini"})
+def test_embeddings_with_the_openai_client(deploy, minilm_loaded):
+    url = deploy("mini", {"model": "minilm-l6", "model_name": "mini"})
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     texts = ["A man plays the guitar.", "Someone performs music on a guitar.", "Stock markets fell today."]
     r = client.embeddings.create(model="mini", input=texts)
@@ -144,10 +126,10 @@ def test_embeddings_with_the_openai_client(serve_instance, minilm_loaded):
 
 
 @pytest.mark.timeout(300)
-def test_api_key_on_and_off(serve_instance, tiny_causal_dir, monkeypatch):
+def test_api_key_on_and_off(deploy, tiny_causal_dir, monkeypatch):
     tiny = tiny_causal_dir
     monkeypatch.setenv("RAYPRESS_API_KEY", "s3cret")
-    url = run_app("keyed", "/keyed", {"model": str(tiny), "model_name": "tiny"})
+    url = deploy("keyed", {"model": str(tiny), "model_name": "tiny"})
     body = {"prompt": "hi", "max_tokens": 2}
     assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
@@ -159,6 +141,6 @@ def test_api_key_on_and_off(serve_instance, tiny_causal_dir, monkeypatch):
         openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
     assert requests.get(f"{url}/health", timeout=30).status_code == 200  # health needs no key
     monkeypatch.delenv("RAYPRESS_API_KEY")
-    url = run_app("keyed", "/keyed", {"model": str(tiny), "model_name": "tiny"})  # redeployed without a key
+    url = deploy("keyed", {"model": str(tiny), "model_name": "tiny"})  # redeployed without a key
     assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     serve.delete("keyed")

@@ -9,23 +9,9 @@ import ray
 import requests
 from ray import serve
 
-from serve.app import ModelServer, server_args
 
-PORT = 8011
-URL = f"http://127.0.0.1:{PORT}"
-
-
-@pytest.fixture(scope="module")
-def serve_instance(ray_local):
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    yield serve
-    serve.shutdown()
-
-
-def deploy(name: str, model_dir, **options) -> str:
-    app = ModelServer.options(**options).bind(**server_args({"model": str(model_dir), "model_name": "tiny"}))
-    serve.run(app, name=name, route_prefix=f"/{name}")
-    return f"{URL}/{name}"
+def tiny_args(model_dir) -> dict:
+    return {"model": str(model_dir), "model_name": "tiny"}
 
 
 def replicas(name: str) -> int:
@@ -34,8 +20,8 @@ def replicas(name: str) -> int:
 
 
 @pytest.mark.timeout(300)
-def test_a_full_queue_answers_503_and_the_replica_stays_healthy(serve_instance, tiny_causal_dir):
-    url = deploy("overload", tiny_causal_dir, max_ongoing_requests=1, max_queued_requests=1,
+def test_a_full_queue_answers_503_and_the_replica_stays_healthy(deploy, tiny_causal_dir):
+    url = deploy("overload", tiny_args(tiny_causal_dir), max_ongoing_requests=1, max_queued_requests=1,
                  ray_actor_options={"num_cpus": 0.25})
     body = {"prompt": "hello", "max_tokens": 200, "temperature": 1.0}
     with cf.ThreadPoolExecutor(12) as pool:
@@ -47,8 +33,8 @@ def test_a_full_queue_answers_503_and_the_replica_stays_healthy(serve_instance, 
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_replica_is_replaced_and_later_requests_succeed(serve_instance, tiny_causal_dir):
-    url = deploy("killme", tiny_causal_dir, num_replicas=1, ray_actor_options={"num_cpus": 0.25})
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(deploy, tiny_causal_dir):
+    url = deploy("killme", tiny_args(tiny_causal_dir), num_replicas=1, ray_actor_options={"num_cpus": 0.25})
     body = {"prompt": "hello", "max_tokens": 4}
     assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
@@ -87,11 +73,11 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(serve_instance,
 
 
 @pytest.mark.timeout(420)
-def test_replicas_scale_up_under_load_and_back_down_after(serve_instance, tiny_causal_dir):
+def test_replicas_scale_up_under_load_and_back_down_after(deploy, tiny_causal_dir):
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                    "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5,
                    "look_back_period_s": 2}
-    url = deploy("scale", tiny_causal_dir, autoscaling_config=autoscaling, max_ongoing_requests=4,
+    url = deploy("scale", tiny_args(tiny_causal_dir), autoscaling_config=autoscaling, max_ongoing_requests=4,
                  ray_actor_options={"num_cpus": 0.25})
     assert replicas("scale") == 1
     stop = threading.Event()
