@@ -69,7 +69,11 @@ def test_artifact_sizes_and_bit_identical_reloads(smol, tmp_path):
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     for spec in ["int8", "int8-dynamic", "int4-g128", "gptq-int4-g128", "wanda-50%", "prune-2:4+int8", "bf16",
                  "wanda-2:4"]:
-        v = variant(spec)[0]
+        if spec == "bf16":  # no quality pass: bf16 matmuls crawl on CPUs without bf16 units
+            v = copy.deepcopy(model)
+            specs.apply_(v, spec)
+        else:
+            v = variant(spec)[0]
         path = artifact.save(v, tokenizer, tmp_path / spec, {"spec": spec})
         sizes[spec] = artifact.weights_bytes(path)
         loaded = models.load(path).model
