@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -40,7 +41,12 @@ def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir):
                   "--runtime-env-json", json.dumps(runtime_env), "--",
                   sys.executable, "-m", "jobs.batch_infer", "--model", str(tiny_causal_dir), "--input",
                   str(_prompts(tmp_path)), "--output", str(out), "--max-tokens", "4", "--cpus-per-actor", "0.5"]
-        proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+        deadline = time.time() + 120
+        while True:  # right after `ray start` the head may have no job agent yet: that submission is refused
+            proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+            if "No available agent" not in proc.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), (proc.stdout + proc.stderr)[-3000:]
         assert "6 rows (6 ok, 0 errors)" in proc.stdout
         assert sorted(r["row_index"] for r in pq.read_table(out).to_pylist()) == list(range(6))
