@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -129,6 +130,23 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def weights_bytes(name_or_path: str | os.PathLike) -> int:
     """Bytes of a model's weight files: what it needs on its devices, before activations."""
     return sum(f.stat().st_size for f in resolve(name_or_path).glob("*.safetensors"))
+
+
+def plan_sharding(model_bytes: int, free_bytes: list[int], headroom: float = 0.85) -> dict[int, int]:
+    """Fewest devices whose usable memory holds the model: {device index: max bytes to place there}.
+
+    Each device gets an equal share of the model (plus headroom for activations and the KV cache); raises when
+    even all devices are too small.
+    """
+    if model_bytes <= 0 or not free_bytes:
+        raise ValueError(f"plan_sharding needs a positive model size and devices, got {model_bytes}, {free_bytes}")
+    for k in range(1, len(free_bytes) + 1):
+        share = math.ceil(model_bytes / k)
+        chosen = sorted(range(len(free_bytes)), key=lambda i: -free_bytes[i])[:k]
+        if all(free_bytes[i] * headroom >= share for i in chosen):
+            return {i: int(free_bytes[i] * headroom) for i in sorted(chosen)}
+    raise ValueError(f"a model of {model_bytes / 1e9:.1f} GB does not fit on {len(free_bytes)} device(s) with "
+                     f"{[round(b / 1e9, 1) for b in free_bytes]} GB free")
 
 
 def tokenizer_for(name_or_path: str | os.PathLike):

@@ -17,7 +17,6 @@ error: null, or why that row got no answer. Output rows = input rows. --resume s
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import logging
@@ -30,88 +29,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from compress import generate as gen
 from compress import models
+from jobs.inputs import TYPE_ERRORS, read_input
 
 log = logging.getLogger("jobs.batch_infer")
 TASKS = ("generate", "embed", "score")
 PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 ROW_INDEX = "row_index"
-TYPE_ERRORS = "_input_error"  # set by the reader for rows it could not type; dropped from the output
-FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def list_input_files(path: str) -> tuple[list[str], pafs.FileSystem, str]:
-    """A file, a folder (every supported file below it) or a glob -> (files, filesystem, format)."""
-    pattern = None
-    if any(c in path for c in "*?["):
-        cut = min(path.index(c) for c in "*?[" if c in path)
-        path, pattern = path[: path.rfind("/", 0, cut) + 1] or ".", path
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input {path!r} does not exist")
-    if info.type == pafs.FileType.File:
-        files = [root]
-    else:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(f.path for f in found if f.type == pafs.FileType.File and Path(f.path).suffix in FORMATS)
-    if pattern:
-        local = pattern if "://" not in pattern else pattern.split("://", 1)[1]
-        files = [f for f in files if fnmatch.fnmatch(f, os.path.abspath(local) if "://" not in pattern else local)]
-    if not files:
-        raise FileNotFoundError(f"input {pattern or path!r} holds no .parquet, .jsonl or .csv files")
-    formats = {FORMATS[Path(f).suffix] for f in files}
-    if len(formats) > 1:
-        raise ValueError(f"input {path!r} mixes formats {sorted(formats)}; give one kind of file")
-    return files, fs, formats.pop()
-
-
-def read_input(path: str) -> pa.Table:
-    files, fs, fmt = list_input_files(path)
-    if fmt == "json":
-        rows = []
-        for f in files:
-            with fs.open_input_stream(f) as stream:
-                for n, line in enumerate(stream.read().decode("utf-8").splitlines(), 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            rows.append({TYPE_ERRORS: f"line {n} of {f} is not JSON: {e}"})
-        return rows_to_table(rows)
-    return pads.dataset(files, filesystem=fs, format=fmt).to_table()
-
-
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    """JSON rows -> a table. A value whose type differs from the rest of its column becomes null, and the row
-    carries the reason in a hidden column, so that one bad row cannot fail the whole read."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    problems = [r.get(TYPE_ERRORS, "") for r in rows]
-    arrays = {}
-    for col in (c for c in columns if c != TYPE_ERRORS):
-        values = [r.get(col) for r in rows]
-        try:
-            arrays[col] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            types = [type(v).__name__ for v in values if v is not None]
-            common = max(set(types), key=types.count)
-            for i, v in enumerate(values):
-                if v is not None and type(v).__name__ != common:
-                    problems[i] = problems[i] or f"column {col!r}: expected {common}, got {type(v).__name__}"
-                    values[i] = None
-            arrays[col] = pa.array(values)
-    if any(problems):
-        arrays[TYPE_ERRORS] = pa.array(problems, pa.string())
-    return pa.table(arrays)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +131,7 @@ class Predictor:
         max_memory = None
         if torch.cuda.device_count() > 1:  # this actor holds several GPUs: shard the model's layers over them
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-            max_memory = plan_sharding(models.weights_bytes(model), free)
+            max_memory = models.plan_sharding(models.weights_bytes(model), free)
         self.model, self.tokenizer, self.kind = models.load(model, max_memory=max_memory)
         self.task, self.max_sub_batch = task, max_sub_batch
         self.fail_after, self.fault_marker, self.batches = fail_after, fault_marker, 0
@@ -327,23 +254,6 @@ def summarize(output: Path, task: str, seconds: float) -> str:
     tout = sum(x or 0 for x in table.column("num_generated_tokens").to_pylist()) if task == "generate" else 0
     return (f"{n} rows ({n - bad} ok, {bad} errors), {tin} tokens in, {tout} tokens out, {seconds:.1f} s, "
             f"{n / seconds:.2f} rows/s, {(tin + tout) / seconds:.1f} tokens/s -> {output}")
-
-
-def plan_sharding(model_bytes: int, free_bytes: list[int], headroom: float = 0.85) -> dict[int, int]:
-    """Fewest devices whose usable memory holds the model: {device index: max bytes to place there}.
-
-    Each device gets an equal share of the model (plus headroom for activations and the KV cache); raises when
-    even all devices are too small.
-    """
-    if model_bytes <= 0 or not free_bytes:
-        raise ValueError(f"plan_sharding needs a positive model size and devices, got {model_bytes}, {free_bytes}")
-    for k in range(1, len(free_bytes) + 1):
-        share = math.ceil(model_bytes / k)
-        chosen = sorted(range(len(free_bytes)), key=lambda i: -free_bytes[i])[:k]
-        if all(free_bytes[i] * headroom >= share for i in chosen):
-            return {i: int(free_bytes[i] * headroom) for i in sorted(chosen)}
-    raise ValueError(f"a model of {model_bytes / 1e9:.1f} GB does not fit on {len(free_bytes)} device(s) with "
-                     f"{[round(b / 1e9, 1) for b in free_bytes]} GB free")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -108,3 +108,13 @@ def test_builtins_load_inside_ray_workers(ray_local):
 
     kind, shape = ray_local.get(embed.remote(["hello world", "good morning"]), timeout=150)
     assert kind == models.ENCODER and tuple(shape) == (2, 384)
+
+
+def test_sharding_plan_uses_the_fewest_devices_that_fit():
+    gb = 10**9
+    assert models.plan_sharding(10 * gb, [80 * gb]) == {0: int(68 * gb)}
+    plan = models.plan_sharding(40 * gb, [24 * gb, 24 * gb, 24 * gb])
+    assert len(plan) == 2 and sum(plan.values()) >= 40 * gb
+    assert len(models.plan_sharding(60 * gb, [24 * gb] * 4)) == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        models.plan_sharding(100 * gb, [24 * gb] * 4)

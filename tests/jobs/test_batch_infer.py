@@ -156,16 +156,6 @@ def test_bad_invocations_are_refused_with_the_reason(tmp_path):
         batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "o"), task="translate")
 
 
-def test_sharding_plan_uses_the_fewest_devices_that_fit():
-    gb = 10**9
-    assert batch_infer.plan_sharding(10 * gb, [80 * gb]) == {0: int(68 * gb)}
-    plan = batch_infer.plan_sharding(40 * gb, [24 * gb, 24 * gb, 24 * gb])
-    assert len(plan) == 2 and sum(plan.values()) >= 40 * gb
-    assert len(batch_infer.plan_sharding(60 * gb, [24 * gb] * 4)) == 3
-    with pytest.raises(ValueError, match="does not fit"):
-        batch_infer.plan_sharding(100 * gb, [24 * gb] * 4)
-
-
 @pytest.mark.timeout(300)
 def test_the_readme_batch_commands_run_as_written(tmp_path):
     import re
