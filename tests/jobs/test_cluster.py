@@ -32,7 +32,10 @@ def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir):
     env = _env() | {"RAY_AUTH_MODE": "token"}  # token authentication on, for the cluster and its clients
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
              "--dashboard-host=127.0.0.1", "--dashboard-port=8291", "--num-cpus=2", "--temp-dir", temp_dir,
-             "--include-dashboard=true", "--disable-usage-stats"]
+             "--include-dashboard=true", "--disable-usage-stats",
+             # ports of its own: the test session's Ray already holds the defaults
+             "--dashboard-agent-listen-port=52391", "--dashboard-agent-grpc-port=52392", "--metrics-export-port=52393",
+             "--runtime-env-agent-port=52394", "--ray-client-server-port=52395"]
     try:
         subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
         out = tmp_path / "out"
