@@ -1,9 +1,10 @@
 """Matrix products on quantized weights.
 
 Each op has a portable PyTorch path (widen the weights to the activation dtype, then a float matmul) that runs on
-any device. On x86 CPUs with AVX2 + FMA, small-batch products (decode steps: a few activation rows) go through a
-small C++ extension (``csrc/qgemv.cpp``) that streams the int8 / packed int4 weights and widens them in registers,
-reading 4x / 8x fewer bytes than a float32 matmul. It is compiled on first use with the system C++ compiler and
+any device. On x86 CPUs with AVX2 + FMA, a small C++ extension (``csrc/qgemv.cpp``) does better: small-batch
+products (decode steps: a few activation rows) stream the int8 / packed int4 weights and widen them in registers,
+reading 4x / 8x fewer bytes than a float32 matmul; larger ones widen a layer's weights in one parallel pass (the
+portable int4 unpacking takes several) before a float GEMM. It is compiled on first use with the system C++ compiler and
 cached by torch (``TORCH_EXTENSIONS_DIR``); without a compiler, raypress logs why once and uses the portable path.
 Set ``RAYPRESS_KERNELS=0`` to force the portable path (for comparisons).
 """
@@ -21,7 +22,11 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_KERNEL_ROWS = 16  # above this many activation rows a float matmul on widened weights is faster
+# Up to this many activation rows the GEMV kernels (weights widened in registers) are fastest; above it, widening
+# the layer's weights to float32 in one parallel pass and then ATen's GEMM is (the widened layer stays in the
+# last-level cache). Measured with a model's worth of SmolLM2 layers streamed from memory, 2 cores.
+MAX_INT8_KERNEL_ROWS = 8
+MAX_INT4_KERNEL_ROWS = 12
 
 
 @functools.cache
@@ -46,12 +51,12 @@ def kernels_available() -> bool:
     return _extension() is not None
 
 
-def _use_kernel(x: torch.Tensor, k: int) -> bool:
+def _use_extension(x: torch.Tensor, k: int, scale: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
+        and scale.dtype == torch.float32
         and k % 16 == 0
-        and x.numel() // k <= MAX_KERNEL_ROWS
         and not torch.is_grad_enabled()
         and _extension() is not None
     )
@@ -60,10 +65,13 @@ def _use_kernel(x: torch.Tensor, k: int) -> bool:
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """y = x @ (qweight * scale[:, None]).T + bias, for qweight int8 [N, K] and scale [N]."""
     k = qweight.shape[1]
-    if _use_kernel(x, k):
-        y = _extension().int8_gemv(x.reshape(-1, k).contiguous(), qweight, scale.float()).view(*x.shape[:-1], -1)
-    else:
-        y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
+    if _use_extension(x, k, scale):
+        ext = _extension()
+        return _on_extension(
+            x, k, bias, MAX_INT8_KERNEL_ROWS, lambda x2: ext.int8_gemv(x2, qweight, scale),
+            lambda: ext.int8_widen(qweight, scale),
+        )
+    y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
 
 
@@ -77,12 +85,24 @@ def int4_linear(
 ):
     """y = x @ W.T + bias with W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k // group_size."""
     k = packed.shape[1] * 2
-    if _use_kernel(x, k) and group_size % 16 == 0 and scale.dtype == torch.float32:
-        y = _extension().int4_gemv(x.reshape(-1, k).contiguous(), packed, scale, offset, group_size)
-        y = y.view(*x.shape[:-1], -1)
+    if _use_extension(x, k, scale) and group_size % 16 == 0:
+        ext = _extension()
+        return _on_extension(
+            x, k, bias, MAX_INT4_KERNEL_ROWS, lambda x2: ext.int4_gemv(x2, packed, scale, offset, group_size),
+            lambda: ext.int4_widen(packed, scale, offset, group_size),
+        )
+    return F.linear(x, dequantize_int4(packed, scale, offset, group_size).to(x.dtype), bias)
+
+
+def _on_extension(x, k: int, bias, max_kernel_rows: int, gemv, widen) -> torch.Tensor:
+    """A GEMV kernel for up to ``max_kernel_rows`` rows of x, else a float GEMM (with the bias) on widened weights."""
+    x2 = x.reshape(-1, k).contiguous()
+    if len(x2) <= max_kernel_rows:
+        y = gemv(x2)
+        y = y + bias if bias is not None else y
     else:
-        y = F.linear(x, dequantize_int4(packed, scale, offset, group_size).to(x.dtype))
-    return y + bias if bias is not None else y
+        y = F.linear(x2, widen(), bias)
+    return y.view(*x.shape[:-1], -1)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +163,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
     blocks = packed.view(n, half // 8, 1, 8)
     return torch.cat([blocks & 0xF, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def widen_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weights [N, K] of packed int4 ones: in one pass where the CPU extension runs, else portably."""
+    ext = _extension() if packed.device.type == "cpu" and group_size % 16 == 0 else None
+    if ext is not None and scale.dtype == offset.dtype == torch.float32:
+        return ext.int4_widen(packed.contiguous(), scale.contiguous(), offset.contiguous(), group_size)
+    return dequantize_int4(packed, scale, offset, group_size)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -251,11 +251,11 @@ class Int4Embedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return kernels.dequantize_int4(self.packed, self.scale, self.offset, self.group_size)
+        return kernels.widen_int4(self.packed, self.scale, self.offset, self.group_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = kernels.dequantize_int4(self.packed[flat], self.scale[flat], self.offset[flat], self.group_size)
+        rows = kernels.widen_int4(self.packed[flat], self.scale[flat], self.offset[flat], self.group_size)
         return rows.view(*ids.shape, self.embedding_dim)
 
     def as_linear(self, bias: torch.Tensor | None) -> nn.Module:

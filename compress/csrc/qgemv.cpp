@@ -1,4 +1,4 @@
-// Small-batch matrix products on quantized weights for x86 CPUs with AVX2 + FMA.
+// Matrix products on quantized weights for x86 CPUs with AVX2 + FMA.
 //
 // At decode time a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the
 // speed of streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them to float
@@ -7,6 +7,10 @@
 //
 //   int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                          -> y[M,N] = (x @ q.T) * scale
 //   int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G] f32, offset[N,G] f32, gs) -> y[M,N] = x @ W.T
+//
+// With more activation rows (prefill, encoders, evaluation) the product is bound by arithmetic, and ATen's float
+// GEMM does that best: int8_widen / int4_widen turn the stored weights into float32 in one parallel pass (a layer's
+// worth stays in the last-level cache for the GEMM that follows).
 //
 // int4: W[n,k] = q[n,k] * scale[n,g] + offset[n,g] with g = k / gs (asymmetric: offset is the group's minimum).
 // Packing: each block of 16 consecutive k holds k0..k7 in the low nibbles of its 8 bytes and k8..k15 in the high
@@ -40,6 +44,22 @@ struct Int8Rows {
     w1 = widen8_i8(q + n * K + k + 8);
   }
 };
+
+// Widen weight rows [n0, n1) into dst[(n - n0) * K + k], each row times row_scale[n] when given.
+template <typename Rows>
+inline void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale, float* dst) {
+  const int64_t K = rows.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m256 s = _mm256_set1_ps(row_scale ? row_scale[n] : 1.0f);
+    float* d = dst + (n - n0) * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      __m256 w0, w1;
+      rows.load(n, k, w0, w1);
+      _mm256_storeu_ps(d + k, _mm256_mul_ps(w0, s));
+      _mm256_storeu_ps(d + k + 8, _mm256_mul_ps(w1, s));
+    }
+  }
+}
 
 struct Int4Rows {
   const uint8_t* q;
@@ -121,26 +141,54 @@ torch::Tensor gemv(const torch::Tensor& x, const Rows& rows, int64_t N, const fl
   return y;
 }
 
-}  // namespace
-
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous int8 [N,K]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == q.size(0), "scale must be f32 [N]");
-  return gemv(x, Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, q.size(0), scale.contiguous().data_ptr<float>());
+// Widen all N weight rows into a new float tensor [N, K] (rows split between threads).
+template <typename Rows>
+torch::Tensor widen(const Rows& rows, int64_t N, const float* row_scale) {
+  torch::Tensor w = torch::empty({N, rows.K}, torch::TensorOptions().dtype(torch::kFloat32));
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { widen_rows(rows, n0, n1, row_scale, wp + n0 * rows.K); });
+  return w;
 }
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs) {
+Int8Rows int8_rows(const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous int8 [N,K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == q.size(0),
+              "scale must be contiguous f32 [N]");
+  return Int8Rows{q.data_ptr<int8_t>(), q.size(1)};
+}
+
+Int4Rows int4_rows(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs) {
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous u8 [N,K/2]");
   TORCH_CHECK(gs % 16 == 0, "group size must be a multiple of 16");
   TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
-                  offset.scalar_type() == torch::kFloat32 && scale.sizes() == offset.sizes(),
+                  offset.scalar_type() == torch::kFloat32 && scale.sizes() == offset.sizes() &&
+                  scale.size(0) == q.size(0),
               "scale and offset must be contiguous f32 [N,G]");
-  const Int4Rows rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), q.size(1) * 2,
-                      scale.size(1), gs};
-  return gemv(x, rows, q.size(0), nullptr);
+  return Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), q.size(1) * 2,
+                  scale.size(1), gs};
+}
+
+}  // namespace
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  return gemv(x, int8_rows(q, scale), q.size(0), scale.data_ptr<float>());
+}
+
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs) {
+  return gemv(x, int4_rows(q, scale, offset, gs), q.size(0), nullptr);
+}
+
+torch::Tensor int8_widen(torch::Tensor q, torch::Tensor scale) {
+  return widen(int8_rows(q, scale), q.size(0), scale.data_ptr<float>());
+}
+
+torch::Tensor int4_widen(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs) {
+  return widen(int4_rows(q, scale, offset, gs), q.size(0), nullptr);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_widen", &int8_widen, "int8 weights [N,K] times their row scales, as float32 [N,K]");
+  m.def("int4_widen", &int4_widen, "packed int4 weights [N,K/2] with group scales and offsets, as float32 [N,K]");
   m.def("int8_gemv", &int8_gemv, "int8-weight matrix product for a few activation rows");
   m.def("int4_gemv", &int4_gemv, "packed int4-weight matrix product for a few activation rows");
 }

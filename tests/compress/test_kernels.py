@@ -34,15 +34,31 @@ def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext,
     assert torch.allclose(ext.int4_gemv(x, packed, scale, offset, gs).double(), ref, rtol=1e-4, atol=1e-3)
 
 
-def test_linear_ops_agree_between_kernel_and_portable_paths():
+def test_widen_ops_match_the_portable_dequantization(ext):
     torch.manual_seed(0)
-    w = torch.randn(96, 128)
+    w = torch.randn(70, 576)
     q, scale = quantize.quantize_per_channel(w)
-    x_small, x_large = torch.randn(2, 3, 128), torch.randn(40, 128)  # kernel path, float matmul path
+    assert torch.allclose(ext.int8_widen(q, scale), q.float() * scale[:, None], rtol=1e-6, atol=0)
+    q4, s4, o4 = quantize.quantize_groupwise(w, 128)  # 576 = 4 x 128 + 64: a partial last group
+    packed = kernels.pack_int4(q4)
+    portable = kernels.dequantize_int4(packed, s4, o4, 128)
+    assert torch.allclose(ext.int4_widen(packed, s4, o4, 128), portable, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(kernels.widen_int4(packed, s4, o4, 128), portable, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, kernels.MAX_INT8_KERNEL_ROWS + 1, kernels.MAX_INT4_KERNEL_ROWS + 1, 200])
+def test_linear_ops_agree_with_the_portable_path_on_either_side_of_the_kernel_cutoff(ext, rows):
+    torch.manual_seed(rows)
+    w, bias = torch.randn(96, 128), torch.randn(96)
+    x = torch.randn(rows, 2, 64).reshape(-1, 128)[:rows].reshape(rows, 1, 128)
+    q, scale = quantize.quantize_per_channel(w)
+    q4, s4, o4 = quantize.quantize_groupwise(w, 32)
+    packed = kernels.pack_int4(q4)
     with torch.inference_mode():
-        for x in (x_small, x_large):
-            ref = F.linear(x, q.float() * scale[:, None])
-            assert torch.allclose(kernels.int8_linear(x, q, scale, None), ref, atol=1e-4)
+        ref8 = F.linear(x, q.float() * scale[:, None], bias)
+        assert torch.allclose(kernels.int8_linear(x, q, scale, bias), ref8, rtol=1e-4, atol=1e-4)
+        ref4 = F.linear(x, kernels.dequantize_int4(packed, s4, o4, 32), bias)
+        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, 32, bias), ref4, rtol=1e-4, atol=1e-4)
 
 
 def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
