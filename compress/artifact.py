@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress import models, specs
+from compress import models, prune, specs
 
 FORMAT = "raypress-artifact"
 FORMAT_VERSION = 1
@@ -104,6 +104,8 @@ def load(
     if dtype is not None and dtype != saved_dtype:
         model.to(dtype)
     model.to(device).eval()
+    if any(getattr(step, "pattern", None) == "2:4" for step in specs.parse(manifest["spec"]).steps):
+        prune.semi_structured_(model)  # sparse tensor cores on GPUs that have them; a no-op elsewhere
     model.config.raypress_manifest = {k: manifest[k] for k in ("spec", "base_model") if k in manifest}
     tokenizer = models.load_tokenizer(path, kind)
     if kind == models.ENCODER:

@@ -5,8 +5,10 @@
     prune_(model, WandaPruneConfig(sparsity=0.5), blocks=...)  # |W| x ||X_j||, compared within each output row
 
 The weights stay dense in memory; an artifact stores mostly-zero tensors as a bit mask plus the non-zero values, so
-pruning shrinks the bytes on disk. Wanda (Sun et al., 2023) scores each weight by its magnitude times the norm of
-its input channel over calibration text, so channels that carry large activations keep their weights.
+pruning shrinks the bytes on disk. On GPUs with sparse tensor cores (compute capability 8.0+), ``semi_structured_``
+hands 2:4-sparse fp16/bf16 weights to torch's semi-structured sparse kernels; artifacts do this when they load.
+Wanda (Sun et al., 2023) scores each weight by its magnitude times the norm of its input channel over calibration
+text, so channels that carry large activations keep their weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress import calibrate
@@ -101,3 +104,53 @@ def sparsity(model: nn.Module) -> float:
     layers = calibrate.block_linears(model).values()
     zeros = sum((m.weight == 0).sum().item() for m in layers)
     return zeros / max(sum(m.weight.numel() for m in layers), 1)
+
+
+def is_2to4(w: torch.Tensor) -> bool:
+    """True when every group of 4 consecutive input weights of w [N, K] holds at most 2 non-zeros."""
+    return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+# torch's minimum sparse shape (rows, cols) per dtype for its semi-structured kernels (CUTLASS; cuSPARSELt needs less)
+_SEMI_STRUCTURED_MIN = {torch.float16: (32, 64), torch.bfloat16: (32, 64)}
+
+
+def semi_structured_(model: nn.Module) -> int:
+    """Give every 2:4-sparse fp16/bf16 ``nn.Linear`` weight on a GPU with sparse tensor cores to torch's
+    semi-structured sparse kernels (``torch.sparse.to_sparse_semi_structured``); returns how many layers took it.
+
+    For inference: the converted weights are read-only. Layers that do not qualify (not 2:4, another dtype, a shape
+    the kernels do not take) stay dense; nothing happens on CPUs or older GPUs, and the log says why.
+    """
+    candidates = [(n, m) for n, m in calibrate.block_linears(model).items() if is_2to4(m.weight)]
+    if not candidates:
+        return 0
+    device = candidates[0][1].weight.device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        log.info("2:4 sparse weights stay dense: sparse tensor cores need a CUDA GPU of compute capability 8.0+")
+        return 0
+    from torch.sparse import to_sparse_semi_structured
+
+    converted = 0
+    for name, layer in candidates:
+        w = layer.weight
+        rows, cols = _SEMI_STRUCTURED_MIN.get(w.dtype, (0, 0))
+        if not rows or w.shape[0] % rows or w.shape[1] % cols:
+            log.info("%s %s %s stays dense: the sparse kernels take fp16/bf16 in multiples of 32 x 64",
+                     name, tuple(w.shape), w.dtype)
+            continue
+        dense = w.detach().contiguous()
+        try:
+            sparse = to_sparse_semi_structured(dense)
+            x = torch.randn(8, dense.shape[1], device=device, dtype=dense.dtype)
+            agree = torch.allclose(F.linear(x, sparse), F.linear(x, dense), rtol=2e-2, atol=2e-2)
+        except (RuntimeError, ValueError) as e:  # a torch build without the kernels: stay dense, say why once
+            log.warning("2:4 sparse kernels unavailable (%s); weights stay dense", e)
+            return converted
+        if not agree:
+            log.warning("%s: the sparse kernel disagrees with the dense product; it stays dense", name)
+            continue
+        layer.weight = nn.Parameter(sparse, requires_grad=False)
+        converted += 1
+    log.info("2:4 sparse kernels: %d of %d layers", converted, len(candidates))
+    return converted

@@ -1,4 +1,5 @@
 import copy
+import logging
 
 import torch
 
@@ -46,3 +47,16 @@ def test_wanda_on_a_random_model_changes_weights_within_bounds(tiny_causal):
     with torch.inference_mode():
         a, b = model(blocks[:2]).logits, ref(blocks[:2]).logits
     assert 0 < (a - b).norm() / b.norm() < 0.6
+
+
+def test_2to4_detection_and_sparse_kernels_stay_off_where_the_hardware_lacks_them(tiny_causal, caplog):
+    model = tiny_causal.model
+    dense_up = model.model.layers[0].mlp.up_proj.weight.clone()
+    specs.apply_(model, "prune-2:4")
+    layers = calibrate.block_linears(model)
+    assert all(prune.is_2to4(m.weight) for m in layers.values())
+    assert not prune.is_2to4(dense_up)
+    with caplog.at_level(logging.INFO, logger="compress.prune"):
+        assert prune.semi_structured_(model) == 0  # this machine has no GPU: the weights stay dense, and it says why
+    assert "compute capability 8.0+" in caplog.text
+    assert all(type(m.weight) is torch.nn.Parameter for m in layers.values())
