@@ -3,14 +3,16 @@
 // At decode time a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the
 // speed of streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them to float
 // in registers reads 4x (8x) fewer bytes than a float32 matmul. Each output n is a dot product over K, so a weight
-// row is read once per tile of activation rows (the Python side sends at most 16 rows here).
+// row is read once per tile of activation rows (up to kMaxRows rows; the Python side decides where it pays).
+// The loops run on ATen's OpenMP threads: the extension must be compiled with -fopenmp, else they run on one.
 //
 //   int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                          -> y[M,N] = (x @ q.T) * scale
 //   int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G] f32, offset[N,G] f32, gs) -> y[M,N] = x @ W.T
 //
 // With more activation rows (prefill, encoders, evaluation) the product is bound by arithmetic, and ATen's float
-// GEMM does that best: int8_widen / int4_widen turn the stored weights into float32 in one parallel pass (a layer's
-// worth stays in the last-level cache for the GEMM that follows).
+// GEMM does that best: int8_widen_into / int4_widen_into turn stored weight rows into float32 in one parallel pass,
+// into a buffer the caller reuses (fresh memory would cost a page fault per 4 KiB written), which stays in the
+// last-level cache for the GEMM that follows.
 //
 // int4: W[n,k] = q[n,k] * scale[n,g] + offset[n,g] with g = k / gs (asymmetric: offset is the group's minimum).
 // Packing: each block of 16 consecutive k holds k0..k7 in the low nibbles of its 8 bytes and k8..k15 in the high
@@ -20,9 +22,11 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
+
 namespace {
 
-constexpr int64_t kMaxRows = 16;
+constexpr int64_t kMaxRows = 64;
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -141,13 +145,16 @@ torch::Tensor gemv(const torch::Tensor& x, const Rows& rows, int64_t N, const fl
   return y;
 }
 
-// Widen all N weight rows into a new float tensor [N, K] (rows split between threads).
+// Widen weight rows [n0, n0 + out.size(0)) into out, a contiguous float tensor [rows, K] (rows split between threads).
 template <typename Rows>
-torch::Tensor widen(const Rows& rows, int64_t N, const float* row_scale) {
-  torch::Tensor w = torch::empty({N, rows.K}, torch::TensorOptions().dtype(torch::kFloat32));
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { widen_rows(rows, n0, n1, row_scale, wp + n0 * rows.K); });
-  return w;
+void widen_into(const Rows& rows, int64_t N, const float* row_scale, int64_t n0, torch::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(1) == rows.K,
+              "out must be contiguous f32 [rows, ", rows.K, "]");
+  TORCH_CHECK(n0 >= 0 && n0 + out.size(0) <= N, "rows [", n0, ", ", n0 + out.size(0), ") out of range for ", N);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
+    widen_rows(rows, n0 + r0, n0 + r1, row_scale, dst + r0 * rows.K);
+  });
 }
 
 Int8Rows int8_rows(const torch::Tensor& q, const torch::Tensor& scale) {
@@ -178,17 +185,30 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, t
   return gemv(x, int4_rows(q, scale, offset, gs), q.size(0), nullptr);
 }
 
-torch::Tensor int8_widen(torch::Tensor q, torch::Tensor scale) {
-  return widen(int8_rows(q, scale), q.size(0), scale.data_ptr<float>());
+void int8_widen_into(torch::Tensor q, torch::Tensor scale, int64_t n0, torch::Tensor out) {
+  widen_into(int8_rows(q, scale), q.size(0), scale.data_ptr<float>(), n0, out);
 }
 
-torch::Tensor int4_widen(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs) {
-  return widen(int4_rows(q, scale, offset, gs), q.size(0), nullptr);
+void int4_widen_into(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs, int64_t n0,
+                     torch::Tensor out) {
+  widen_into(int4_rows(q, scale, offset, gs), q.size(0), nullptr, n0, out);
+}
+
+// How many threads ATen's parallel_for runs on inside this extension (for a test: 1 when built without OpenMP).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num() + 1;
+    for (int64_t m = most.load(); t > m && !most.compare_exchange_weak(m, t);) {
+    }
+  });
+  return most.load();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_widen", &int8_widen, "int8 weights [N,K] times their row scales, as float32 [N,K]");
-  m.def("int4_widen", &int4_widen, "packed int4 weights [N,K/2] with group scales and offsets, as float32 [N,K]");
+  m.def("parallel_threads", &parallel_threads, "threads used by a parallel_for over n items (a test hook)");
+  m.def("int8_widen_into", &int8_widen_into, "rows [n0, n0+len(out)) of int8 weights times their scales, into out");
+  m.def("int4_widen_into", &int4_widen_into, "rows [n0, n0+len(out)) of packed int4 weights as float32, into out");
   m.def("int8_gemv", &int8_gemv, "int8-weight matrix product for a few activation rows");
   m.def("int4_gemv", &int4_gemv, "packed int4-weight matrix product for a few activation rows");
 }

@@ -12,7 +12,7 @@ def ext():
     return ext
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16, 41])
 @pytest.mark.parametrize("n,k", [(37, 64), (128, 576), (6, 1536)])
 def test_int8_gemv_matches_the_dequantized_matmul(ext, m, n, k):
     torch.manual_seed(m * n)
@@ -22,7 +22,7 @@ def test_int8_gemv_matches_the_dequantized_matmul(ext, m, n, k):
     assert torch.allclose(ext.int8_gemv(x, q, scale).double(), ref, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33])
 @pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64)])
 def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext, m, n, k, gs):
     torch.manual_seed(m + n)
@@ -38,11 +38,15 @@ def test_widen_ops_match_the_portable_dequantization(ext):
     torch.manual_seed(0)
     w = torch.randn(70, 576)
     q, scale = quantize.quantize_per_channel(w)
-    assert torch.allclose(ext.int8_widen(q, scale), q.float() * scale[:, None], rtol=1e-6, atol=0)
+    out = torch.empty(30, 576)
+    ext.int8_widen_into(q, scale, 40, out)  # rows 40..69
+    assert torch.allclose(out, q[40:].float() * scale[40:, None], rtol=1e-6, atol=0)
     q4, s4, o4 = quantize.quantize_groupwise(w, 128)  # 576 = 4 x 128 + 64: a partial last group
     packed = kernels.pack_int4(q4)
     portable = kernels.dequantize_int4(packed, s4, o4, 128)
-    assert torch.allclose(ext.int4_widen(packed, s4, o4, 128), portable, rtol=1e-5, atol=1e-6)
+    out = torch.empty(70, 576)
+    ext.int4_widen_into(packed, s4, o4, 128, 0, out)
+    assert torch.allclose(out, portable, rtol=1e-5, atol=1e-6)
     assert torch.allclose(kernels.widen_int4(packed, s4, o4, 128), portable, rtol=1e-5, atol=1e-6)
 
 
@@ -72,3 +76,26 @@ def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
     fast = kernels.int8_dynamic_linear(x, q, scale, None, packed)
     assert (fast - exact).norm() / exact.norm() < 0.02
     assert torch.allclose(kernels.int8_dynamic_linear(x, q, scale, None, None), exact, atol=1e-4)
+
+
+def test_layers_larger_than_the_workspace_are_multiplied_a_chunk_of_rows_at_a_time(ext, monkeypatch):
+    monkeypatch.setattr(kernels, "WORKSPACE_FLOATS", 20 * 128)  # 20 rows of 128: chunks of 20 over 96 rows
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(96, 128), torch.randn(96), torch.randn(2, 30, 128)
+    q, scale = quantize.quantize_per_channel(w)
+    q4, s4, o4 = quantize.quantize_groupwise(w, 64)
+    packed = kernels.pack_int4(q4)
+    with torch.inference_mode():
+        ref8 = F.linear(x, q.float() * scale[:, None], bias)
+        assert torch.allclose(kernels.int8_linear(x, q, scale, bias), ref8, rtol=1e-4, atol=1e-4)
+        ref4 = F.linear(x, kernels.dequantize_int4(packed, s4, o4, 64), bias)
+        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, 64, bias), ref4, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_loops_run_on_all_of_torchs_threads(ext):
+    """Compiled without OpenMP, ATen's parallel_for inside the extension runs on one thread, silently (that cost
+    the decode kernels half their speed on 2 cores before it was noticed)."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("torch runs one intra-op thread here: nothing to share out")
+    assert ext.parallel_threads(1024) == threads
