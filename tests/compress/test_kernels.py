@@ -50,19 +50,27 @@ def test_widen_ops_match_the_portable_dequantization(ext):
     assert torch.allclose(kernels.widen_int4(packed, s4, o4, 128), portable, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, kernels.MAX_INT8_KERNEL_ROWS + 1, kernels.MAX_INT4_KERNEL_ROWS + 1, 200])
-def test_linear_ops_agree_with_the_portable_path_on_either_side_of_the_kernel_cutoff(ext, rows):
-    torch.manual_seed(rows)
-    w, bias = torch.randn(96, 128), torch.randn(96)
-    x = torch.randn(rows, 2, 64).reshape(-1, 128)[:rows].reshape(rows, 1, 128)
+def assert_linear_ops_match_the_dequantized_weights(x: torch.Tensor, n: int, group_size: int) -> None:
+    torch.manual_seed(n)
+    w, bias = torch.randn(n, x.shape[-1]), torch.randn(n)
     q, scale = quantize.quantize_per_channel(w)
-    q4, s4, o4 = quantize.quantize_groupwise(w, 32)
+    q4, s4, o4 = quantize.quantize_groupwise(w, group_size)
     packed = kernels.pack_int4(q4)
     with torch.inference_mode():
         ref8 = F.linear(x, q.float() * scale[:, None], bias)
         assert torch.allclose(kernels.int8_linear(x, q, scale, bias), ref8, rtol=1e-4, atol=1e-4)
-        ref4 = F.linear(x, kernels.dequantize_int4(packed, s4, o4, 32), bias)
-        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, 32, bias), ref4, rtol=1e-4, atol=1e-4)
+        ref4 = F.linear(x, kernels.dequantize_int4(packed, s4, o4, group_size), bias)
+        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, group_size, bias), ref4, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, kernels.MAX_INT8_KERNEL_ROWS + 1, kernels.MAX_INT4_KERNEL_ROWS + 1, 200])
+def test_linear_ops_agree_with_the_portable_path_on_either_side_of_the_kernel_cutoff(ext, rows):
+    assert_linear_ops_match_the_dequantized_weights(torch.randn(rows, 1, 128), 96, 32)
+
+
+def test_layers_larger_than_the_workspace_are_multiplied_a_chunk_of_rows_at_a_time(ext, monkeypatch):
+    monkeypatch.setattr(kernels, "WORKSPACE_FLOATS", 20 * 128)  # 20 rows of 128: chunks of 20 over 96 rows
+    assert_linear_ops_match_the_dequantized_weights(torch.randn(2, 30, 128), 96, 64)
 
 
 def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
@@ -76,20 +84,6 @@ def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
     fast = kernels.int8_dynamic_linear(x, q, scale, None, packed)
     assert (fast - exact).norm() / exact.norm() < 0.02
     assert torch.allclose(kernels.int8_dynamic_linear(x, q, scale, None, None), exact, atol=1e-4)
-
-
-def test_layers_larger_than_the_workspace_are_multiplied_a_chunk_of_rows_at_a_time(ext, monkeypatch):
-    monkeypatch.setattr(kernels, "WORKSPACE_FLOATS", 20 * 128)  # 20 rows of 128: chunks of 20 over 96 rows
-    torch.manual_seed(0)
-    w, bias, x = torch.randn(96, 128), torch.randn(96), torch.randn(2, 30, 128)
-    q, scale = quantize.quantize_per_channel(w)
-    q4, s4, o4 = quantize.quantize_groupwise(w, 64)
-    packed = kernels.pack_int4(q4)
-    with torch.inference_mode():
-        ref8 = F.linear(x, q.float() * scale[:, None], bias)
-        assert torch.allclose(kernels.int8_linear(x, q, scale, bias), ref8, rtol=1e-4, atol=1e-4)
-        ref4 = F.linear(x, kernels.dequantize_int4(packed, s4, o4, 64), bias)
-        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, 64, bias), ref4, rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_loops_run_on_all_of_torchs_threads(ext):
