@@ -6,7 +6,9 @@ For each linear layer, H = 2 X X^T from the layer's inputs on calibration text. 
 time, in order of decreasing H diagonal (the inputs that matter most first), and each column's rounding error is
 spread over the columns not yet quantized through the inverse Hessian's Cholesky factor (Frantar et al., 2022).
 Group scales and offsets are fixed up front from the float weights ("static groups"), so the column order does not
-change the stored layout. Hessians come from one pass of the float model over the calibration text.
+change the stored layout. Blocks are quantized in order, each with Hessians from inputs that went through the
+blocks before it already quantized, so later blocks learn to compensate the error of earlier ones ("sequential");
+layers outside the block stack, and models without a recognisable one, take Hessians from one pass at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress import calibrate, quantize
+from compress import calibrate, kernels, quantize
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of the mean H diagonal added to the diagonal
     block_size: int = 128  # columns updated together (lazy batch updates)
     act_order: bool = True
+    sequential: bool = True  # block by block, on the outputs of the blocks already quantized
 
     def __post_init__(self):
         if self.group_size not in quantize.GROUP_SIZES:
@@ -74,15 +77,38 @@ def gptq_(model: nn.Module, config: GPTQConfig, *, restore: bool = False, blocks
     if not restore:
         if blocks is None:
             raise ValueError("GPTQ needs calibration text (blocks=): token blocks from the calibration data")
-        layers = {n: m for n, m in calibrate.block_linears(model).items() if m.in_features % 16 == 0}
-        log.info("GPTQ: collecting Hessians for %d layers from %d calibration blocks", len(layers), len(blocks))
-        hess = calibrate.hessians(model, blocks, layers)
-        quantized = {}
-        for name, layer in layers.items():
-            quantized[name] = gptq_quantize(layer.weight.cpu(), hess.pop(name), config)
-            quantized[name] = tuple(t.to(layer.weight.device) for t in quantized[name])
+        quantized = _quantize_layers(model, blocks, config)
     gs = config.group_size
     quantize.swap_modules_(
         model, quantize.int4_linear_maker(gs, restore, quantized), quantize.int4_embedding_maker(gs, restore)
     )
 
+
+
+def _quantize_layers(model: nn.Module, blocks: torch.Tensor, config: GPTQConfig) -> dict[str, tuple]:
+    """{layer name: (q, scale, offset)} for every block linear layer whose width int4 packing takes."""
+    layers = {n: m for n, m in calibrate.block_linears(model).items() if m.in_features % 16 == 0}
+    quantized: dict[str, tuple] = {}
+
+    def quantize_all(hess: dict[str, torch.Tensor], names: dict[str, nn.Linear]) -> None:
+        for name, layer in names.items():
+            q, scale, offset = gptq_quantize(layer.weight.cpu(), hess.pop(name), config)
+            quantized[name] = tuple(t.to(layer.weight.device) for t in (q, scale, offset))
+            # the quantized weights, widened, so that what follows sees this layer as it will be
+            w = kernels.dequantize_int4(kernels.pack_int4(q), scale, offset, config.group_size)
+            layer.weight.data.copy_(w.to(layer.weight.device, layer.weight.dtype))
+
+    if config.sequential:
+
+        def visit(block: nn.Module, feed) -> None:
+            names = {n: m for n, m in layers.items() if any(m is b for b in block.modules())}
+            if names:
+                quantize_all(calibrate.hessians_of(names, lambda fn: feed(fn, names)), names)
+
+        done = calibrate.block_by_block(model, blocks, visit)
+        log.info("GPTQ: %d layers block by block%s", len(quantized), "" if done else " (no block stack found)")
+    rest = {n: m for n, m in layers.items() if n not in quantized}
+    if rest:
+        log.info("GPTQ: %d layers from one pass over %d calibration blocks", len(rest), len(blocks))
+        quantize_all(calibrate.hessians(model, blocks, rest), rest)
+    return quantized

@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from compress import gptq, quantize, specs
+from compress import calibrate, gptq, quantize, specs
 from compress.kernels import dequantize_int4, pack_int4
 
 
@@ -28,3 +28,32 @@ def test_gptq_on_a_random_model_uses_the_int4_format(tiny_causal):
     with torch.inference_mode():
         a, b = model(blocks[:2]).logits, ref(blocks[:2]).logits
     assert 0 < (a - b).norm() / b.norm() < 0.2
+
+
+def test_block_by_block_feeds_each_block_what_the_model_changed_so_far_computes(tiny_causal):
+    model = tiny_causal.model
+    blocks = torch.randint(0, 1000, (6, 32), generator=torch.Generator().manual_seed(1))
+    stack = calibrate.transformer_blocks(model)
+    assert stack is model.model.layers
+    float_model, expected_model = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        expected_model.model.layers[0].mlp.down_proj.weight.zero_()  # what the visit below does to block 0
+    expected = calibrate.hessians(expected_model, blocks, calibrate.block_linears(expected_model))
+
+    layers, got, visited = calibrate.block_linears(model), {}, []
+
+    def visit(block, feed):
+        names = {n: m for n, m in layers.items() if any(m is b for b in block.modules())}
+        got.update(calibrate.hessians_of(names, lambda fn: feed(fn, names)))
+        visited.append(block)
+        if block is stack[0]:
+            block.mlp.down_proj.weight.zero_()
+
+    assert calibrate.block_by_block(model, blocks, visit)
+    assert visited == list(stack)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
+    q1 = "model.layers.1.self_attn.q_proj"
+    unchanged = calibrate.hessians(float_model, blocks, {q1: float_model.model.layers[1].self_attn.q_proj})
+    assert not torch.allclose(got[q1], unchanged[q1], rtol=1e-3)  # block 1 saw block 0 as changed
