@@ -169,8 +169,9 @@ Int4Rows int4_rows(const torch::Tensor& q, const torch::Tensor& scale, const tor
   TORCH_CHECK(gs % 16 == 0, "group size must be a multiple of 16");
   TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
                   offset.scalar_type() == torch::kFloat32 && scale.sizes() == offset.sizes() &&
-                  scale.size(0) == q.size(0),
-              "scale and offset must be contiguous f32 [N,G]");
+                  scale.dim() == 2 && scale.size(0) == q.size(0) &&
+                  scale.size(1) == (q.size(1) * 2 + gs - 1) / gs,
+              "scale and offset must be contiguous f32 [N, ceil(K / group size)]");
   return Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), q.size(1) * 2,
                   scale.size(1), gs};
 }

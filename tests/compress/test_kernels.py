@@ -93,3 +93,12 @@ def test_kernel_loops_run_on_all_of_torchs_threads(ext):
     if threads < 2:
         pytest.skip("torch runs one intra-op thread here: nothing to share out")
     assert ext.parallel_threads(1024) == threads
+
+
+def test_kernels_refuse_scales_of_the_wrong_shape_instead_of_reading_past_them(ext):
+    q, scale, offset = quantize.quantize_groupwise(torch.randn(8, 128), 32)  # 4 groups per row
+    packed, x = kernels.pack_int4(q), torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="ceil"):
+        ext.int4_gemv(x, packed, scale[:, :2].contiguous(), offset[:, :2].contiguous(), 32)
+    with pytest.raises(RuntimeError, match="scale must be contiguous f32"):
+        ext.int8_gemv(x, q.to(torch.int8), torch.ones(7))
