@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 Inputs = list[tuple[tuple, dict]]  # the (args, kwargs) of one call of a block, per calibration batch
+InputFn = Callable[[str, torch.Tensor], None]  # fn(layer name, inputs [tokens, in_features])
+Feed = Callable[[InputFn, dict[str, nn.Module]], None]  # feed(fn, layers): fn gets each input of those layers
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -31,16 +33,20 @@ def for_each_input(
 ) -> None:
     """Call ``fn(name, x)`` with x [tokens, in_features] (float32) for every input that reaches each layer."""
 
-    device = next(model.parameters()).device
-
     def run():
-        for start in range(0, len(blocks), batch_size):
-            model(blocks[start : start + batch_size].to(device))
+        for batch in _batches(model, blocks, batch_size):
+            model(batch)
 
     _with_input_hooks(layers, fn, run)
 
 
-def _with_input_hooks(layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None], run: Callable) -> None:
+def _batches(model: nn.Module, blocks: torch.Tensor, batch_size: int):
+    device = next(model.parameters()).device
+    for start in range(0, len(blocks), batch_size):
+        yield blocks[start : start + batch_size].to(device)
+
+
+def _with_input_hooks(layers: dict[str, nn.Module], fn: InputFn, run: Callable) -> None:
     def hook(name):
         return lambda module, args: fn(name, args[0].reshape(-1, args[0].shape[-1]).float())
 
@@ -57,7 +63,7 @@ def hessians(model: nn.Module, blocks: torch.Tensor, layers: dict[str, nn.Module
     return hessians_of(layers, lambda fn: for_each_input(model, blocks, layers, fn))
 
 
-def hessians_of(layers: dict[str, nn.Module], feed: Callable[[Callable], None]) -> dict[str, torch.Tensor]:
+def hessians_of(layers: dict[str, nn.Module], feed: Callable[[InputFn], None]) -> dict[str, torch.Tensor]:
     """H per layer from ``feed(fn)``, which must call fn(name, x) with every input x [tokens, K] of each layer."""
     acc = {name: torch.zeros(m.in_features, m.in_features) for name, m in layers.items()}
     count = dict.fromkeys(layers, 0)
@@ -90,7 +96,7 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList | None:
 def block_by_block(
     model: nn.Module,
     blocks: torch.Tensor,
-    visit: Callable[[nn.Module, Callable[[Callable[[str, torch.Tensor], None], dict[str, nn.Module]], None]], None],
+    visit: Callable[[nn.Module, Feed], None],
     batch_size: int = 4,
 ) -> bool:
     """Feed calibration text through the model's blocks one at a time: ``visit(block, feed)`` may change the block;
@@ -123,12 +129,11 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, blocks: torch.Tensor
         captured.append((args, kwargs))
         raise _Captured
 
-    device = next(model.parameters()).device
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for start in range(0, len(blocks), batch_size):
+        for batch in _batches(model, blocks, batch_size):
             try:
-                model(blocks[start : start + batch_size].to(device))
+                model(batch)
             except _Captured:
                 pass
     finally:

@@ -84,7 +84,6 @@ def gptq_(model: nn.Module, config: GPTQConfig, *, restore: bool = False, blocks
     )
 
 
-
 def _quantize_layers(model: nn.Module, blocks: torch.Tensor, config: GPTQConfig) -> dict[str, tuple]:
     """{layer name: (q, scale, offset)} for every block linear layer whose width int4 packing takes."""
     layers = {n: m for n, m in calibrate.block_linears(model).items() if m.in_features % 16 == 0}
@@ -95,7 +94,7 @@ def _quantize_layers(model: nn.Module, blocks: torch.Tensor, config: GPTQConfig)
             q, scale, offset = gptq_quantize(layer.weight.cpu(), hess.pop(name), config)
             quantized[name] = tuple(t.to(layer.weight.device) for t in (q, scale, offset))
             # the quantized weights, widened, so that what follows sees this layer as it will be
-            w = kernels.dequantize_int4(kernels.pack_int4(q), scale, offset, config.group_size)
+            w = kernels.dequantize_groupwise(q, scale, offset, config.group_size)
             layer.weight.data.copy_(w.to(layer.weight.device, layer.weight.dtype))
 
     if config.sequential:
