@@ -4,134 +4,96 @@
     serve run serve.app:build model=artifacts/sweep-smollm2/chosen
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream: true`` sends server-sent
-events token by token), POST /v1/embeddings (encoder models), GET /health. Concurrent requests are batched inside
-a replica with ``@serve.batch``; every request keeps its own sampling parameters. With RAYPRESS_API_KEY set where
-the application is built, requests need ``Authorization: Bearer <key>``. Bad requests get 400 with an OpenAI-style
-error body; a full queue (``max_queued_requests`` in the YAML) gets 503 from Serve.
+events token by token), POST /v1/embeddings (encoder models), GET /health, GET /metrics (Prometheus text), GET
+/stats. Every generation request goes to the replica's engine (compress.engine): requests join and leave the
+running batch at every decode step, streaming and non-streaming alike, and a client that goes away frees its slot
+within a step. Embeddings are batched with ``@serve.batch``. With RAYPRESS_API_KEY set where the application is
+built, requests need ``Authorization: Bearer <key>``. Bad requests get 400 with an OpenAI-style error body; a full
+queue (``max_queued_requests`` in the YAML) gets 503 from Serve.
 """
 
 import asyncio
 import base64
-import collections
+import copy
+import json
 import logging
 import os
-import threading
 import time
-import uuid
-from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from compress import generate as gen
 from compress import models
+from compress.engine import Engine
+from compress.request import Generation
+from compress.sampling import SamplingParams
+from serve import protocol as oa
+from serve.metrics import prometheus_text
+from serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="raypress")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 @api.exception_handler(APIError)
 async def _api_error(request: Request, e: APIError):
-    return JSONResponse(_error_body(e.message, e.kind, e.param), status_code=e.status)
+    return JSONResponse(error_body(e.message, e.kind, e.param), status_code=e.status)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, e: RequestValidationError):
     first = e.errors()[0] if e.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return JSONResponse(_error_body(f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                                    "invalid_request_error", where or None), status_code=400)
+    return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                                   "invalid_request_error", where or None), status_code=400)
 
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, e: HTTPException):
-    return JSONResponse(_error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+    return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Request bodies (the OpenAI fields raypress honours; others are ignored)
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The deployment
-
-
-@serve.deployment(max_ongoing_requests=16)
+@serve.deployment(max_ongoing_requests=32)
 @serve.ingress(api)
 class ModelServer:
     def __init__(
         self,
         model: str = models.DEFAULT_MODEL,
         model_name: str | None = None,
-        max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.1,
+        max_num_seqs: int = 16,
+        max_model_len: int | None = None,
+        max_batch_tokens: int = 256,
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.01,
         default_max_tokens: int = 64,
         num_threads: int | None = None,
         api_key: str | None = None,
     ):
-        self.num_threads = num_threads
         start = time.perf_counter()
         self.model, self.tokenizer, self.kind = models.load(model)
         self.name = model_name or os.path.basename(os.path.normpath(str(model)))
-        self.context = gen.context_length(self.model) if self.kind == models.CAUSAL else 512
-        self.default_max_tokens = default_max_tokens
-        self.api_key = api_key
-        self._torch_lock = threading.Lock()  # one forward at a time: batches and streams take turns
-        self._generate_batch.set_max_batch_size(max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._embed_batch.set_max_batch_size(max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes = collections.deque(maxlen=1000)  # sizes of the latest batches, for /stats
+        self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
+        self.engine = None
+        if self.kind == models.CAUSAL:
+            # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
+            self.engine = Engine(self.model, copy.deepcopy(self.tokenizer), max_num_seqs=max_num_seqs,
+                                 max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
+                                 num_threads=num_threads).start()
+            self.context = self.engine.max_model_len
+        else:
+            self._encode_tokenizer = copy.deepcopy(self.tokenizer)
+            self.context = 512
+            self._embed_batch.set_max_batch_size(max_batch_size)
+            self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("raypress: serving %s (%s) as %r in %.1f s", model, self.kind, self.name, time.perf_counter() - start)
+
+    def __del__(self):
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
 
     # -- routes: parse, check, delegate ---------------------------------------------------------------------------
 
@@ -147,7 +109,17 @@ class ModelServer:
     @api.get("/stats")
     async def stats(self, request: Request) -> dict:
         self._authorize(request)
-        return {"batch_sizes": list(self.batch_sizes)}
+        if self.engine is None:
+            return {"model": self.name}
+        e = self.engine
+        return {"model": self.name, "running": e.num_running, "waiting": e.num_waiting, **e.stats,
+                "max_num_seqs": e.max_num_seqs, "generation_tokens_per_s": e.tokens_per_s()}
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        self._authorize(request)
+        text = prometheus_text(self.engine, self.name) if self.engine is not None else ""
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -157,21 +129,23 @@ class ModelServer:
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or a list of non-empty strings", "prompt")
         ids = [self._encode(p) for p in prompts]
-        params = self._params(body, max(len(i) for i in ids))
+        params = self._params(body, max(len(i) for i in ids), body.logprobs)
         if body.stream:
             if len(ids) > 1:
                 raise APIError(400, "stream: true takes a single prompt", "prompt")
             return self._sse(ids[0], params, chat=False)
-        results = await asyncio.gather(*(self._generate_batch((i, params)) for i in ids))
-        choices = [{"index": k, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                   for k, r in enumerate(results)]
-        return self._response("text_completion", "cmpl", choices, sum(map(len, ids)),
-                              sum(len(r.token_ids) for r in results))
+        results = await self._generate(ids, params)
+        choices = [{"index": k, "text": r.text, "finish_reason": r.finish_reason,
+                    "logprobs": oa.completion_logprobs(r.logprobs, self._token_text)} for k, r in enumerate(results)]
+        return oa.response("text_completion", oa.new_id("cmpl"), self.name, choices, sum(map(len, ids)),
+                           sum(len(r.token_ids) for r in results))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request):
         self._authorize(request)
         self._check_model(body.model, causal=True)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         messages = [m.model_dump() for m in body.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -179,12 +153,13 @@ class ModelServer:
             message = f"messages could not be formatted with the model's chat template: {e}"
             raise APIError(400, message, "messages") from e
         ids = self._encode(text)
-        params = self._params(body, len(ids))
+        params = self._params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
             return self._sse(ids, params, chat=True)
-        r = await self._generate_batch((ids, params))
-        choices = [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}]
-        return self._response("chat.completion", "chatcmpl", choices, len(ids), len(r.token_ids))
+        (r,) = await self._generate([ids], params)
+        choices = [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                    "logprobs": oa.chat_logprobs(r.logprobs, self._token_text)}]
+        return oa.response("chat.completion", oa.new_id("chatcmpl"), self.name, choices, len(ids), len(r.token_ids))
 
     @api.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request):
@@ -202,80 +177,74 @@ class ModelServer:
         if body.encoding_format == "base64":  # little-endian float32 bytes, as OpenAI sends them
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         data = [{"object": "embedding", "index": k, "embedding": v} for k, v in enumerate(vectors)]
-        usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
-        return {"object": "list", "data": data, "model": self.name, "usage": usage}
+        return {"object": "list", "data": data, "model": self.name,
+                "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}}
 
     # -- the work -------------------------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, items: list[tuple[list[int], gen.SamplingParams]]) -> list[gen.Generation]:
-        self.batch_sizes.append(len(items))
-        ids, params = [i for i, _ in items], [p for _, p in items]
-        return await asyncio.to_thread(self._locked, gen.generate, self.model, self.tokenizer, ids, params)
+    async def _generate(self, ids: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """Submit every prompt to the engine and wait; a caller that goes away cancels them all."""
+        handles = [self.engine.submit(i, params) for i in ids]
+        try:
+            results = await asyncio.gather(*(h.final() for h in handles))
+        finally:
+            for h in handles:
+                h.cancel()
+        failed = next((r for r in results if r.error), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", kind="server_error")
+        return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        self.batch_sizes.append(len(texts))
-        emb = await asyncio.to_thread(self._locked, models.encode, self.model, self.tokenizer, texts)
+        emb = await asyncio.to_thread(self._encode_in_thread, texts)
         return emb.tolist()
 
-    def _locked(self, fn, *args):
-        """Run ``fn`` holding the model. The thread count is set here, in the worker thread: OpenMP keeps it per
-        thread, and worker threads start from OMP_NUM_THREADS (which Ray sets to the replica's num_cpus)."""
+    def _encode_in_thread(self, texts: list[str]):
         import torch
 
-        with self._torch_lock:
-            if self.num_threads:
-                torch.set_num_threads(self.num_threads)
-            return fn(*args)
+        if self.num_threads:  # OpenMP keeps the thread count per thread
+            torch.set_num_threads(self.num_threads)
+        return models.encode(self.model, self._encode_tokenizer, texts)
 
-    def _sse(self, ids: list[int], params: gen.SamplingParams, chat: bool) -> StreamingResponse:
-        """Server-sent events: one chunk per generated token, then the finish reason and usage, then [DONE]."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    def _sse(self, ids: list[int], params: SamplingParams, chat: bool) -> StreamingResponse:
+        """Server-sent events: a chunk per piece of new text, then the finish reason with usage, then [DONE]."""
+        handle = self.engine.submit(ids, params)
+        kind, rid = ("chat.completion.chunk", oa.new_id("chatcmpl")) if chat else ("text_completion", oa.new_id("cmpl"))
+        created = int(time.time())
 
-        def produce():
-            sent = ""
-            for (g,) in gen.stream(self.model, self.tokenizer, [ids], [params]):
-                delta, sent = g.text[len(sent):], g.text
-                loop.call_soon_threadsafe(queue.put_nowait, (delta, g.finish_reason, len(g.token_ids)))
-
-        def run():
-            try:
-                self._locked(produce)
-            except Exception as e:
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        kind, prefix = ("chat.completion.chunk", "chatcmpl") if chat else ("text_completion", "cmpl")
-        rid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            return {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+        def chunk(choice: dict) -> str:
+            body = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
 
         async def events():
-            import json
-
-            threading.Thread(target=run, daemon=True).start()
-            if chat:
-                yield f"data: {json.dumps(chunk('', None, first=True))}\n\n"
-            n_out = 0
-            while (item := await queue.get()) is not None:
-                if isinstance(item, Exception):
-                    yield f"data: {json.dumps(_error_body(str(item), 'server_error'))}\n\n"
-                    break
-                delta, finish, n_out = item
-                body = chunk(delta, finish)
-                if finish:
-                    body["usage"] = {"prompt_tokens": len(ids), "completion_tokens": n_out,
-                                     "total_tokens": len(ids) + n_out}
-                if delta or finish:
-                    yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
+            try:
+                if chat:
+                    yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                offset = 0
+                async for out in handle:
+                    if out.error:
+                        yield f"data: {json.dumps(error_body(out.error, 'server_error'))}\n\n"
+                        break
+                    if not (out.text or out.finished or out.logprobs):
+                        continue
+                    finish = out.finish_reason if out.finished else None
+                    if chat:
+                        choice = {"index": 0, "delta": {"content": out.text} if out.text else {},
+                                  "finish_reason": finish, "logprobs": oa.chat_logprobs(out.logprobs, self._token_text)}
+                    else:
+                        choice = {"index": 0, "text": out.text, "finish_reason": finish,
+                                  "logprobs": oa.completion_logprobs(out.logprobs, self._token_text, offset)}
+                    offset += len(out.text)
+                    text = chunk(choice)
+                    if finish:
+                        body = json.loads(text[len("data: "):])
+                        body["usage"] = oa.usage(len(ids), out.num_generated_tokens)
+                        text = f"data: {json.dumps(body)}\n\n"
+                    yield text
+                yield "data: [DONE]\n\n"
+            finally:
+                handle.cancel()  # the client went away before the end: free the slot now
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -302,26 +271,24 @@ class ModelServer:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _params(self, body: _Sampling, prompt_tokens: int) -> gen.SamplingParams:
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _params(self, body, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
         if prompt_tokens + max_tokens > self.context:
-            raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's "
-                                f"context of {self.context} tokens", "max_tokens")
+            raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the server's "
+                                f"limit of {self.context} tokens (max_model_len)", "max_tokens")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return gen.SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  seed=body.seed, stop=stop)
-
-    def _response(self, obj: str, prefix: str, choices: list, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {
-            "id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()), "model": self.name,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must not be empty", "stop")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                              stop=stop, logprobs=logprobs)
 
 
-BUILD_ARGS = {"model", "model_name", "max_batch_size", "batch_wait_timeout_s", "default_max_tokens", "num_threads",
-              "api_key"}
+BUILD_ARGS = {"model", "model_name", "max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size",
+              "batch_wait_timeout_s", "default_max_tokens", "num_threads", "api_key"}
+INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size", "default_max_tokens", "num_threads")
 
 
 def server_args(args: dict | None) -> dict:
@@ -332,8 +299,8 @@ def server_args(args: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; allowed: {sorted(BUILD_ARGS)}")
     args.setdefault("api_key", os.environ.get("RAYPRESS_API_KEY") or None)
-    for key in ("max_batch_size", "default_max_tokens", "num_threads"):
-        if key in args and args[key] is not None:
+    for key in INT_ARGS:
+        if args.get(key) is not None:
             args[key] = int(args[key])
     if "batch_wait_timeout_s" in args:
         args["batch_wait_timeout_s"] = float(args["batch_wait_timeout_s"])

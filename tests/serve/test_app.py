@@ -79,8 +79,8 @@ def test_32_concurrent_requests_are_batched_and_all_answered(smol_url):
     for i, r in results:
         assert r.status_code == 200, r.text
         assert answers[i % 4] in r.json()["choices"][0]["message"]["content"]
-    sizes = requests.get(f"{smol_url}/stats", timeout=30).json()["batch_sizes"]
-    assert max(sizes) > 1, sizes
+    stats = requests.get(f"{smol_url}/stats", timeout=30).json()
+    assert stats["max_decode_batch"] > 1 and stats["running"] == 0, stats
 
 
 @pytest.mark.parametrize("body,param", [

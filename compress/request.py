@@ -1,0 +1,142 @@
+"""What a request gives back: its events as they come, its final generation, and a handle to wait or cancel.
+
+    handle = engine.submit(ids, params)
+    async for out in handle:          # RequestOutput events: text and token deltas, then a finish_reason
+        ...
+    generation = handle.result()      # or, from a thread: block until it has finished
+
+The engine's thread publishes; the handle hands events to whichever side reads them (an asyncio loop, or a thread
+waiting on ``result``), so neither the engine nor the reader ever waits on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from compress.sampling import TokenLogprob
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One event of a request: what is new since the previous event."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error" at the end
+    num_generated_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Generation:
+    """A request's whole result: the deltas of its events joined."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string) | "length" | "cancelled" | "error"
+    num_prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    def __init__(self, request_id: str, num_prompt_tokens: int, cancel: Callable[[], None]):
+        self.id = request_id
+        self.generation = Generation(num_prompt_tokens=num_prompt_tokens)
+        self._cancel = cancel
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+        self._backlog: list[RequestOutput] = []
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def publish(self, out: RequestOutput) -> None:
+        """Called by the engine's thread for every event."""
+        g = self.generation
+        g.text += out.text
+        g.token_ids.extend(out.token_ids)
+        if out.logprobs is not None:
+            g.logprobs = (g.logprobs or []) + out.logprobs
+        if out.finished:
+            g.finish_reason, g.error = out.finish_reason, out.error
+        with self._lock:
+            if self._queue is None:
+                self._backlog.append(out)
+            else:
+                try:
+                    self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+                except RuntimeError:  # the reader's loop has closed: nobody is listening any more
+                    pass
+        if out.finished:
+            self._done.set()
+
+    def cancel(self) -> None:
+        """Stop generating (the slot is freed within one step); the last event has finish_reason 'cancelled'."""
+        if not self.done:
+            self._cancel()
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Block until the request has finished; the whole generation."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.generation
+
+    async def final(self) -> Generation:
+        """Wait (in asyncio) until the request has finished; cancels it if the waiter is cancelled."""
+        async for _ in self:
+            pass
+        return self.generation
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[RequestOutput]:
+        with self._lock:
+            self._loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
+            for out in self._backlog:
+                self._queue.put_nowait(out)
+            self._backlog.clear()
+        try:
+            while True:
+                out = await self._queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.cancel()  # the reader left early (a client disconnected): free the slot
+
+
+class Histogram:
+    """Counts of observations at or below each bound (Prometheus buckets), with their sum."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last counts what is above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= bound), ending with (inf, count)."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
