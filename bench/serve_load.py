@@ -1,103 +1,164 @@
-"""Serving throughput with request batching on against max_batch_size=1, in one run, on loopback.
+"""Serving under a mixed chat load: the engine's continuous batching against max_num_seqs=1, in one run.
 
-    python bench/serve_load.py                        # smollm2-135m, 16 clients, 20 s per setting
-    python bench/serve_load.py --clients 8 --seconds 10 --max-tokens 32
+    python bench/serve_load.py                          # serve/config.yaml's model, 16 clients, 96 requests, 2 rounds
+    python bench/serve_load.py --clients 8 --requests 32 --rounds 1
 
-Starts a local Ray and Serve on 127.0.0.1, deploys the model twice (batched and unbatched, one replica each,
-one after the other), and drives each with the same bounded closed-loop load: every client sends a chat request,
-waits for the answer, and sends the next, until the time is up. Prints requests/s, tokens/s, p50/p99 latency
-and the ratio of batched to unbatched throughput.
+Starts a local Ray and Serve on 127.0.0.1 and deploys serve/config.yaml's application twice per round (its args,
+with max_num_seqs as configured and with max_num_seqs=1), alternating the two settings round by round. Each run
+sends the same seeded workload with the official openai client from --clients threads: chat requests whose prompts
+are 10 to ~300 tokens, max_tokens 16 to 128, greedy, half of them with stream: true. Prints output tokens/s, time to
+first token (streamed requests) and latency percentiles per setting (medians over rounds), and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import os
+import random
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
-import requests
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 PORT = 8021
-QUESTIONS = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?", "What is 2+2?",
-             "Give me a tip for writing emails.", "What is a black hole?", "Describe a cat.", "How do plants grow?"]
 
 
-def drive(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
-    deadline = time.time() + seconds
-    latencies, tokens, errors = [], [], 0
+def workload(tokenizer, n: int, seed: int, text_file: Path) -> list[dict]:
+    """n chat requests: (messages, max_tokens, stream), prompts cut from real text to 10..300 tokens."""
+    from compress import data
 
-    def client(k: int):
-        nonlocal errors
-        i = k
-        while time.time() < deadline:
-            body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    "max_tokens": max_tokens, "temperature": 0}
-            start = time.perf_counter()
-            r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=300)
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - start)
-                tokens.append(r.json()["usage"]["completion_tokens"])
-            else:
-                errors += 1
-            i += clients
+    rng = random.Random(seed)
+    source = " ".join(data.read_texts(text_file)[:400]) if text_file.exists() else " ".join(data.BUILTIN_PROMPTS * 8)
+    ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+    out = []
+    for k in range(n):
+        length = int(10 * 30 ** rng.random())  # 10..300 tokens, more short prompts than long ones
+        start = rng.randrange(0, len(ids) - length)
+        text = tokenizer.decode(ids[start : start + length])
+        out.append({"messages": [{"role": "user", "content": f"Continue this text: {text}"}],
+                    "max_tokens": rng.randint(16, 128), "stream": k % 2 == 1})
+    return out
+
+
+def drive(base_url: str, model: str, requests: list[dict], clients: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=900)
+    todo, lock = list(enumerate(requests)), threading.Lock()
+    ttft, latency, tokens, errors = [], [], [], []
+
+    def one(req: dict) -> None:
+        start = time.perf_counter()
+        kw = {"model": model, "messages": req["messages"], "max_tokens": req["max_tokens"], "temperature": 0}
+        if req["stream"]:
+            first, n = None, 0
+            for chunk in client.chat.completions.create(stream=True, **kw):
+                if chunk.choices and chunk.choices[0].delta.content and first is None:
+                    first = time.perf_counter() - start
+                if chunk.usage is not None:
+                    n = chunk.usage.completion_tokens
+            ttft.append(first if first is not None else time.perf_counter() - start)
+        else:
+            n = client.chat.completions.create(**kw).usage.completion_tokens
+        latency.append(time.perf_counter() - start)
+        tokens.append(n)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                _, req = todo.pop(0)
+            try:
+                one(req)
+            except Exception as e:  # counted and reported, never hidden
+                errors.append(repr(e))
 
     start = time.perf_counter()
-    with cf.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
-    return {"requests": len(lat), "errors": errors, "req_per_s": len(lat) / elapsed,
-            "tokens_per_s": sum(tokens) / elapsed, "p50_s": statistics.median(lat) if lat else float("nan"),
-            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")}
+    return {"seconds": elapsed, "requests": len(latency), "errors": len(errors), "tokens_per_s": sum(tokens) / elapsed,
+            "ttft_p50": _pct(ttft, 50), "ttft_p95": _pct(ttft, 95), "lat_p50": _pct(latency, 50),
+            "lat_p95": _pct(latency, 95), "first_error": errors[0] if errors else ""}
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--config", default=str(ROOT / "serve" / "config.yaml"))
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.1)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
     from ray import serve
 
+    from compress import models
     from serve.app import ModelServer, server_args
 
+    app_config = yaml.safe_load(Path(args.config).read_text())["applications"][0]
+    app_args = dict(app_config.get("args") or {})
+    deployment = dict((app_config.get("deployments") or [{}])[0])
+    deployment.pop("name", None)
+    deployment.pop("autoscaling_config", None)  # one replica per setting: the comparison is the engine's
+    tokenizer = models.tokenizer_for(app_args.get("model", models.DEFAULT_MODEL))[0]
+    load = workload(tokenizer, args.requests, args.seed, Path(args.text))
+    settings = {f"max_num_seqs={app_args.get('max_num_seqs', 16)}": app_args, "max_num_seqs=1": {**app_args,
+                                                                                                  "max_num_seqs": 1}}
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    threads = os.cpu_count() or 1
-    results = {}
-    for label, batch in (("batched", args.max_batch_size), ("max_batch_size=1", 1)):
-        app = ModelServer.options(max_ongoing_requests=args.clients + 4, ray_actor_options={"num_cpus": 1}).bind(
-            **server_args({"model": args.model, "max_batch_size": batch, "num_threads": threads,
-                           "batch_wait_timeout_s": args.batch_wait_timeout_s}))
-        serve.run(app, name="bench", route_prefix="/bench")
-        url = f"http://127.0.0.1:{PORT}/bench"
-        drive(url, 2, 3, 4)  # warm-up
-        results[label] = drive(url, args.clients, args.seconds, args.max_tokens)
-        results[label]["mean_batch"] = statistics.fmean(
-            requests.get(f"{url}/stats", timeout=30).json()["batch_sizes"] or [1])
-        serve.delete("bench")
+    results: dict[str, list[dict]] = {label: [] for label in settings}
+    for r in range(args.rounds):
+        order = list(settings) if r % 2 == 0 else list(reversed(settings))
+        for label in order:
+            app = ModelServer.options(**{**deployment, "num_replicas": 1}).bind(
+                **server_args({**settings[label], "model_name": "bench"}))
+            serve.run(app, name="bench", route_prefix="/bench")
+            url = f"http://127.0.0.1:{PORT}/bench"
+            drive(url, "bench", load[:4], 4)  # warm-up
+            results[label].append(drive(url, "bench", load, args.clients))
+            print(f"round {r + 1} {label}: {results[label][-1]}", file=sys.stderr, flush=True)
+            serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
-    print(f"\n{args.model}: {args.clients} clients, {args.seconds:.0f} s each, {args.max_tokens} new tokens, "
-          f"greedy; {threads} CPU threads per replica")
-    print(f"{'setting':<18}{'requests':>9}{'errors':>8}{'req/s':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}"
-          f"{'mean batch':>12}")
-    for label, r in results.items():
-        print(f"{label:<18}{r['requests']:>9}{r['errors']:>8}{r['req_per_s']:>9.2f}{r['tokens_per_s']:>10.1f}"
-              f"{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}{r['mean_batch']:>12.1f}")
-    ratio = results["batched"]["req_per_s"] / max(results["max_batch_size=1"]["req_per_s"], 1e-9)
-    print(f"throughput, batched / max_batch_size=1: {ratio:.2f}x")
+    from compress.kernels import cpu_description
+
+    cpu = cpu_description()
+    print(f"\n{app_args.get('model')} via {Path(args.config).name}: {args.clients} clients, {args.requests} chat "
+          f"requests (prompts 10-300 tokens, max_tokens 16-128, greedy, half streamed), medians of {args.rounds} "
+          f"round(s)\nCPU: {cpu}")
+    print(f"{'setting':<17}{'ok':>5}{'errors':>8}{'seconds':>9}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p95':>10}"
+          f"{'lat p50':>9}{'lat p95':>9}")
+    med = {}
+    for label, runs in results.items():
+        med[label] = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "first_error"}
+        m = med[label]
+        print(f"{label:<17}{m['requests']:>5.0f}{m['errors']:>8.0f}{m['seconds']:>9.1f}{m['tokens_per_s']:>11.1f}"
+              f"{m['ttft_p50']:>10.2f}{m['ttft_p95']:>10.2f}{m['lat_p50']:>9.2f}{m['lat_p95']:>9.2f}")
+        if any(x["first_error"] for x in runs):
+            print(f"  first error: {next(x['first_error'] for x in runs if x['first_error'])}")
+    engine, single = (med[label] for label in settings)
+    ratio = engine["tokens_per_s"] / max(single["tokens_per_s"], 1e-9)
+    print(f"output tokens/s, engine / max_num_seqs=1: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections import deque
 import torch
 
 from compress.detokenize import Detokenizer
-from compress.kvcache import SlotKVCache
+from compress.kvcache import SlotKVCache, slot_attention
 from compress.request import Generation, Histogram, RequestHandle, RequestOutput
 from compress.sampling import SamplingParams, logprobs_of, sample
 from compress.scheduler import schedule
@@ -65,7 +65,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 max_batch_tokens: int = 256, num_threads: int | None = None):
+                 max_batch_tokens: int = 512, num_threads: int | None = None):
         limit = context_length(model)
         max_model_len = min(limit, 2048) if max_model_len is None else max_model_len
         if not 1 <= max_model_len <= limit:
@@ -182,7 +182,7 @@ class Engine:
     # -- one step -------------------------------------------------------------------------------------------------
 
     def step(self, take_inbox: bool = True) -> None:
-        """Admit, prefill chunks, decode one token for every running sequence, publish."""
+        """Admit, then one forward: a token for every running sequence plus the planned prompt chunks; publish."""
         if take_inbox:
             self._take_inbox(block=False)
         if not (self.waiting or self.num_running):
@@ -195,59 +195,53 @@ class Engine:
             seq.slot = max(self.free_slots)  # prompts fill from the top; running sequences from the bottom
             self.free_slots.discard(seq.slot)
             self.prefilling.append(seq)
-        decoding = list(self.decoding)
-        if decoding:
-            self._run(decoding, [1] * len(decoding))
-            self.decode_batch.observe(len(decoding))
-            self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(decoding))
         by_id = {s.id: s for s in self.prefilling}
-        chunks = [(by_id[i], n) for i, n in plan.prefill]
-        for group in _groups(chunks):
-            self._run([s for s, _ in group], [n for _, n in group])
+        parts = [(s, 1) for s in self.decoding] + [(by_id[i], n) for i, n in plan.prefill]
+        self._run(parts)
+        if self.decoding:
+            self.decode_batch.observe(len(self.decoding))
+            self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(self.decoding))
         self.stats["steps"] += 1
         now = time.perf_counter()
         self.step_s.observe(now - start)
         self._recent.append((now, self.stats["generation_tokens"]))
 
-    def _run(self, seqs: list[_Seq], counts: list[int]) -> None:
-        """One forward over ``seqs``, each feeding its next ``count`` tokens; sample those that reach the end."""
+    def _run(self, parts: list[tuple[_Seq, int]]) -> None:
+        """One forward: a token for every running sequence and the planned prompt chunks; sample where a part ends
+        a prompt or is a decode."""
         try:
-            logits = self._forward(seqs, counts)
-        except Exception as e:  # a forward that fails takes only its own rows down
-            log.exception("raypress engine: forward of %d rows failed", len(seqs))
-            for seq in seqs:
+            logits = self._forward(parts)
+        except Exception as e:  # the step's requests fail with the reason; the engine goes on with new ones
+            log.exception("raypress engine: a forward over %d requests failed", len(parts))
+            for seq, _ in parts:
                 self._finish(seq, None, error=f"{type(e).__name__}: {e}")
             return
         ready = []
-        for row, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
+        for row, (seq, n) in enumerate(parts):
             seq.computed += n
             if seq.computed >= len(seq.prompt):
                 ready.append(row)
         if not ready:
             return
-        rows = [seqs[r] for r in ready]
-        tokens = sample(logits[ready], [s.params for s in rows], [s.generator for s in rows])
-        for r, seq, token in zip(ready, rows, tokens, strict=True):
-            if seq.slot >= 0:  # not cancelled meanwhile
-                self._emit(seq, token, logits[r])
+        seqs = [parts[r][0] for r in ready]
+        tokens = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+        for r, seq, token in zip(ready, seqs, tokens, strict=True):
+            self._emit(seq, token, logits[r])
 
-    def _forward(self, seqs: list[_Seq], counts: list[int]) -> torch.Tensor:
-        width = max(counts)
-        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        positions = torch.empty((len(seqs), width), dtype=torch.long)
-        for row, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
-            done = seq.computed
-            tokens = seq.prompt[done : done + n] if done < len(seq.prompt) else [seq.output[-1]]
-            # left padding, so the last column is every row's last real token; padding writes past the row's end
-            ids[row, width - n :] = torch.tensor(tokens)
-            positions[row, width - n :] = torch.arange(done, done + n)
-            positions[row, : width - n] = torch.arange(done + n, done + width)
-        lengths = torch.tensor([s.computed + n for s, n in zip(seqs, counts, strict=True)])
-        slots = torch.tensor([s.slot for s in seqs])
-        mask = self.cache.prepare(slots, positions, lengths)
-        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), attention_mask=mask,
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+    def _forward(self, parts: list[tuple[_Seq, int]]) -> torch.Tensor:
+        """Logits [parts, vocab] at the last token of each part, from one packed forward."""
+        n = len(self.decoding)
+        tokens = [s.output[-1] for s, _ in parts[:n]]
+        prefill = []
+        for seq, count in parts[n:]:
+            tokens += seq.prompt[seq.computed : seq.computed + count]
+            prefill.append((seq.slot, seq.computed, count))
+        layout = self.cache.plan([s.computed + 1 for s, _ in parts[:n]], prefill)
+        with slot_attention(self.cache):
+            out = self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=layout.positions,
+                             attention_mask=layout.dummy_mask, cache=self.cache, use_cache=True,
+                             logits_to_keep=layout.last_tokens)
+        return out.logits[0]
 
     # -- results --------------------------------------------------------------------------------------------------
 
@@ -323,18 +317,6 @@ class Engine:
             self.prefilling.remove(seq)
         self.free_slots.add(seq.slot)
         seq.slot = -1
-
-
-def _groups(chunks: list[tuple[_Seq, int]], waste: float = 1.25) -> list[list[tuple[_Seq, int]]]:
-    """Split prompt chunks into forwards whose padding stays under ``waste`` x their real tokens."""
-    groups: list[list[tuple[_Seq, int]]] = []
-    for seq, n in sorted(chunks, key=lambda c: -c[1]):
-        group = groups[-1] if groups else None
-        if group and group[0][1] * (len(group) + 1) <= waste * (sum(c for _, c in group) + n):
-            group.append((seq, n))
-        else:
-            groups.append([(seq, n)])
-    return groups
 
 
 def eos_ids(model, tokenizer) -> set[int]:

@@ -1,47 +1,67 @@
-"""A preallocated KV cache of fixed slots that plugs into Hugging Face decoder models.
+"""A preallocated KV cache of fixed slots, and the attention that reads it, for Hugging Face decoder models.
 
     cache = SlotKVCache.for_model(model, max_num_seqs=16, max_model_len=2048)
-    cache.prepare(slots, positions)          # which slot each row writes, and at which positions
-    logits = model(input_ids, position_ids=positions, attention_mask=cache.mask(), cache=cache).logits
+    layout = cache.plan(decode_lengths=[40, 7, 19], prefill=[(5, 0, 30)])   # 3 running; slot 5's first 30
+    with slot_attention(cache):
+        out = model(input_ids=ids, position_ids=layout.positions, attention_mask=layout.dummy_mask, cache=cache,
+                    logits_to_keep=layout.last_tokens)
 
-Each layer holds keys and values as ``[max_num_seqs, kv_heads, max_model_len, head_dim]``. A forward writes every
-row's new keys at its own positions in its own slot and attends over the slot's prefix through a 4D mask, so rows of
-different lengths run in one forward without padding each other's caches. When a step's rows are slots 0..B-1 the
-keys go to attention as a view (no copy); otherwise the rows' slots are gathered. Nothing is allocated per step but
-the mask and, for scattered slots, the gathered keys.
+Each layer holds keys and values as ``[max_num_seqs, kv_heads, max_model_len, head_dim]``. One engine step is one
+forward over a single packed row: first one token for each running sequence (their slots are 0..n-1), then the
+prompt chunks, each of its own slot and start. The model's projections, norms and MLPs see the packed tokens as one
+matrix, so the weights are read once per step whatever the mix; ``update`` writes every token's keys and values at
+its slot and position, and ``slot_attention`` computes attention per part: the running sequences as one batch over
+their slots' prefixes (a view, no copy), each prompt chunk causally over its own slot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+ATTENTION_NAME = "raypress_slots"
+_active = threading.local()  # the cache of the forward running on this thread, if any
+
+
+@dataclass
+class Layout:
+    """Where the tokens of one packed forward go, and what each part attends to."""
+
+    positions: torch.Tensor  # [1, N] position of every packed token
+    token_slots: torch.Tensor  # [N] slot each token's keys are written to
+    num_decode: int  # the first num_decode tokens are one per running sequence, slots 0..num_decode-1
+    decode_len: int  # longest running sequence (keys read for the decode part)
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, decode_len]
+    prefill: list[tuple[int, int, int, int, torch.Tensor]]  # (packed offset, slot, start, count, mask [1,1,c,S])
+    last_tokens: torch.Tensor  # [parts] packed index of each part's last token (whose logits are kept)
+    dummy_mask: torch.Tensor  # a 4D placeholder: makes HF skip its own mask building
 
 
 class SlotKVCache:
-    """Keys and values for ``max_num_seqs`` sequences of up to ``max_model_len`` tokens, per layer.
-
-    The model calls ``update(k, v, layer_idx)`` from each attention layer (the HF cache protocol); the engine calls
-    ``prepare`` before every forward and ``move`` to relocate a sequence between slots.
-    """
+    """Keys and values for ``max_num_seqs`` sequences of up to ``max_model_len`` tokens, per layer."""
 
     is_compileable = False
 
     def __init__(self, num_layers: int, max_num_seqs: int, kv_heads: int, max_model_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, sliding_window: int | None = None):
         shape = (max_num_seqs, kv_heads, max_model_len, head_dim)
-        # zeros, not empty: masked positions are multiplied by weight 0, and 0 * NaN from uninitialised memory is NaN
+        # zeros, not empty: masked keys get weight 0, and 0 * NaN from uninitialised memory would be NaN
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_num_seqs, self.max_model_len, self.sliding_window = max_num_seqs, max_model_len, sliding_window
-        self._slots = self._write_pos = self._kv_len = None
-        self._contiguous = False
+        self.layout: Layout | None = None
+        self.attention_calls = 0
+        self.model_configs: list = []  # the configs whose attention implementation slot_attention switches
 
     @classmethod
     def for_model(cls, model, max_num_seqs: int, max_model_len: int) -> SlotKVCache:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = _text_config(model)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -50,21 +70,11 @@ class SlotKVCache:
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         cache = cls(config.num_hidden_layers, max_num_seqs, kv_heads, max_model_len, head_dim, dtype, param.device,
                     sliding_window=window)
+        cache.model_configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
         log.info("raypress engine: KV cache of %d slots x %d tokens (%d layers, %d kv heads x %d, %s): %.1f MiB",
                  max_num_seqs, max_model_len, config.num_hidden_layers, kv_heads, head_dim, str(dtype).split(".")[-1],
                  cache.nbytes / 2**20)
         return cache
-
-    @staticmethod
-    def bytes_per_token(model) -> int:
-        """Bytes one token takes in the cache, over all layers (keys and values)."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        param = next(model.parameters())
-        itemsize = param.element_size() if param.dtype.is_floating_point else 4
-        return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
     @property
     def nbytes(self) -> int:
@@ -72,28 +82,42 @@ class SlotKVCache:
 
     # -- the engine's side ----------------------------------------------------------------------------------------
 
-    def prepare(self, slots: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Set up the next forward and return its attention mask.
+    def plan(self, decode_lengths: list[int], prefill: list[tuple[int, int, int]]) -> Layout:
+        """Lay out one forward.
 
         Args:
-            slots: [B] slot of each row.
-            positions: [B, T] position of each input token; padding tokens may repeat the row's last position + k,
-                clamped inside the cache (what they write is never read: it is masked, then overwritten).
-            lengths: [B] tokens of each row in the cache after this forward (its real tokens only).
-        Returns:
-            a bool mask [B, 1, T, L]: True where a query may attend to a key (causal, within the row's own tokens).
+            decode_lengths: for slots 0..n-1, the tokens in the cache after this forward (the new one included).
+            prefill: (slot, start, count) of each prompt chunk: ``count`` tokens at positions start.. of that slot.
         """
         device = self.keys[0].device
-        self._slots = slots.to(device)
-        self._write_pos = positions.clamp(max=self.max_model_len - 1).to(device)
-        self._kv_len = int(lengths.max())
-        self._contiguous = bool(torch.equal(slots.cpu(), torch.arange(len(slots))))
-        key_pos = torch.arange(self._kv_len, device=device)
-        query_pos = positions.to(device)[:, :, None]
-        visible = (key_pos[None, None, :] <= query_pos) & (key_pos[None, None, :] < lengths.to(device)[:, None, None])
+        n = len(decode_lengths)
+        positions = [length - 1 for length in decode_lengths]
+        slots = list(range(n))
+        parts, last, offset = [], list(range(n)), n
+        for slot, start, count in prefill:
+            positions += range(start, start + count)
+            slots += [slot] * count
+            query_pos = torch.arange(start, start + count, device=device)[:, None]
+            parts.append((offset, slot, start, count, self._visible(query_pos, start + count)[None, None]))
+            offset += count
+            last.append(offset - 1)
+        decode_mask = None
+        if n:
+            lengths = torch.tensor(decode_lengths, device=device)
+            decode_mask = self._visible(lengths[:, None] - 1, int(lengths.max()))[:, None, None]
+        self.layout = Layout(
+            positions=torch.tensor([positions], device=device), token_slots=torch.tensor(slots, device=device),
+            num_decode=n, decode_len=max(decode_lengths, default=0), decode_mask=decode_mask, prefill=parts,
+            last_tokens=torch.tensor(last, device=device), dummy_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool))
+        return self.layout
+
+    def _visible(self, query_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """[Q, kv_len] bool: key j is visible from a query at position p when j <= p (and within the window)."""
+        key_pos = torch.arange(kv_len, device=query_pos.device)[None, :]
+        visible = key_pos <= query_pos
         if self.sliding_window:
-            visible &= key_pos[None, None, :] > query_pos - self.sliding_window
-        return visible[:, None]
+            visible &= key_pos > query_pos - self.sliding_window
+        return visible
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (every layer)."""
@@ -107,24 +131,79 @@ class SlotKVCache:
             t[a, :, :length_b] = t[b, :, :length_b]
             t[b, :, :length_a] = saved
 
-    # -- the model's side (Hugging Face cache protocol) -----------------------------------------------------------
+    # -- the model's side (the Hugging Face cache protocol) -------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write this forward's keys/values [B, H, T, D] at their slots and positions; return [B, H, L, D] each."""
-        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
-        rows = self._slots[:, None]
-        k_cache[rows, :, self._write_pos] = key_states.transpose(1, 2).to(k_cache.dtype)
-        v_cache[rows, :, self._write_pos] = value_states.transpose(1, 2).to(v_cache.dtype)
-        if self._contiguous:
-            n = len(self._slots)
-            return k_cache[:n, :, : self._kv_len], v_cache[:n, :, : self._kv_len]
-        return k_cache[self._slots, :, : self._kv_len], v_cache[self._slots, :, : self._kv_len]
+        """Write the packed tokens' keys/values [1, H, N, D] at their slots and positions."""
+        pos = self.layout.positions[0]
+        self.keys[layer_idx][self.layout.token_slots, :, pos] = key_states[0].transpose(0, 1).to(self.keys[0].dtype)
+        self.values[layer_idx][self.layout.token_slots, :, pos] = value_states[0].transpose(0, 1).to(
+            self.values[0].dtype)
+        return key_states, value_states  # slot_attention reads the slots, not these
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len or 0
+        return 0
 
     def get_max_length(self) -> int:
         return self.max_model_len
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._kv_len or query_length, 0
+    # -- attention over the slots ---------------------------------------------------------------------------------
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query [1, H, N, D] of the packed tokens -> attention output [1, N, H, D]."""
+        self.attention_calls += 1
+        lay, keys, values = self.layout, self.keys[layer_idx], self.values[layer_idx]
+        heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[-1]
+        out = torch.empty(query.shape[2], heads, dim, dtype=query.dtype, device=query.device)
+        n = lay.num_decode
+        if n:
+            # one query per sequence; the heads sharing a kv head become that kv head's "query rows" (no repeat)
+            q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, dim)
+            k, v = keys[:n, :, : lay.decode_len], values[:n, :, : lay.decode_len]
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=lay.decode_mask,
+                                               scale=scaling)
+            out[:n] = o.reshape(n, heads, dim)
+        for offset, slot, start, count, mask in lay.prefill:
+            q = query[:, :, offset : offset + count]
+            k, v = keys[slot : slot + 1, :, : start + count], values[slot : slot + 1, :, : start + count]
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling,
+                                               enable_gqa=kv_heads != heads)
+            out[offset : offset + count] = o[0].transpose(0, 1)
+        return out[None]
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    cache = getattr(_active, "cache", None)
+    if cache is None or cache.layout is None:
+        raise RuntimeError("raypress slot attention runs only inside an engine forward")
+    return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+
+
+@contextlib.contextmanager
+def slot_attention(cache: SlotKVCache):
+    """Route the model's attention layers to ``cache.attend`` for the duration of one forward on this thread.
+
+    The model's own attention implementation is restored afterwards, so the same model object still runs
+    ``generate`` or a plain forward as before."""
+    from transformers import AttentionInterface
+
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _slot_attention)
+    saved = [c._attn_implementation_internal for c in cache.model_configs]
+    _active.cache = cache
+    cache.attention_calls = 0
+    try:
+        for c in cache.model_configs:
+            c._attn_implementation_internal = ATTENTION_NAME
+        yield
+    finally:
+        for c, name in zip(cache.model_configs, saved, strict=True):
+            c._attn_implementation_internal = name
+        _active.cache = None
+    if cache.attention_calls == 0:
+        raise NotImplementedError("this model does not use Hugging Face's attention interface, so the engine cannot "
+                                  "run it")
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from compress import generate as gen
 from compress import models
+from compress.engine import Engine
+from compress.sampling import SamplingParams
 from jobs.inputs import TYPE_ERRORS, read_input
 
 log = logging.getLogger("jobs.batch_infer")
@@ -67,8 +68,8 @@ def preprocess(batch: dict, model: str, task: str, column: str, context: int, de
             p = _row_params(batch, i, defaults) if task == "generate" else None
             budget = p.max_tokens if p else 0
             if len(row_ids) + budget > context:
-                raise ValueError(f"{len(row_ids)} prompt tokens + {budget} new tokens exceed the model's context of "
-                                 f"{context} tokens")
+                raise ValueError(f"{len(row_ids)} prompt tokens + {budget} new tokens exceed the limit of {context} "
+                                 "tokens (the model's context, or --max-model-len)")
             if task == "score" and len(row_ids) < 2:
                 raise ValueError("scoring needs at least 2 tokens")
             ids.append(json.dumps(row_ids))
@@ -104,7 +105,7 @@ def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> s
     return value
 
 
-def _row_params(batch: dict, i: int, defaults: dict) -> gen.SamplingParams:
+def _row_params(batch: dict, i: int, defaults: dict) -> SamplingParams:
     values = dict(defaults)
     values.pop("chat", None)
     for key in PARAM_COLUMNS:
@@ -117,14 +118,18 @@ def _row_params(batch: dict, i: int, defaults: dict) -> gen.SamplingParams:
     values["max_tokens"] = int(values["max_tokens"])
     values["seed"] = None if values.get("seed") is None else int(values["seed"])
     values["temperature"], values["top_p"] = float(values["temperature"]), float(values["top_p"])
-    return gen.SamplingParams(**values)
+    return SamplingParams(**values)
 
 
 class Predictor:
-    """One model replica per actor. Maps a batch to its outputs; rows with an error pass through untouched."""
+    """One model replica per actor. Maps a batch to its outputs; rows with an error pass through untouched.
 
-    def __init__(self, model: str, task: str, max_sub_batch: int, threads: int | None = None, fail_after: int = 0,
-                 fault_marker: str = ""):
+    Generation goes through the engine: every row of a call is queued at once and starts as soon as a slot is free,
+    so a long row never holds up the short ones beside it.
+    """
+
+    def __init__(self, model: str, task: str, max_num_seqs: int, max_model_len: int, threads: int | None = None,
+                 fail_after: int = 0, fault_marker: str = ""):
         import torch
 
         self.threads = threads
@@ -133,7 +138,9 @@ class Predictor:
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
             max_memory = models.plan_sharding(models.weights_bytes(model), free)
         self.model, self.tokenizer, self.kind = models.load(model, max_memory=max_memory)
-        self.task, self.max_sub_batch = task, max_sub_batch
+        self.task, self.max_num_seqs = task, max_num_seqs
+        self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             max_batch_tokens=max(256, 2 * max_num_seqs)) if task == "generate" else None
         self.fail_after, self.fault_marker, self.batches = fail_after, fault_marker, 0
 
     def __call__(self, batch: dict) -> dict:
@@ -147,12 +154,16 @@ class Predictor:
         out = {"_out": np.array([""] * n, dtype=object), "_error": batch["_error"].copy()}
         todo = [i for i in range(n) if not batch["_error"][i]]
         ids = {i: json.loads(batch["_ids"][i]) for i in todo}
+        if self.task == "generate":
+            self._generate(ids, batch["_params"], out)
+            batch.update(out)
+            return batch
         todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
-        for start in range(0, len(todo), self.max_sub_batch):
-            rows = todo[start : start + self.max_sub_batch]
+        for start in range(0, len(todo), self.max_num_seqs):
+            rows = todo[start : start + self.max_num_seqs]
             try:
                 with torch.inference_mode():
-                    results = self._run([ids[i] for i in rows], [batch["_params"][i] for i in rows])
+                    results = self._encode_or_score([ids[i] for i in rows])
                 for i, r in zip(rows, results, strict=True):
                     out["_out"][i] = json.dumps(r)
             except Exception as e:  # a batch the model cannot take: record it on its rows and go on
@@ -161,13 +172,34 @@ class Predictor:
         batch.update(out)
         return batch
 
-    def _run(self, ids: list[list[int]], params: list[str]) -> list:
+    def _generate(self, ids: dict[int, list[int]], params: np.ndarray, out: dict) -> None:
+        rows, prompts, row_params = [], [], []
+        for i, row_ids in ids.items():
+            try:
+                p = json.loads(params[i])
+                row_params.append(SamplingParams(**{**p, "stop": tuple(p["stop"])}))
+            except (ValueError, TypeError) as e:
+                out["_error"][i] = str(e)
+                continue
+            rows.append(i)
+            prompts.append(row_ids)
+        if not rows:
+            return
+        try:
+            results = self.engine.generate(prompts, row_params)
+        except Exception as e:  # the engine refused the call as a whole: every row gets the reason
+            for i in rows:
+                out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+            return
+        for i, g in zip(rows, results, strict=True):
+            if g.error:
+                out["_error"][i] = f"model error: {g.error}"
+            else:
+                out["_out"][i] = json.dumps({"ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason})
+
+    def _encode_or_score(self, ids: list[list[int]]) -> list:
         import torch
 
-        if self.task == "generate":
-            p = [gen.SamplingParams(**{**json.loads(s), "stop": tuple(json.loads(s)["stop"])}) for s in params]
-            return [{"ids": g.token_ids, "finish_reason": g.finish_reason}
-                    for g in gen.generate(self.model, self.tokenizer, ids, p)]
         if self.task == "embed":
             texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
             return models.encode(self.model, self.tokenizer, texts).tolist()
@@ -197,19 +229,15 @@ def _maybe_fail(fail_after: int, batches: int, marker: str) -> None:
 
 def postprocess(batch: dict, model: str, task: str) -> dict:
     """Decode and format the model's outputs into the job's columns; drop the internal ones."""
-    tokenizer, _ = _tokenizer(model)
     errors = [e or None for e in batch["_error"]]
     outs = [json.loads(o) if o and not errors[i] else None for i, o in enumerate(batch["_out"])]
     if task == "generate":
         texts, n_gen, finish = [], [], []
-        for o, p in zip(outs, batch["_params"], strict=True):
+        for o in outs:
             if o is None:
                 texts.append(None), n_gen.append(None), finish.append(None)
                 continue
-            text = tokenizer.decode(o["ids"], skip_special_tokens=True)
-            for s in json.loads(p)["stop"]:
-                text = text.split(s)[0]
-            texts.append(text), n_gen.append(len(o["ids"])), finish.append(o["finish_reason"])
+            texts.append(o["text"]), n_gen.append(len(o["ids"])), finish.append(o["finish_reason"])
         batch["generated_text"] = np.array(texts, dtype=object)
         batch["num_prompt_tokens"] = np.array([len(json.loads(i)) if not e else None
                                                for i, e in zip(batch["_ids"], errors, strict=True)], dtype=object)
@@ -275,6 +303,7 @@ def main(
     threads_per_actor: int | None = None,
     actor_resources: str | None = None,
     batch_size: int = 16,
+    max_model_len: int = 2048,
     max_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -297,7 +326,9 @@ def main(
         cpus_per_actor: CPUs per actor (fractional leaves room for the read/write tasks on small machines).
         threads_per_actor: torch threads per actor; default: what Ray gives an actor of that many CPUs.
         actor_resources: JSON of custom Ray resources per actor, e.g. '{"accelerator": 1}'.
-        batch_size: rows per model batch.
+        batch_size: rows per model batch; for generate, the sequences each actor's engine decodes together.
+        max_model_len: generate: prompt + new tokens of one row (at most the model's context); each actor's KV
+            cache holds batch_size x this many tokens. Longer rows get an error.
         max_tokens: default new tokens per row (a max_tokens column overrides it per row).
         temperature: default sampling temperature; 0 is greedy.
         top_p: default nucleus sampling threshold.
@@ -340,17 +371,22 @@ def main(
                     "stop": tuple(stop or ()), "chat": chat}
         resources = json.loads(actor_resources) if actor_resources else {}
         _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus_per_actor,
-                      cpus_per_actor, threads_per_actor, resources, batch_size)
+                      cpus_per_actor, threads_per_actor, resources, batch_size, max_model_len)
     print(summarize(out_dir, task, time.perf_counter() - start))
     return 0
 
 
 def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus, num_cpus, threads,
-                  resources, batch_size) -> None:
+                  resources, batch_size, max_model_len) -> None:
     context = _context_length(model)
+    if task == "generate":
+        if max_model_len < 2:
+            raise ValueError(f"--max-model-len {max_model_len}: expected at least 2 tokens")
+        context = min(context, max_model_len)
     fault = {"fail_after": int(os.environ.get("RAYPRESS_FAULT_AFTER_BATCHES", "0")),
              "fault_marker": os.environ.get("RAYPRESS_FAULT_MARKER", "")}
-    rows_per_call = batch_size * 4  # each actor call sorts this many rows by length, then runs batch_size at a time
+    # rows per actor call: the engine starts each as a slot frees up; more rows per call, less idle tail per call
+    rows_per_call = batch_size * 8
     blocks = max(1, math.ceil(table.num_rows / rows_per_call))
     ds = ray.data.from_arrow(table).repartition(blocks)
     ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
@@ -359,8 +395,8 @@ def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors
     ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=rows_per_call,
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                        fn_constructor_kwargs={"model": model, "task": task, "max_sub_batch": batch_size,
-                                               "threads": threads, **fault},
+                        fn_constructor_kwargs={"model": model, "task": task, "max_num_seqs": batch_size,
+                                               "max_model_len": context, "threads": threads, **fault},
                         max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"model": model, "task": task})

@@ -66,7 +66,7 @@ class ModelServer:
         model_name: str | None = None,
         max_num_seqs: int = 16,
         max_model_len: int | None = None,
-        max_batch_tokens: int = 256,
+        max_batch_tokens: int = 512,
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.01,
         default_max_tokens: int = 64,

@@ -53,7 +53,7 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
     assert out[2]["error"] == "column 'prompt' is null" and out[2]["generated_text"] is None
     assert "expected str, got int" in out[3]["error"]
     assert "empty" in out[4]["error"]
-    assert "exceed the model's context" in out[5]["error"]
+    assert "exceed the limit of 2048 tokens" in out[5]["error"]
     assert "Tokyo" in out[6]["generated_text"] and out[6]["finish_reason"] in ("stop", "length")
     assert "," not in out[7]["generated_text"]  # cut at the stop string
     for r in out:

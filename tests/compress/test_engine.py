@@ -1,0 +1,194 @@
+"""compress.engine: continuous batching that gives every request what it would get alone."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from compress.engine import Engine
+from compress.sampling import SamplingParams, sample
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    """Hugging Face's own greedy decoding of one prompt alone, cut at the first end-of-sequence token."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    ends = [k for k, t in enumerate(out) if t in eos]
+    return out[: ends[0]] if ends else out
+
+
+@pytest.fixture
+def tok(smollm2_loaded):
+    return smollm2_loaded.tokenizer
+
+
+def random_prompts(n: int, vocab: int, seed: int, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def real_prompts(tokenizer, n: int) -> list[list[int]]:
+    from compress.data import BUILTIN_PROMPTS, chat_prompt
+
+    texts = [" ".join(BUILTIN_PROMPTS[k : k + 1 + k % 4]) for k in range(n)]  # 1 to 4 questions: varied lengths
+    return [tokenizer(chat_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_greedy_is_token_identical_to_hf_for_requests_arriving_at_different_times(smollm2_loaded):
+    model, tokenizer, _ = smollm2_loaded
+    prompts = real_prompts(tokenizer, 8)
+    lengths = [12, 20, 3, 24, 9, 16, 1, 14]
+    engine = Engine(model, tokenizer, max_num_seqs=3, max_model_len=512, max_batch_tokens=64)
+    handles = []
+    with torch.inference_mode():
+        for k, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            handles.append(engine.submit(p, SamplingParams(max_tokens=n)))
+            for _ in range(k % 3):  # requests arrive while others are half done
+                engine.step()
+        while not all(h.done for h in handles):
+            engine.step()
+    assert engine.stats["max_decode_batch"] == 3  # slots were shared, moved and reused
+    for p, n, h in zip(prompts, lengths, handles, strict=True):
+        g = h.result()
+        expected = hf_greedy(model, p, n, engine.eos)
+        assert g.token_ids == expected and g.finish_reason == ("length" if len(expected) == n else "stop")
+        assert g.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert engine.num_running == 0 and engine.free_slots == {0, 1, 2}
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding(smollm2_loaded):
+    model, tokenizer, _ = smollm2_loaded
+    short = real_prompts(tokenizer, 1)[0]
+    long = real_prompts(tokenizer, 4)[3]
+    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=512, max_batch_tokens=20)
+    with torch.inference_mode():
+        first = engine.submit(short, SamplingParams(max_tokens=30))
+        while not first.generation.token_ids:
+            engine.step()
+        second = engine.submit(long, SamplingParams(max_tokens=8))
+        before = len(first.generation.token_ids)
+        steps = 0
+        while not second.generation.token_ids:
+            engine.step()
+            steps += 1
+        assert steps == -(-len(long) // 19)  # 19 prompt tokens a step: one of the 20 went to the running request
+        assert len(first.generation.token_ids) - before == steps  # which decoded in every one of them
+        while not (first.done and second.done):
+            engine.step()
+    assert first.result().token_ids == hf_greedy(model, short, 30, engine.eos)
+    assert second.result().token_ids == hf_greedy(model, long, 8, engine.eos)
+
+
+def test_cancel_frees_the_slot_within_a_step_and_waiting_requests_take_it(make_tiny_llama, tok):
+    model = make_tiny_llama()
+    model.generation_config.eos_token_id = None  # HF runs on; the reference is cut at the engine's end tokens
+    engine = Engine(model, tok, max_num_seqs=1, max_model_len=256, max_batch_tokens=32)
+    a, b = random_prompts(2, model.config.vocab_size, seed=4)
+    with torch.inference_mode():
+        long = engine.submit(a, SamplingParams(max_tokens=200))
+        queued = engine.submit(b, SamplingParams(max_tokens=4))
+        for _ in range(3):
+            engine.step()
+        assert engine.num_running == 1 and engine.num_waiting == 1
+        long.cancel()
+        engine.step()
+        assert long.done and long.result().finish_reason == "cancelled" and len(long.result().token_ids) < 10
+        while not queued.done:
+            engine.step()
+    assert queued.result().token_ids == hf_greedy(model, b, 4, engine.eos)
+
+
+def test_requests_that_cannot_fit_are_refused_with_a_reason(tiny_causal):
+    engine = Engine(tiny_causal.model, tiny_causal.tokenizer, max_num_seqs=2, max_model_len=64, max_batch_tokens=32)
+    with pytest.raises(ValueError, match="exceeds the engine's max_model_len of 64"):
+        engine.submit(list(range(10, 60)), SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Engine(tiny_causal.model, tiny_causal.tokenizer, max_num_seqs=8, max_batch_tokens=8)
+    with pytest.raises(ValueError, match="max_model_len"):
+        Engine(tiny_causal.model, tiny_causal.tokenizer, max_model_len=10**6)
+
+
+def test_seeded_samples_do_not_depend_on_what_runs_beside_them(make_tiny_llama, tok):
+    model = make_tiny_llama()
+    prompts = random_prompts(6, model.config.vocab_size, seed=5)
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=11)
+    alone = Engine(model, tok, max_num_seqs=4).generate([prompts[0]], [seeded])[0]
+    others = [SamplingParams(max_tokens=k + 3, temperature=0.7, seed=None) for k in range(5)]
+    crowd = Engine(model, tok, max_num_seqs=4).generate(prompts[1:4] + [prompts[0]] + prompts[4:],
+                                                           others[:3] + [seeded] + others[3:])
+    assert crowd[3].token_ids == alone.token_ids
+    greedy = Engine(model, tok, max_num_seqs=4).generate([prompts[0]], [SamplingParams(max_tokens=12)])[0]
+    assert alone.token_ids != greedy.token_ids  # temperature is applied, not ignored
+
+
+def test_sampler_temperature_top_p_and_seeds():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500) * 3
+    greedy = int(logits.argmax())
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    hot = SamplingParams(temperature=1.0)
+    draws = [sample(logits, [hot], [gen(s)])[0] for s in range(20)]
+    assert len(set(draws)) > 3 and draws != [greedy] * 20  # really sampled
+    assert sample(logits, [hot], [gen(7)]) == sample(logits, [hot], [gen(7)])  # a seed repeats
+    for tiny in (1e-6, 5e-324):  # every accepted top_p samples, down to float32's zero
+        assert sample(logits, [SamplingParams(temperature=1.0, top_p=tiny)], [gen(1)])[0] == greedy
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.9).sum()) + 1].tolist())
+    nucleus_draws = [sample(logits, [SamplingParams(temperature=1.0, top_p=0.9)], [gen(s)])[0] for s in range(200)]
+    assert set(nucleus_draws) <= nucleus and len(set(nucleus_draws)) > 1
+
+
+def test_logprobs_are_the_models_own(make_tiny_llama, tok):
+    model = make_tiny_llama()
+    prompt = random_prompts(1, model.config.vocab_size, seed=6)[0]
+    g = Engine(model, tok, max_num_seqs=2).generate([prompt], [SamplingParams(max_tokens=3, logprobs=2)])[0]
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
+    first = g.logprobs[0]
+    assert first.token_id == g.token_ids[0] and abs(first.logprob - float(lp[first.token_id])) < 1e-4
+    assert [t for t, _ in first.top] == lp.topk(2).indices.tolist() and len(g.logprobs) == 3
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_llama_family_architectures_run_on_the_engine(arch, tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None  # HF runs on; the reference is cut at the engine's end tokens
+    prompts = random_prompts(4, 300, seed=7)
+    engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16)
+    results = engine.generate(prompts, [SamplingParams(max_tokens=n) for n in (6, 2, 9, 4)])
+    for p, n, g in zip(prompts, (6, 2, 9, 4), results, strict=True):
+        assert g.token_ids == hf_greedy(model, p, n, engine.eos)
+
+
+@pytest.mark.timeout(120)
+def test_the_engine_thread_streams_events_to_asyncio(tiny_causal):
+    engine = Engine(tiny_causal.model, tiny_causal.tokenizer, max_num_seqs=4, num_threads=1).start()
+    try:
+        async def run():
+            handles = [engine.submit([10 + k, 20, 30], SamplingParams(max_tokens=8)) for k in range(3)]
+            events = await asyncio.gather(*(_collect(h) for h in handles))
+            return handles, events
+
+        handles, events = asyncio.run(run())
+        for h, evs in zip(handles, events, strict=True):
+            assert evs[-1].finished and all(not e.finished for e in evs[:-1])
+            assert "".join(e.text for e in evs) == h.result().text
+            assert sum(len(e.token_ids) for e in evs) == len(h.result().token_ids)
+        sync = engine.generate([[10, 20, 30]], [SamplingParams(max_tokens=8)])[0]
+        assert sync.token_ids == handles[0].result().token_ids
+    finally:
+        engine.shutdown()
+
+
+async def _collect(handle):
+    return [e async for e in handle]
