@@ -1,6 +1,10 @@
 """serve.app over real HTTP on a local Ray, with the official openai client."""
 
 import concurrent.futures as cf
+import itertools
+import json
+import threading
+import time
 
 import openai
 import pytest
@@ -122,6 +126,17 @@ def test_embeddings_with_the_openai_client(deploy, minilm_loaded):
     assert r.usage.prompt_tokens > 0
     bad = requests.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=60)
     assert bad.status_code == 400 and "encoder" in bad.json()["error"]["message"]
+
+    def embed(k: int):  # 32 at once: batched, tokenized on the event loop while the batch encodes in a thread
+        inputs = [f"Sentence number {k} about topic {j}." for j in range(1 + k % 3)]
+        return inputs, requests.post(f"{url}/v1/embeddings", json={"input": inputs}, timeout=120)
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(embed, range(32)))
+    for inputs, r in answers:
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        assert torch.allclose(got, models.encode(model, tokenizer, inputs), atol=1e-5)
     serve.delete("mini")
 
 
@@ -144,3 +159,128 @@ def test_api_key_on_and_off(deploy, tiny_causal_dir, monkeypatch):
     url = deploy("keyed", {"model": str(tiny), "model_name": "tiny"})  # redeployed without a key
     assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     serve.delete("keyed")
+
+
+# -- the engine behind the routes ---------------------------------------------------------------------------------
+
+
+def stats(url: str) -> dict:
+    return requests.get(f"{url}/stats", timeout=30).json()
+
+
+def sse_texts(response) -> list[dict]:
+    """The JSON bodies of a server-sent event stream, up to [DONE]."""
+    out = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[len("data: "):]))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_short_request_finishes_while_a_long_stream_runs(smol_url):
+    long = {"messages": [{"role": "user", "content": "Write a long story about a dragon and a knight."}],
+            "max_tokens": 160, "temperature": 0, "stream": True}
+    events = {}
+
+    def stream():
+        with requests.post(f"{smol_url}/v1/chat/completions", json=long, stream=True, timeout=240) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if line.startswith("data: ") and "content" in line:
+                    events.setdefault("first", time.perf_counter())
+        events["stream_done"] = time.perf_counter()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    while "first" not in events:
+        time.sleep(0.05)
+    short = requests.post(f"{smol_url}/v1/completions", json={"prompt": "2 + 2 =", "max_tokens": 3, "temperature": 0},
+                          timeout=120)
+    short_done = time.perf_counter()
+    t.join()
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
+    assert short_done < events["stream_done"]  # it did not wait for the stream to end
+
+
+@pytest.mark.timeout(300)
+def test_a_disconnected_stream_is_cancelled_and_frees_its_slot(smol_url):
+    before = stats(smol_url)
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    with requests.post(f"{smol_url}/v1/completions", json=body, stream=True, timeout=120) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        got = [line for line in itertools.islice(lines, 12) if line.startswith("data: ")]
+    assert got  # the stream was running; closing the response hangs up
+    deadline = time.time() + 60
+    while stats(smol_url)["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    after = stats(smol_url)
+    assert after["running"] == 0
+    assert after["generation_tokens"] - before["generation_tokens"] < 200  # far from the 400 it was asked for
+    ok = requests.post(f"{smol_url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_a_seeded_sample_is_the_same_alone_and_under_load(smol_url):
+    seeded = {"prompt": "My favourite animal is", "max_tokens": 16, "temperature": 1.0, "seed": 1234}
+    post = lambda b: requests.post(f"{smol_url}/v1/completions", json=b, timeout=180).json()  # noqa: E731
+    alone = post(seeded)["choices"][0]["text"]
+    others = [{"prompt": f"Fact {k}: the ocean", "max_tokens": 4 + 7 * k, "temperature": 0.9 * (k % 2)}
+              for k in range(6)]
+    with cf.ThreadPoolExecutor(7) as pool:
+        futures = [pool.submit(post, b) for b in others[:3]] + [pool.submit(post, seeded)]
+        futures += [pool.submit(post, b) for b in others[3:]]
+        crowd = futures[3].result()["choices"][0]["text"]
+        assert all("choices" in f.result() for f in futures)
+    greedy = post({**seeded, "temperature": 0})["choices"][0]["text"]
+    assert crowd == alone and alone != greedy
+
+
+@pytest.mark.parametrize("prompt", ["Translate into French: The theatre café is near the old château.",
+                                    "Translate 'thank you' into Japanese, Chinese and Korean."])
+@pytest.mark.timeout(300)
+def test_streamed_deltas_join_to_the_non_streamed_text_also_with_a_stop_string(client, smollm2_loaded, prompt):
+    tokenizer = smollm2_loaded.tokenizer
+    messages = [{"role": "user", "content": prompt}]
+    kw = {"model": "smol", "messages": messages, "max_tokens": 48, "temperature": 0}
+
+    def streamed(**extra):
+        chunks = list(client.chat.completions.create(stream=True, **kw, **extra))
+        return [c.choices[0].delta.content or "" for c in chunks if c.choices], chunks[-1].choices[0].finish_reason
+
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    pieces, _ = streamed()
+    assert "".join(pieces) == whole and not whole.isascii()  # the second answer has characters split over tokens
+    ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+    texts = [tokenizer.decode([i]) for i in ids]
+    k = next(k for k in range(len(ids) // 3, len(ids)) if len(texts[k - 1].strip()) >= 2 and len(texts[k]) >= 2)
+    stop = texts[k - 1][-2:] + texts[k][:2]  # spans two tokens
+    cut = client.chat.completions.create(stop=[stop], **kw)
+    pieces, finish = streamed(stop=[stop])
+    assert cut.choices[0].message.content == whole[: whole.index(stop)] == "".join(pieces)
+    assert cut.choices[0].finish_reason == finish == "stop"
+    assert not any(stop in p for p in pieces)
+
+
+@pytest.mark.timeout(300)
+def test_logprobs_in_chat_and_completions(client):
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob <= 0 and c.logprob >= c.top_logprobs[-1].logprob for c in content)
+    assert content[0].token == content[0].top_logprobs[0].token  # greedy picks the most likely
+    c = client.completions.create(model="smol", prompt="The sky is", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert "".join(lp.tokens) == c.choices[0].text
+
+
+@pytest.mark.timeout(120)
+def test_metrics_page_in_prometheus_text(smol_url):
+    text = requests.get(f"{smol_url}/metrics", timeout=30).text
+    for name in ("raypress_requests_running", "raypress_requests_waiting", "raypress_generation_tokens_total",
+                 "raypress_time_to_first_token_seconds_bucket", "raypress_step_seconds_count"):
+        assert name in text
+    total = next(line for line in text.splitlines() if line.startswith("raypress_generation_tokens_total"))
+    assert float(total.split()[-1]) > 0
