@@ -223,8 +223,8 @@ def copy_sentence_transformers_files(src: Path, dst: Path) -> None:
 # Built-ins and the local store
 
 
-def builtin_path(name: str) -> Path:
-    """Folder of a built-in model, importing it into the store on first use."""
+def builtin_source(name: str) -> Path:
+    """The file or folder a built-in model's package ships (for SmolLM2, its GGUF file)."""
     spec = BUILTINS[name]
     # find_spec locates the package without running its __init__ (whose own dependencies we do not install).
     found = importlib.util.find_spec(spec.package)
@@ -235,6 +235,12 @@ def builtin_path(name: str) -> Path:
     source = Path(list(found.submodule_search_locations)[0]) / spec.relpath
     if not source.exists():
         raise FileNotFoundError(f"{spec.pip_name} is installed but has no {spec.relpath!r}; reinstall it")
+    return source
+
+
+def builtin_path(name: str) -> Path:
+    """Folder of a built-in model, importing it into the store on first use."""
+    source = builtin_source(name)
     if source.suffix != ".gguf":
         return source
     store = home() / "models" / name

@@ -219,6 +219,16 @@ def test_a_disconnected_stream_is_cancelled_and_frees_its_slot(smol_url):
     ok = requests.post(f"{smol_url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200
 
+    before = stats(smol_url)  # a plain request whose client gives up is cancelled too
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{smol_url}/v1/completions", timeout=3,
+                      json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
+    deadline = time.time() + 60
+    while stats(smol_url)["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    after = stats(smol_url)
+    assert after["running"] == 0 and after["generation_tokens"] - before["generation_tokens"] < 200
+
 
 @pytest.mark.timeout(300)
 def test_a_seeded_sample_is_the_same_alone_and_under_load(smol_url):
