@@ -64,9 +64,14 @@ class LlamaCpp:
         import llama_cpp
 
         self.lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx * batch, n_batch=max(512, n_ctx),
-                                   n_threads=threads, n_threads_batch=threads, n_seq_max=batch, verbose=False)
-        self.ctx = self.llm.ctx
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, verbose=False)
+        params = llama_cpp.llama_context_default_params()  # a context of our own: one KV sequence per row
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx * batch, max(512, n_ctx), max(512, n_ctx)
+        params.n_seq_max, params.kv_unified = batch, True
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
         self.n_vocab = self.llm.n_vocab()
         self.batch = llama_cpp.llama_batch_init(max(512, n_ctx), 0, batch)
 
