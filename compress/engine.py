@@ -54,7 +54,8 @@ class _Seq:
 
 
 class Engine:
-    """Continuous batching for a Hugging Face causal LM whose attention layers use the HF cache protocol.
+    """Continuous batching for a Hugging Face causal LM whose layers use HF's cache and attention interfaces
+    (Llama, Qwen2, Mistral and their kin).
 
     Args:
         model, tokenizer: as ``compress.models.load`` returns them.
@@ -80,7 +81,6 @@ class Engine:
         self.cache = SlotKVCache.for_model(model, max_num_seqs, max_model_len)
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: deque[_Seq] = deque()
         self.prefilling: list[_Seq] = []
         self.decoding: list[_Seq] = []  # decoding[i].slot == i: running sequences fill the first slots
@@ -97,11 +97,7 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
         """Queue a request; its events arrive on the returned handle. Raises ValueError if it cannot fit."""
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
-                             f"max_model_len of {self.max_model_len} tokens")
+        self._check(prompt, params)
         request_id = request_id or f"req-{next(_ids)}"
         handle = RequestHandle(request_id, len(prompt), cancel=lambda: self._inbox.put(("cancel", request_id)))
         self._inbox.put(("add", _Seq(request_id, list(prompt), params, handle, self.tokenizer)))
@@ -111,12 +107,21 @@ class Engine:
         """Run requests to completion; steps on the calling thread unless the engine's thread is running."""
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        for p, s in zip(prompts, params, strict=True):  # all or nothing: refuse before queueing any
+            self._check(p, s)
         handles = [self.submit(p, s) for p, s in zip(prompts, params, strict=True)]
         if self._thread is None:
             with torch.inference_mode():
                 while not all(h.done for h in handles):
                     self.step()
         return [h.result() for h in handles]
+
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
+                             f"max_model_len of {self.max_model_len} tokens")
 
     @property
     def num_running(self) -> int:
