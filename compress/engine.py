@@ -161,7 +161,11 @@ class Engine:
             torch.set_num_threads(self.num_threads)
         with torch.inference_mode():
             while self._take_inbox(block=not (self.waiting or self.num_running)):
-                self.step(take_inbox=False)
+                try:
+                    self.step(take_inbox=False)
+                except Exception as e:  # never let the thread die with requests waiting on it
+                    log.exception("raypress engine: a step failed")
+                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
 
     def _take_inbox(self, block: bool) -> bool:
         """Move queued requests and cancellations into the engine; False when asked to stop."""
@@ -229,9 +233,21 @@ class Engine:
         if not ready:
             return
         seqs = [parts[r][0] for r in ready]
-        tokens = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+        try:
+            tokens = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # one row's parameters must not fail the others: sample row by row
+            tokens = [self._sample_one(seq, logits[r]) for r, seq in zip(ready, seqs, strict=True)]
         for r, seq, token in zip(ready, seqs, tokens, strict=True):
-            self._emit(seq, token, logits[r])
+            if token is not None:
+                self._emit(seq, token, logits[r])
+
+    def _sample_one(self, seq: _Seq, logits: torch.Tensor) -> int | None:
+        try:
+            return sample(logits[None], [seq.params], [seq.generator])[0]
+        except Exception as e:
+            log.exception("raypress engine: sampling failed for %s", seq.id)
+            self._finish(seq, None, error=f"sampling failed: {type(e).__name__}: {e}")
+            return None
 
     def _forward(self, parts: list[tuple[_Seq, int]]) -> torch.Tensor:
         """Logits [parts, vocab] at the last token of each part, from one packed forward."""

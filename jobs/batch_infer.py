@@ -113,8 +113,8 @@ def _row_params(batch: dict, i: int, defaults: dict) -> SamplingParams:
             v = batch[key][i]
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
                 values[key] = v
-    stop = values.get("stop") or ()
-    values["stop"] = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
+    stop = values.get("stop")
+    values["stop"] = () if stop is None else (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
     values["max_tokens"] = int(values["max_tokens"])
     values["seed"] = None if values.get("seed") is None else int(values["seed"])
     values["temperature"], values["top_p"] = float(values["temperature"]), float(values["top_p"])
@@ -173,28 +173,20 @@ class Predictor:
         return batch
 
     def _generate(self, ids: dict[int, list[int]], params: np.ndarray, out: dict) -> None:
-        rows, prompts, row_params = [], [], []
-        for i, row_ids in ids.items():
-            try:
-                p = json.loads(params[i])
-                row_params.append(SamplingParams(**{**p, "stop": tuple(p["stop"])}))
-            except (ValueError, TypeError) as e:
-                out["_error"][i] = str(e)
-                continue
-            rows.append(i)
-            prompts.append(row_ids)
+        rows = list(ids)
         if not rows:
             return
+        row_params = [SamplingParams(**{**p, "stop": tuple(p["stop"])}) for p in (json.loads(params[i]) for i in rows)]
         try:
-            results = self.engine.generate(prompts, row_params)
+            results = self.engine.generate([ids[i] for i in rows], row_params)
         except Exception as e:  # the engine refused the call as a whole: every row gets the reason
+            results = [None] * len(rows)
             for i in rows:
                 out["_error"][i] = f"model error: {type(e).__name__}: {e}"
-            return
         for i, g in zip(rows, results, strict=True):
-            if g.error:
+            if g is not None and g.error:
                 out["_error"][i] = f"model error: {g.error}"
-            else:
+            elif g is not None:
                 out["_out"][i] = json.dumps({"ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason})
 
     def _encode_or_score(self, ids: list[list[int]]) -> list:

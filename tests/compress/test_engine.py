@@ -192,3 +192,30 @@ def test_the_engine_thread_streams_events_to_asyncio(tiny_causal):
 
 async def _collect(handle):
     return [e async for e in handle]
+
+
+def test_a_request_whose_sampling_fails_fails_alone(make_tiny_llama, tok, monkeypatch):
+    import compress.sampling as sampling
+
+    real = sampling._draw
+
+    def draw(logits, p, generator):  # a fault in one request's sampling, as a NaN distribution would raise
+        if p.seed == 666:
+            raise RuntimeError("invalid multinomial distribution")
+        return real(logits, p, generator)
+
+    monkeypatch.setattr(sampling, "_draw", draw)
+    model = make_tiny_llama()
+    engine = Engine(model, tok, max_num_seqs=4).start()
+    try:
+        prompts = random_prompts(3, model.config.vocab_size, seed=8)
+        params = [SamplingParams(max_tokens=5), SamplingParams(max_tokens=5, temperature=1.0, seed=666),
+                  SamplingParams(max_tokens=5, temperature=1.0, seed=1)]
+        handles = [engine.submit(p, s) for p, s in zip(prompts, params, strict=True)]
+        results = [h.result(timeout=60) for h in handles]
+        assert results[1].finish_reason == "error" and "invalid multinomial" in results[1].error
+        assert results[0].error is None and results[2].error is None and len(results[2].token_ids) >= 1
+        after = engine.submit(prompts[0], SamplingParams(max_tokens=3)).result(timeout=60)  # the thread lives on
+        assert after.error is None
+    finally:
+        engine.shutdown()

@@ -42,6 +42,7 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
         {"prompt": "hello " * 9000},
         {"messages": [{"role": "user", "content": "What is the capital of Japan?"}], "max_tokens": 12},
         {"prompt": "Count: one, two, three,", "stop": [","], "max_tokens": 12},
+        {"prompt": "Count: one, two, three,", "stop": [",", "."], "max_tokens": 12},
     ]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     assert batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "out"), chat=True,
@@ -56,6 +57,7 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
     assert "exceed the limit of 2048 tokens" in out[5]["error"]
     assert "Tokyo" in out[6]["generated_text"] and out[6]["finish_reason"] in ("stop", "length")
     assert "," not in out[7]["generated_text"]  # cut at the stop string
+    assert out[8]["error"] is None and not {",", "."} & set(out[8]["generated_text"])  # several stop strings
     for r in out:
         assert set(r) >= {"prompt", "generated_text", "num_prompt_tokens", "num_generated_tokens", "finish_reason",
                           "error"}
