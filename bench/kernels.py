@@ -1,0 +1,103 @@
+"""Per-layer speed of the quantized matrix products against this machine's memory bandwidth, in one run.
+
+    python bench/kernels.py                  # SmolLM2-135M's linear layers, M = 1, 2, 4, 8, 16 activation rows
+    python bench/kernels.py --rows 1 8 --rounds 7
+
+A model's worth of layers (30 x q, k, v, o, gate, up, down at SmolLM2's shapes, random weights: ~540 MB in float32,
+far more than any cache) is streamed through each product, so every weight comes from memory as in a decode step.
+Bandwidth is a plain read of a 1 GiB tensor (``sum``), timed in the same rounds. Prints, per number of activation
+rows, the bytes of weights each product reads per second and that as a share of the read bandwidth: float32
+``F.linear``, int8 (``kernels.int8_linear``: per-channel int8) and int4 (``kernels.int4_linear``: groups of 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress import kernels  # noqa: E402
+from compress.quantize import quantize_groupwise, quantize_per_channel  # noqa: E402
+
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # N, K per layer
+
+
+def layers(n_layers: int, group_size: int) -> dict[str, list]:
+    torch.manual_seed(0)
+    f32, i8, i4 = [], [], []
+    for _ in range(n_layers):
+        for n, k in SHAPES:
+            w = torch.randn(n, k) * 0.02
+            f32.append(w)
+            i8.append(quantize_per_channel(w))
+            q, scale, offset = quantize_groupwise(w, group_size)
+            i4.append((kernels.pack_int4(q), scale.contiguous(), offset.contiguous()))
+    return {"float32": f32, "int8": i8, "int4": i4}
+
+
+def timed(fn, weights, xs) -> tuple[float, int]:
+    start = time.perf_counter()
+    nbytes = 0
+    for w in weights:
+        nbytes += fn(xs, w)
+    return time.perf_counter() - start, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--group-size", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    gs = args.group_size
+    weights = layers(args.layers, gs)
+
+    def f32(xs, w):
+        F.linear(xs[w.shape[1]], w)
+        return w.numel() * 4
+
+    def i8(xs, qw):
+        kernels.int8_linear(xs[qw[0].shape[1]], qw[0], qw[1], None)
+        return qw[0].numel() + qw[1].numel() * 4
+
+    def i4(xs, pw):
+        packed, scale, offset = pw
+        kernels.int4_linear(xs[packed.shape[1] * 2], packed, scale, offset, gs, None)
+        return packed.numel() + (scale.numel() + offset.numel()) * 4
+
+    products = {"float32": f32, "int8": i8, "int4": i4}
+    big = torch.ones(1 << 28)  # 1 GiB
+    samples: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        big.sum()
+        samples.setdefault(("read", 0), []).append(big.numel() * 4 / (time.perf_counter() - start))
+        for m in args.rows:
+            xs = {k: torch.randn(m, k) for k in (576, 1536)}
+            for name, fn in products.items():
+                seconds, nbytes = timed(fn, weights[name], xs)
+                samples.setdefault((name, m), []).append(nbytes / seconds)
+    read = statistics.median(samples[("read", 0)])
+    print(f"{args.layers} layers of SmolLM2-135M's linear shapes, medians of {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, raypress kernels: {kernels.kernels_available()}\n"
+          f"CPU: {kernels.cpu_description()}\nmemory read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
+    print(f"{'rows':>5}" + "".join(f"{name + ' GB/s':>15}{'of read':>9}" for name in products))
+    for m in args.rows:
+        cells = []
+        for name in products:
+            rate = statistics.median(samples[(name, m)])
+            cells.append(f"{rate / 1e9:>15.1f}{rate / read:>9.0%}")
+        print(f"{m:>5}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()
