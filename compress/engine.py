@@ -55,7 +55,8 @@ class _Seq:
 
 class Engine:
     """Continuous batching for a Hugging Face causal LM whose layers use HF's cache and attention interfaces
-    (Llama, Qwen2, Mistral and their kin).
+    (Llama, Qwen2, Mistral and their kin). The engine owns the model: while its thread runs, do not run the same
+    model object elsewhere (during a step its attention layers read the engine's cache).
 
     Args:
         model, tokenizer: as ``compress.models.load`` returns them.
