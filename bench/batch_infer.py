@@ -91,11 +91,11 @@ def run_engine(engine, ids, max_tokens) -> int:
 
 @torch.inference_mode()
 def run_loop(model, tokenizer, ids, max_tokens) -> int:
-    total = 0
+    total, eos = 0, eos_ids(model, tokenizer)
     for row, m in zip(ids, max_tokens, strict=True):
         out = model.generate(torch.tensor([row]), max_new_tokens=m, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-        total += sum(1 for t in out[0, len(row) :].tolist() if t not in eos_ids(model, tokenizer))
+        total += sum(1 for t in out[0, len(row) :].tolist() if t not in eos)
     return total
 
 

@@ -213,8 +213,8 @@ class ModelServer:
         kind, rid = ("chat.completion.chunk", oa.new_id("chatcmpl")) if chat else ("text_completion", oa.new_id("cmpl"))
         created = int(time.time())
 
-        def chunk(choice: dict) -> str:
-            body = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+        def chunk(choice: dict, **extra) -> str:
+            body = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice], **extra}
             return f"data: {json.dumps(body)}\n\n"
 
         async def events():
@@ -236,12 +236,8 @@ class ModelServer:
                         choice = {"index": 0, "text": out.text, "finish_reason": finish,
                                   "logprobs": oa.completion_logprobs(out.logprobs, self._token_text, offset)}
                     offset += len(out.text)
-                    text = chunk(choice)
-                    if finish:
-                        body = json.loads(text[len("data: "):])
-                        body["usage"] = oa.usage(len(ids), out.num_generated_tokens)
-                        text = f"data: {json.dumps(body)}\n\n"
-                    yield text
+                    extra = {"usage": oa.usage(len(ids), out.num_generated_tokens)} if finish else {}
+                    yield chunk(choice, **extra)
                 yield "data: [DONE]\n\n"
             finally:
                 handle.cancel()  # the client went away before the end: free the slot now
