@@ -7,7 +7,8 @@ A model's worth of layers (30 x q, k, v, o, gate, up, down at SmolLM2's shapes, 
 far more than any cache) is streamed through each product, so every weight comes from memory as in a decode step.
 Bandwidth is a plain read of a 1 GiB tensor (``sum``), timed in the same rounds. Prints, per number of activation
 rows, the bytes of weights each product reads per second and that as a share of the read bandwidth: float32
-``F.linear``, int8 (``kernels.int8_linear``: per-channel int8) and int4 (``kernels.int4_linear``: groups of 64).
+``F.linear``, and raypress's float32, int8 (per-channel) and int4 (groups of 64) kernels on each instruction set this
+CPU has (AVX2 always; AVX-512 where present).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def main() -> None:
         F.linear(xs[w.shape[1]], w)
         return w.numel() * 4
 
+    def f32k(xs, w):
+        kernels.f32_linear(xs[w.shape[1]], w, None)
+        return w.numel() * 4
+
     def i8(xs, qw):
         kernels.int8_linear(xs[qw[0].shape[1]], qw[0], qw[1], None)
         return qw[0].numel() + qw[1].numel() * 4
@@ -74,7 +79,13 @@ def main() -> None:
         kernels.int4_linear(xs[packed.shape[1] * 2], packed, scale, offset, gs, None)
         return packed.numel() + (scale.numel() + offset.numel()) * 4
 
-    products = {"float32": f32, "int8": i8, "int4": i4}
+    isas = [isa for isa in ("avx2", "avx512") if isa in kernels.available_isas()]
+    products = {"float32 F.linear": f32}
+    for isa in isas:
+        products |= {f"f32 {isa}": (isa, f32k), f"int8 {isa}": (isa, i8), f"int4 {isa}": (isa, i4)}
+    data = {"float32 F.linear": weights["float32"]}
+    for isa in isas:
+        data |= {f"f32 {isa}": weights["float32"], f"int8 {isa}": weights["int8"], f"int4 {isa}": weights["int4"]}
     big = torch.ones(1 << 28)  # 1 GiB
     samples: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):
@@ -84,19 +95,21 @@ def main() -> None:
         for m in args.rows:
             xs = {k: torch.randn(m, k) for k in (576, 1536)}
             for name, fn in products.items():
-                seconds, nbytes = timed(fn, weights[name], xs)
+                if isinstance(fn, tuple):
+                    kernels.use_isa(fn[0])
+                    fn = fn[1]
+                seconds, nbytes = timed(fn, data[name], xs)
                 samples.setdefault((name, m), []).append(nbytes / seconds)
     read = statistics.median(samples[("read", 0)])
     print(f"{args.layers} layers of SmolLM2-135M's linear shapes, medians of {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, raypress kernels: {kernels.kernels_available()}\n"
           f"CPU: {kernels.cpu_description()}\nmemory read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
-    print(f"{'rows':>5}" + "".join(f"{name + ' GB/s':>15}{'of read':>9}" for name in products))
-    for m in args.rows:
-        cells = []
-        for name in products:
-            rate = statistics.median(samples[(name, m)])
-            cells.append(f"{rate / 1e9:>15.1f}{rate / read:>9.0%}")
-        print(f"{m:>5}" + "".join(cells))
+    kernels.use_isa("")
+    print("GB/s of weights read (share of the read bandwidth)")
+    print(f"{'product':<18}" + "".join(f"{'M=' + str(m):>14}" for m in args.rows))
+    for name in products:
+        cells = [statistics.median(samples[(name, m)]) for m in args.rows]
+        print(f"{name:<18}" + "".join(f"{rate / 1e9:>8.1f} ({rate / read:>3.0%})" for rate in cells))
 
 
 if __name__ == "__main__":

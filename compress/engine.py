@@ -26,6 +26,7 @@ import torch
 
 from compress.detokenize import Detokenizer
 from compress.kvcache import SlotKVCache, slot_attention
+from compress.lean import LeanForward
 from compress.request import Generation, Histogram, RequestHandle, RequestOutput
 from compress.sampling import SamplingParams, logprobs_of, sample
 from compress.scheduler import schedule
@@ -64,10 +65,12 @@ class Engine:
         max_model_len: prompt plus new tokens of one request; default the model's context, at most 2048.
         max_batch_tokens: tokens one step runs: one per running sequence plus prompt chunks.
         num_threads: torch threads for the engine's thread (CPU).
+        lean: run steps on ``compress.lean.LeanForward`` (Llama-family float32 models; default: wherever it
+            applies) instead of the model's Hugging Face forward.
     """
 
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 max_batch_tokens: int = 512, num_threads: int | None = None):
+                 max_batch_tokens: int = 512, num_threads: int | None = None, lean: bool = True):
         limit = context_length(model)
         max_model_len = min(limit, 2048) if max_model_len is None else max_model_len
         if not 1 <= max_model_len <= limit:
@@ -80,6 +83,7 @@ class Engine:
         self.max_num_seqs, self.max_model_len, self.max_batch_tokens = max_num_seqs, max_model_len, max_batch_tokens
         self.num_threads = num_threads
         self.cache = SlotKVCache.for_model(model, max_num_seqs, max_model_len)
+        self.lean = LeanForward.for_model(model, max_model_len) if lean else None
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
         self.waiting: deque[_Seq] = deque()
@@ -259,6 +263,8 @@ class Engine:
             tokens += seq.prompt[seq.computed : seq.computed + count]
             prefill.append((seq.slot, seq.computed, count))
         layout = self.cache.plan([s.computed + 1 for s, _ in parts[:n]], prefill)
+        if self.lean is not None:
+            return self.lean(torch.tensor(tokens, device=self.device), layout, self.cache)
         with slot_attention(self.cache):
             out = self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=layout.positions,
                              attention_mask=layout.dummy_mask, cache=self.cache, use_cache=True,

@@ -12,6 +12,7 @@ Set ``RAYPRESS_KERNELS=0`` to force the portable path (for comparisons).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ MAX_INT4_KERNEL_ROWS = 32
 
 @functools.cache
 def _extension():
+    """``torch.ops.raypress`` once the kernels are built and loaded, else None (the portable path runs)."""
     if os.environ.get("RAYPRESS_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -43,18 +45,98 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load
 
-        src = Path(__file__).with_name("csrc") / "qgemv.cpp"
+        csrc = Path(__file__).with_name("csrc")
+        sources = [csrc / "qgemv.cpp", csrc / "gemv_body.h"]
+        # torch's build cache looks at the .cpp only: the name carries a digest of every file, header included
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
         # -fopenmp lets ATen's parallel_for use torch's OpenMP threads (without it the loops run on one core);
-        # the OpenMP symbols resolve to the runtime torch has already loaded.
+        # the OpenMP symbols resolve to the runtime torch has already loaded. The AVX-512 copy of the kernels is
+        # compiled under a target pragma inside the same file and only runs where cpuid reports AVX-512.
         flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-        return load(name="raypress_qgemv", sources=[str(src)], extra_cflags=flags, verbose=False)
+        load(name=f"raypress_kernels_{digest}", sources=[str(sources[0])], extra_cflags=flags, verbose=False,
+             is_python_module=False)
+        _register_fakes()
+        log.info("raypress CPU kernels: %s", torch.ops.raypress.isa())
+        return torch.ops.raypress
     except Exception as e:  # a missing compiler or headers must not stop the model from running
         log.warning("could not build the raypress CPU kernels (%s); using the portable path", e)
         return None
 
 
+def _register_fakes() -> None:
+    """Shapes of the ops' outputs without running them, for torch.compile and meta tensors."""
+    lib = "raypress::"
+
+    @torch.library.register_fake(lib + "f32_gemv")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake(lib + "int8_gemv")
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake(lib + "int4_gemv")
+    def _(x, q, scale, offset, gs):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake(lib + "int8_widen_into")
+    def _(q, scale, n0, out):
+        return None
+
+    @torch.library.register_fake(lib + "int4_widen_into")
+    def _(q, scale, offset, gs, n0, out):
+        return None
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the kernels run with ("avx2" or "avx512"), or None on the portable path."""
+    ext = _extension()
+    return ext.isa() if ext is not None else None
+
+
 def kernels_available() -> bool:
     return _extension() is not None
+
+
+def available_isas() -> list[str]:
+    """The instruction sets the kernels can run with on this CPU (empty on the portable path)."""
+    ext = _extension()
+    if ext is None:
+        return []
+    current, isas = ext.isa(), ["avx2"]
+    try:
+        ext.use_isa("avx512")
+        isas.append("avx512")
+    except RuntimeError:  # no AVX-512 here
+        pass
+    ext.use_isa(current)
+    return isas
+
+
+def use_isa(name: str) -> str:
+    """Run the kernels with "avx2", "avx512", or "" (the best this CPU has); returns the one in use. The
+    environment variable RAYPRESS_ISA sets it for a whole process."""
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the raypress CPU kernels are not loaded (portable path)")
+    return ext.use_isa(name)
+
+
+# The float32 kernel streams a weight matrix faster than ATen's GEMV for a few activation rows (measured with
+# bench/kernels.py); from this many rows ATen's GEMM, which reuses each loaded weight across rows in registers, wins.
+MAX_F32_KERNEL_ROWS = 2
+
+
+def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), on the streaming kernel for decode-sized x."""
+    k = weight.shape[1]
+    rows = x.numel() // k if k else 0
+    if (rows <= MAX_F32_KERNEL_ROWS and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and k % 16 == 0 and weight.is_contiguous() and not torch.is_grad_enabled() and _extension() is not None):
+        y = _extension().f32_gemv(x.reshape(-1, k).contiguous(), weight)
+        y = y + bias if bias is not None else y
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
 
 
 def _use_extension(x: torch.Tensor, k: int, scale: torch.Tensor) -> bool:

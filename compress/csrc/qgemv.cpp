@@ -1,198 +1,289 @@
-// Matrix products on quantized weights for x86 CPUs with AVX2 + FMA.
+// Matrix products for decode on x86 CPUs, as torch ops (namespace `raypress`), for AVX2 + FMA and for AVX-512.
 //
-// At decode time a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the
-// speed of streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them to float
-// in registers reads 4x (8x) fewer bytes than a float32 matmul. Each output n is a dot product over K, so a weight
-// row is read once per tile of activation rows (up to kMaxRows rows; the Python side decides where it pays).
-// The loops run on ATen's OpenMP threads: the extension must be compiled with -fopenmp, else they run on one.
+// At decode a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the speed of
+// streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them to float in
+// registers reads 4x (8x) fewer bytes than a float32 product; the float32 product itself streams better here than
+// ATen's GEMV for one or two rows. The loops run on ATen's OpenMP threads (the extension is built with -fopenmp).
 //
-//   int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                          -> y[M,N] = (x @ q.T) * scale
-//   int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G] f32, offset[N,G] f32, gs) -> y[M,N] = x @ W.T
+//   raypress::f32_gemv(x[M,K] f32, w[N,K] f32)                                   -> y[M,N] = x @ w.T
+//   raypress::int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                     -> y[M,N] = (x @ q.T) * scale
+//   raypress::int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G], offset[N,G], gs)    -> y[M,N] = x @ W.T
+//   raypress::int8_widen_into / int4_widen_into(..., n0, out)                    weight rows as float32, into out
 //
-// With more activation rows (prefill, encoders, evaluation) the product is bound by arithmetic, and ATen's float
-// GEMM does that best: int8_widen_into / int4_widen_into turn stored weight rows into float32 in one parallel pass,
-// into a buffer the caller reuses (fresh memory would cost a page fault per 4 KiB written), which stays in the
-// last-level cache for the GEMM that follows.
+// With many activation rows (prefill, encoders, evaluation) the product is bound by arithmetic, and ATen's GEMM
+// does that best: the Python side widens the weights with the *_widen_into ops into a reused buffer first.
 //
 // int4: W[n,k] = q[n,k] * scale[n,g] + offset[n,g] with g = k / gs (asymmetric: offset is the group's minimum).
 // Packing: each block of 16 consecutive k holds k0..k7 in the low nibbles of its 8 bytes and k8..k15 in the high
-// nibbles, so one 8-byte load widens into two contiguous runs of 8 values. K and gs are multiples of 16, so a block
-// never straddles two groups; the last group may be shorter than gs.
+// nibbles. K and gs are multiples of 16, so a block never straddles two groups; the last group may be shorter.
+//
+// One build holds both instruction sets (gemv_body.h compiled twice, the AVX-512 copy under a target pragma); the
+// one used is chosen at the first call from cpuid, never AVX-512 on a CPU without it. RAYPRESS_ISA=avx2 forces the
+// AVX2 path, and raypress::use_isa switches it at run time (for tests and benchmarks).
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+#include <cmath>
+
+namespace avx2 {
+#define RAYPRESS_WIDE 0
+struct Vec {
+  using F = __m256;
+  static constexpr int W = 8;
+  static constexpr int kMaxRows = 4;  // 16 ymm registers: 4 rows x 2 accumulators + totals + weights
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(F v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+  }
+  static void widen_i8(const int8_t* p, F* out) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  }
+  static void widen_u4(const uint8_t* p, F* out) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    out[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    out[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+  }
+};
+#include "gemv_body.h"
+#undef RAYPRESS_WIDE
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#define RAYPRESS_WIDE 1
+struct Vec {
+  using F = __m512;
+  static constexpr int W = 16;
+  static constexpr int kMaxRows = 8;  // 32 zmm registers
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  static void widen_i8(const int8_t* p, F* out) {
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void widen_u4(const uint8_t* p, F* out) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(0xF);
+    const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi)));
+  }
+};
+#include "gemv_body.h"
+#undef RAYPRESS_WIDE
+}  // namespace avx512
+#pragma GCC pop_options
 
 namespace {
 
-constexpr int64_t kMaxRows = 64;
+enum class Isa { kAvx2, kAvx512 };
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
-inline __m256 widen8_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+Isa resolve(const std::string& want) {
+  if (want == "avx2") return Isa::kAvx2;
+  TORCH_CHECK(want == "avx512" || want.empty(), "unknown instruction set '", want, "': expected avx2 or avx512");
+  if (cpu_has_avx512()) return Isa::kAvx512;
+  TORCH_CHECK(want.empty(), "this CPU has no AVX-512");
+  return Isa::kAvx2;
 }
 
-// Weight rows widened 16 columns at a time into two vectors of 8 floats.
-struct Int8Rows {
-  const int8_t* q;
-  int64_t K;
-  inline void load(int64_t n, int64_t k, __m256& w0, __m256& w1) const {
-    w0 = widen8_i8(q + n * K + k);
-    w1 = widen8_i8(q + n * K + k + 8);
-  }
-};
-
-// Widen weight rows [n0, n1) into dst[(n - n0) * K + k], each row times row_scale[n] when given.
-template <typename Rows>
-inline void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale, float* dst) {
-  const int64_t K = rows.K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const __m256 s = _mm256_set1_ps(row_scale ? row_scale[n] : 1.0f);
-    float* d = dst + (n - n0) * K;
-    for (int64_t k = 0; k < K; k += 16) {
-      __m256 w0, w1;
-      rows.load(n, k, w0, w1);
-      _mm256_storeu_ps(d + k, _mm256_mul_ps(w0, s));
-      _mm256_storeu_ps(d + k + 8, _mm256_mul_ps(w1, s));
-    }
-  }
+std::atomic<Isa>& current_isa() {
+  static std::atomic<Isa> isa{[] {
+    const char* env = std::getenv("RAYPRESS_ISA");
+    return resolve(env ? std::string(env) : std::string());
+  }()};
+  return isa;
 }
 
-struct Int4Rows {
-  const uint8_t* q;
-  const float* scale;
-  const float* offset;
-  int64_t K, G, gs;
-  inline void load(int64_t n, int64_t k, __m256& w0, __m256& w1) const {
-    const int64_t i = n * G + k / gs;
-    const __m256 s = _mm256_broadcast_ss(scale + i), o = _mm256_broadcast_ss(offset + i);
-    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * (K / 2) + k / 2)));
-    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF))), s, o);
-    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s, o);
-  }
-};
+const char* isa_name(Isa isa) { return isa == Isa::kAvx512 ? "avx512" : "avx2"; }
 
-// One tile: MR activation rows x NR weight rows. MR * NR independent accumulators hide the FMA latency, and each
-// widened weight vector serves all MR rows. Sizes keep accumulators + weights + inputs within 16 registers.
-template <int MR, int NR, typename Rows>
-inline void tile(const Rows& rows, const float* x, int64_t K, int64_t n, float out[4][4]) {
-  __m256 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m256 w0[NR], w1[NR];
-    for (int j = 0; j < NR; ++j) rows.load(n + j, k, w0[j], w1[j]);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 x0 = _mm256_loadu_ps(x + m * K + k), x1 = _mm256_loadu_ps(x + m * K + k + 8);
-      for (int j = 0; j < NR; ++j) {
-        acc[m][j] = _mm256_fmadd_ps(w0[j], x0, acc[m][j]);
-        acc[m][j] = _mm256_fmadd_ps(w1[j], x1, acc[m][j]);
-      }
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) out[m][j] = hsum(acc[m][j]);
-}
-
-// Tiles of up to 4 activation rows: 1-2 rows x 4 weight rows, 3-4 rows x 2 weight rows; single rows at the edge.
-template <typename Rows>
-inline int run_tile(int mr, int n_left, const Rows& rows, const float* x, int64_t K, int64_t n, float out[4][4]) {
-  const int want = mr <= 2 ? 4 : 2;
-  if (n_left >= want) {
-    switch (mr) {
-      case 1: tile<1, 4>(rows, x, K, n, out); return 4;
-      case 2: tile<2, 4>(rows, x, K, n, out); return 4;
-      case 3: tile<3, 2>(rows, x, K, n, out); return 2;
-      default: tile<4, 2>(rows, x, K, n, out); return 2;
-    }
-  }
-  switch (mr) {
-    case 1: tile<1, 1>(rows, x, K, n, out); return 1;
-    case 2: tile<2, 1>(rows, x, K, n, out); return 1;
-    case 3: tile<3, 1>(rows, x, K, n, out); return 1;
-    default: tile<4, 1>(rows, x, K, n, out); return 1;
-  }
-}
-
-template <typename Rows>
-torch::Tensor gemv(const torch::Tensor& x, const Rows& rows, int64_t N, const float* out_scale) {
+void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous f32 [M,K]");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "at most ", kMaxRows, " activation rows");
-  TORCH_CHECK(x.size(1) == rows.K && rows.K % 16 == 0, "x has ", x.size(1), " columns; weights have ", rows.K);
-  const int64_t M = x.size(0), K = rows.K;
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
-    float out[4][4];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
-      for (int64_t n = n0; n < n1;) {
-        const int done = run_tile(mr, static_cast<int>(n1 - n), rows, xp + m0 * K, K, n, out);
-        for (int m = 0; m < mr; ++m)
-          for (int j = 0; j < done; ++j) yp[(m0 + m) * N + n + j] = out_scale ? out[m][j] * out_scale[n + j] : out[m][j];
-        n += done;
-      }
-    }
-  });
-  return y;
+  TORCH_CHECK(x.size(1) == K && K % 16 == 0, "x has ", x.size(1), " columns; weights have ", K,
+              " (a multiple of 16)");
 }
 
-// Widen weight rows [n0, n0 + out.size(0)) into out, a contiguous float tensor [rows, K] (rows split between threads).
-template <typename Rows>
-void widen_into(const Rows& rows, int64_t N, const float* row_scale, int64_t n0, torch::Tensor& out) {
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(1) == rows.K,
-              "out must be contiguous f32 [rows, ", rows.K, "]");
-  TORCH_CHECK(n0 >= 0 && n0 + out.size(0) <= N, "rows [", n0, ", ", n0 + out.size(0), ") out of range for ", N);
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
-    widen_rows(rows, n0 + r0, n0 + r1, row_scale, dst + r0 * rows.K);
-  });
-}
-
-Int8Rows int8_rows(const torch::Tensor& q, const torch::Tensor& scale) {
+void check_int8(const torch::Tensor& q, const torch::Tensor& scale) {
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous int8 [N,K]");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == q.size(0),
               "scale must be contiguous f32 [N]");
-  return Int8Rows{q.data_ptr<int8_t>(), q.size(1)};
 }
 
-Int4Rows int4_rows(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs) {
+void check_int4(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs) {
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous u8 [N,K/2]");
-  TORCH_CHECK(gs % 16 == 0, "group size must be a multiple of 16");
+  TORCH_CHECK(gs > 0 && gs % 16 == 0, "group size must be a multiple of 16");
   TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
                   offset.scalar_type() == torch::kFloat32 && scale.sizes() == offset.sizes() &&
                   scale.dim() == 2 && scale.size(0) == q.size(0) &&
                   scale.size(1) == (q.size(1) * 2 + gs - 1) / gs,
               "scale and offset must be contiguous f32 [N, ceil(K / group size)]");
-  return Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), q.size(1) * 2,
-                  scale.size(1), gs};
+}
+
+// Calls fn with the kernel namespace's tag for the instruction set in use.
+struct Avx2Tag {};
+struct Avx512Tag {};
+template <typename Fn>
+auto with_isa(Fn&& fn) {
+  return current_isa().load() == Isa::kAvx512 ? fn(Avx512Tag{}) : fn(Avx2Tag{});
+}
+
+// The activations as the integer path takes them: each row quantized to int16 with its own scale, and for int4
+// the float sums of each group (for the offsets). Plain loops: a few ATen ops here would cost more than the product.
+struct IntActivations {
+  std::vector<int16_t> xq;
+  std::vector<float> sx, xsum;
+};
+
+IntActivations quantize_rows(const torch::Tensor& x, int64_t gs) {
+  const int64_t M = x.size(0), K = x.size(1), G = gs ? (K + gs - 1) / gs : 0;
+  const float* xp = x.data_ptr<float>();
+  IntActivations a{std::vector<int16_t>(M * K), std::vector<float>(M), std::vector<float>(M * G)};
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * K;
+    float most = 0.0f;
+    for (int64_t k = 0; k < K; ++k) most = std::max(most, std::abs(row[k]));
+    const float scale = most > 0.0f ? most / 32767.0f : 1.0f, inv = 1.0f / scale;
+    a.sx[m] = scale;
+    for (int64_t k = 0; k < K; ++k) a.xq[m * K + k] = static_cast<int16_t>(std::nearbyint(row[k] * inv));
+    for (int64_t g = 0; g < G; ++g) {
+      float sum = 0.0f;
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) sum += row[k];
+      a.xsum[m * G + g] = sum;
+    }
+  }
+  return a;
 }
 
 }  // namespace
 
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
-  return gemv(x, int8_rows(q, scale), q.size(0), scale.data_ptr<float>());
+torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous f32 [N,K]");
+  check_x(x, w.size(1));
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  with_isa([&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
+      avx512::gemv(avx512::F32Rows{w.data_ptr<float>(), w.size(1)}, x.data_ptr<float>(), x.size(0), w.size(0),
+                   nullptr, 0, nullptr, y.data_ptr<float>());
+    else
+      avx2::gemv(avx2::F32Rows{w.data_ptr<float>(), w.size(1)}, x.data_ptr<float>(), x.size(0), w.size(0), nullptr,
+                 0, nullptr, y.data_ptr<float>());
+    return 0;
+  });
+  return y;
 }
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs) {
-  return gemv(x, int4_rows(q, scale, offset, gs), q.size(0), nullptr);
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  check_int8(q, scale);
+  check_x(x, q.size(1));
+  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
+  const auto a = quantize_rows(x, 0);
+  with_isa([&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
+      avx512::gemv_int(avx512::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, a.xq.data(), a.sx.data(), x.size(0),
+                       q.size(0), nullptr, 0, scale.data_ptr<float>(), y.data_ptr<float>());
+    else
+      avx2::gemv_int(avx2::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, a.xq.data(), a.sx.data(), x.size(0),
+                     q.size(0), nullptr, 0, scale.data_ptr<float>(), y.data_ptr<float>());
+    return 0;
+  });
+  return y;
 }
 
-void int8_widen_into(torch::Tensor q, torch::Tensor scale, int64_t n0, torch::Tensor out) {
-  widen_into(int8_rows(q, scale), q.size(0), scale.data_ptr<float>(), n0, out);
+torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const torch::Tensor& offset, int64_t gs) {
+  check_int4(q, scale, offset, gs);
+  check_x(x, q.size(1) * 2);
+  const int64_t K = q.size(1) * 2, G = scale.size(1);
+  const auto a = quantize_rows(x, gs);
+  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
+  with_isa([&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
+      avx512::gemv_int(avx512::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K,
+                                        G, gs}, a.xq.data(), a.sx.data(), x.size(0), q.size(0), a.xsum.data(), G,
+                       nullptr, y.data_ptr<float>());
+    else
+      avx2::gemv_int(avx2::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K, G,
+                                    gs}, a.xq.data(), a.sx.data(), x.size(0), q.size(0), a.xsum.data(), G, nullptr,
+                     y.data_ptr<float>());
+    return 0;
+  });
+  return y;
 }
 
-void int4_widen_into(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t gs, int64_t n0,
-                     torch::Tensor out) {
-  widen_into(int4_rows(q, scale, offset, gs), q.size(0), nullptr, n0, out);
+namespace {
+
+void check_out(const torch::Tensor& out, int64_t K, int64_t N, int64_t n0) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(1) == K,
+              "out must be contiguous f32 [rows, ", K, "]");
+  TORCH_CHECK(n0 >= 0 && n0 + out.size(0) <= N, "rows [", n0, ", ", n0 + out.size(0), ") out of range for ", N);
+}
+
+template <typename Rows, typename Widen>
+void widen_parallel(const Rows& rows, int64_t n0, torch::Tensor& out, Widen widen) {
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) { widen(rows, n0 + r0, n0 + r1, dst + r0 * rows.K); });
+}
+
+}  // namespace
+
+void int8_widen_into(const torch::Tensor& q, const torch::Tensor& scale, int64_t n0, torch::Tensor out) {
+  check_int8(q, scale);
+  check_out(out, q.size(1), q.size(0), n0);
+  const float* s = scale.data_ptr<float>();
+  with_isa([&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
+      widen_parallel(avx512::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, n0, out,
+                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx512::widen_rows(r, a, b, s, d); });
+    else
+      widen_parallel(avx2::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, n0, out,
+                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx2::widen_rows(r, a, b, s, d); });
+    return 0;
+  });
+}
+
+void int4_widen_into(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs,
+                     int64_t n0, torch::Tensor out) {
+  check_int4(q, scale, offset, gs);
+  const int64_t K = q.size(1) * 2, G = scale.size(1);
+  check_out(out, K, q.size(0), n0);
+  with_isa([&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
+      widen_parallel(avx512::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K,
+                                      G, gs}, n0, out,
+                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx512::widen_rows(r, a, b, nullptr, d); });
+    else
+      widen_parallel(avx2::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K, G,
+                                    gs}, n0, out,
+                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx2::widen_rows(r, a, b, nullptr, d); });
+    return 0;
+  });
 }
 
 // How many threads ATen's parallel_for runs on inside this extension (for a test: 1 when built without OpenMP).
@@ -206,10 +297,29 @@ int64_t parallel_threads(int64_t n) {
   return most.load();
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("parallel_threads", &parallel_threads, "threads used by a parallel_for over n items (a test hook)");
-  m.def("int8_widen_into", &int8_widen_into, "rows [n0, n0+len(out)) of int8 weights times their scales, into out");
-  m.def("int4_widen_into", &int4_widen_into, "rows [n0, n0+len(out)) of packed int4 weights as float32, into out");
-  m.def("int8_gemv", &int8_gemv, "int8-weight matrix product for a few activation rows");
-  m.def("int4_gemv", &int4_gemv, "packed int4-weight matrix product for a few activation rows");
+// Switch the instruction set ("avx2", "avx512", or "" for the best this CPU has); returns the one now in use.
+std::string use_isa(const std::string& name) {
+  current_isa().store(resolve(name));
+  return isa_name(current_isa().load());
+}
+
+std::string isa() { return isa_name(current_isa().load()); }
+
+TORCH_LIBRARY(raypress, m) {
+  m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor q, Tensor scale, Tensor offset, int gs) -> Tensor");
+  m.def("int8_widen_into(Tensor q, Tensor scale, int n0, Tensor(a!) out) -> ()");
+  m.def("int4_widen_into(Tensor q, Tensor scale, Tensor offset, int gs, int n0, Tensor(a!) out) -> ()");
+  m.def("parallel_threads(int n) -> int", &parallel_threads);
+  m.def("use_isa(str name) -> str", &use_isa);
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(raypress, CPU, m) {
+  m.impl("f32_gemv", &f32_gemv);
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int8_widen_into", &int8_widen_into);
+  m.impl("int4_widen_into", &int4_widen_into);
 }

@@ -219,3 +219,50 @@ def test_a_request_whose_sampling_fails_fails_alone(make_tiny_llama, tok, monkey
         assert after.error is None
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "best"])
+def test_the_lean_forward_is_token_identical_to_hf_on_every_instruction_set(smollm2_loaded, isa):
+    """The engine's default step (compress.lean) against Hugging Face's own greedy decoding, with the AVX2 kernels
+    forced on any CPU and with the best this CPU has."""
+    from compress import kernels
+
+    model, tokenizer, _ = smollm2_loaded
+    before = kernels.use_isa("avx2" if isa == "avx2" else "")
+    try:
+        engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=512, max_batch_tokens=96)
+        assert engine.lean is not None
+        prompts = real_prompts(tokenizer, 4)
+        lengths = [16, 5, 24, 11]
+        results = engine.generate(prompts, [SamplingParams(max_tokens=n) for n in lengths])
+        for p, n, g in zip(prompts, lengths, results, strict=True):
+            assert g.token_ids == hf_greedy(model, p, n, engine.eos)
+    finally:
+        kernels.use_isa(before)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int8-dynamic"])
+def test_the_lean_forward_matches_hf_forward_on_quantized_modules(make_tiny_llama, tok, scheme):
+    from compress import specs
+
+    model = make_tiny_llama()
+    specs.apply_(model, scheme)
+    prompts = random_prompts(3, model.config.vocab_size, seed=11)
+    lean = Engine(model, tok, max_num_seqs=3, max_batch_tokens=64)
+    hf = Engine(model, tok, max_num_seqs=3, max_batch_tokens=64, lean=False)
+    assert lean.lean is not None and hf.lean is None
+    first = []
+    with torch.inference_mode():
+        for engine in (lean, hf):  # one packed prefill of the three prompts, one slot each
+            for p in prompts:
+                engine.submit(p, SamplingParams(max_tokens=6))
+            engine._take_inbox(block=False)
+            parts = list(engine.waiting)
+            for slot, seq in enumerate(parts):
+                seq.slot = slot
+            first.append(engine._forward([(s, len(s.prompt)) for s in parts]))
+            engine.waiting.clear()
+    assert first[0].shape == (3, model.config.vocab_size)
+    assert torch.allclose(first[0], first[1], rtol=1e-4, atol=1e-4)
+    params = [SamplingParams(max_tokens=6)] * 3
+    assert [g.token_ids for g in lean.generate(prompts, params)] == [g.token_ids for g in hf.generate(prompts, params)]

@@ -4,34 +4,84 @@ import torch.nn.functional as F
 
 from compress import kernels, quantize
 
+ISAS = ["avx2", "avx512"]
 
-@pytest.fixture(scope="module")
-def ext():
+
+@pytest.fixture(scope="module", params=ISAS)
+def ext(request):
+    """The kernels on each instruction set: AVX2 runs everywhere (forced on AVX-512 machines too)."""
     ext = kernels._extension()
-    assert ext is not None, "the AVX2 kernels must build on this machine (g++ and ninja are installed by make)"
-    return ext
+    assert ext is not None, "the kernels must build on this machine (g++ and ninja are installed by make)"
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    before = ext.isa()
+    assert kernels.use_isa(request.param) == request.param
+    yield ext
+    kernels.use_isa(before)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("n,k", [(37, 64), (128, 576), (6, 1536)])
+def test_f32_gemv_matches_an_exact_matmul(ext, m, n, k):
+    torch.manual_seed(m * n + k)
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    ref = F.linear(x.double(), w.double())
+    assert torch.allclose(ext.f32_gemv(x, w).double(), ref, rtol=1e-4, atol=1e-3)
+    with torch.inference_mode():
+        assert torch.allclose(kernels.f32_linear(x[:, None], w, None).double()[:, 0], ref, rtol=1e-4, atol=1e-3)
+
+
+def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation rows: integers in [-32767, 32767] and one scale per row (an independent copy)."""
+    sx = x.abs().amax(1, keepdim=True) / 32767  # float32 arithmetic, as the kernel rounds
+    return torch.round(x * (1 / sx)).double(), sx.double()
+
+
+def assert_near_float(y: torch.Tensor, exact_float: torch.Tensor, unquantized: torch.Tensor) -> None:
+    """15-bit activations cost under a tenth of what rounding the weights costs (even with an outlier channel
+    stretching each row's scale), and every row within 3e-3 of the float product."""
+    row_err = ((y.double() - exact_float).norm(dim=1) / exact_float.norm(dim=1)).max()
+    err = (y.double() - exact_float).norm() / exact_float.norm()
+    weight_err = (exact_float - unquantized).norm() / unquantized.norm()
+    assert row_err < 3e-3 and err < weight_err / 10, (row_err, err, weight_err)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16, 41])
-@pytest.mark.parametrize("n,k", [(37, 64), (128, 576), (6, 1536)])
-def test_int8_gemv_matches_the_dequantized_matmul(ext, m, n, k):
+@pytest.mark.parametrize("n,k", [(37, 64), (128, 576), (6, 1536), (5, 4096 + 32)])
+def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(ext, m, n, k):
     torch.manual_seed(m * n)
-    q, scale = quantize.quantize_per_channel(torch.randn(n, k))
+    w = torch.randn(n, k)
+    q, scale = quantize.quantize_per_channel(w)
     x = torch.randn(m, k)
-    ref = F.linear(x.double(), q.double()) * scale.double()
-    assert torch.allclose(ext.int8_gemv(x, q, scale).double(), ref, rtol=1e-4, atol=1e-3)
+    x[:, 3] *= 30  # an outlier channel, as in real models
+    xq, sx = int16_rows(x)
+    exact_int = (xq.long() @ q.long().T).double() * sx * scale.double()  # integer matmul: no float rounding at all
+    y = ext.int8_gemv(x, q, scale).double()
+    assert torch.allclose(y, exact_int, rtol=1e-5, atol=1e-5 * exact_int.abs().max())
+    assert_near_float(y, F.linear(x.double(), q.double()) * scale.double(), F.linear(x.double(), w.double()))
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 33])
 @pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64)])
 def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext, m, n, k, gs):
     torch.manual_seed(m + n)
-    q, scale, offset = quantize.quantize_groupwise(torch.randn(n, k), gs)
+    w = torch.randn(n, k)
+    q, scale, offset = quantize.quantize_groupwise(w, gs)
     packed = kernels.pack_int4(q)
     assert torch.equal(kernels.unpack_int4(packed), q)
     x = torch.randn(m, k)
-    ref = F.linear(x.double(), kernels.dequantize_int4(packed, scale, offset, gs).double())
-    assert torch.allclose(ext.int4_gemv(x, packed, scale, offset, gs).double(), ref, rtol=1e-4, atol=1e-3)
+    y = ext.int4_gemv(x, packed, scale, offset, gs).double()
+    xq, sx = int16_rows(x)
+    groups = torch.arange(k) // gs
+    by_group = torch.zeros(m, n, scale.shape[1], dtype=torch.long)  # integer dot products per group
+    for g in range(scale.shape[1]):
+        cols = groups == g
+        by_group[:, :, g] = xq[:, cols].long() @ q[:, cols].long().T
+    xsum = torch.stack([x[:, groups == g].double().sum(1) for g in range(scale.shape[1])], 1)
+    exact_int = (by_group.double() * scale.double()).sum(2) * sx + xsum @ offset.double().T
+    assert torch.allclose(y, exact_int, rtol=1e-5, atol=1e-5 * exact_int.abs().max())
+    assert_near_float(y, F.linear(x.double(), kernels.dequantize_int4(packed, scale, offset, gs).double()),
+                      F.linear(x.double(), w.double()))
 
 
 def test_widen_ops_match_the_portable_dequantization(ext):
@@ -56,11 +106,15 @@ def assert_linear_ops_match_the_dequantized_weights(x: torch.Tensor, n: int, gro
     q, scale = quantize.quantize_per_channel(w)
     q4, s4, o4 = quantize.quantize_groupwise(w, group_size)
     packed = kernels.pack_int4(q4)
+    # decode-sized x runs on 15-bit activations (see assert_near_float); the larger ones on float GEMMs
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    tol8 = 2e-3 if rows <= kernels.MAX_INT8_KERNEL_ROWS else 1e-4
+    tol4 = 2e-3 if rows <= kernels.MAX_INT4_KERNEL_ROWS else 1e-4
     with torch.inference_mode():
         ref8 = F.linear(x, q.float() * scale[:, None], bias)
-        assert torch.allclose(kernels.int8_linear(x, q, scale, bias), ref8, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(kernels.int8_linear(x, q, scale, bias), ref8, rtol=tol8, atol=tol8)
         ref4 = F.linear(x, kernels.dequantize_int4(packed, s4, o4, group_size), bias)
-        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, group_size, bias), ref4, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(kernels.int4_linear(x, packed, s4, o4, group_size, bias), ref4, rtol=tol4, atol=tol4)
 
 
 @pytest.mark.parametrize("rows", [1, kernels.MAX_INT8_KERNEL_ROWS + 1, kernels.MAX_INT4_KERNEL_ROWS + 1, 200])
@@ -102,3 +156,25 @@ def test_kernels_refuse_scales_of_the_wrong_shape_instead_of_reading_past_them(e
         ext.int4_gemv(x, packed, scale[:, :2].contiguous(), offset[:, :2].contiguous(), 32)
     with pytest.raises(RuntimeError, match="scale must be contiguous f32"):
         ext.int8_gemv(x, q.to(torch.int8), torch.ones(7))
+
+
+def test_the_ops_are_torch_ops_with_shapes_known_without_running_them(ext):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, scale = quantize.quantize_per_channel(torch.randn(48, 64))
+    q4, s4, o4 = quantize.quantize_groupwise(torch.randn(48, 64), 32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, 64)
+        assert torch.ops.raypress.int8_gemv(x, q, scale).shape == (3, 48)
+        assert torch.ops.raypress.int4_gemv(x, kernels.pack_int4(q4), s4, o4, 32).shape == (3, 48)
+        assert torch.ops.raypress.f32_gemv(x, torch.empty(48, 64)).shape == (3, 48)
+
+
+def test_raypress_isa_in_the_environment_forces_the_avx2_path():
+    import subprocess
+    import sys
+
+    code = "from compress import kernels; print(kernels.kernel_isa())"
+    env = {**__import__("os").environ, "RAYPRESS_ISA": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "avx2", out.stderr[-2000:]

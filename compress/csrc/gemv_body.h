@@ -1,0 +1,230 @@
+// The decode kernels, written once over a vector type: qgemv.cpp includes this file twice, inside namespace avx2
+// (8 floats per vector) and inside namespace avx512 (16 floats, compiled for AVX-512F), each after defining
+// `struct Vec` with the operations below. Nothing here may be used outside the namespace that included it.
+//
+// A block is 16 consecutive weights of one row (K % 16 == 0): B = 16 / Vec::W vectors.
+//
+// Why one weight row at a time: at decode a product streams every weight from memory once, and what limits it
+// is how many cache-line misses the core keeps in flight. A tile over several weight rows reads several streams
+// at once with more arithmetic per byte between the loads, and measured at half the bandwidth of one sequential
+// stream; one row with an explicit prefetch a few lines ahead reads at 80-90% of the machine's bandwidth on AVX2
+// and on AVX-512. Each activation row has its own accumulators (several, so that the FMA latency does not chain),
+// and a weight row, once in L1, serves every activation row.
+
+constexpr int B = 16 / Vec::W;  // vectors per block
+constexpr int64_t kPrefetchBytes = 512;
+
+struct F32Rows {
+  static constexpr bool kGrouped = false;
+  static constexpr int kBlockBytes = 64;
+  const float* w;
+  int64_t K;
+  int64_t group_size() const { return K; }
+  const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(w + n * K + k); }
+  void load(int64_t n, int64_t k, Vec::F* out) const {
+    for (int j = 0; j < B; ++j) out[j] = Vec::load(w + n * K + k + j * Vec::W);
+  }
+};
+
+struct Int8Rows {
+  static constexpr bool kGrouped = false;
+  static constexpr int kBlockBytes = 16;
+  const int8_t* q;
+  int64_t K;
+  int64_t group_size() const { return K; }
+  const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(q + n * K + k); }
+  void load(int64_t n, int64_t k, Vec::F* out) const { Vec::widen_i8(q + n * K + k, out); }
+  __m256i load16(int64_t n, int64_t k) const {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * K + k)));
+  }
+};
+
+// Packed int4, unscaled (0..15): the group's scale and offset are applied once per group, not per weight.
+struct Int4Rows {
+  static constexpr bool kGrouped = true;
+  static constexpr int kBlockBytes = 8;
+  const uint8_t* q;
+  const float* scale;
+  const float* offset;
+  int64_t K, G, gs;
+  int64_t group_size() const { return gs; }
+  const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(q + n * (K / 2) + k / 2); }
+  void load(int64_t n, int64_t k, Vec::F* out) const { Vec::widen_u4(q + n * (K / 2) + k / 2, out); }
+  __m256i load16(int64_t n, int64_t k) const {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * (K / 2) + k / 2));
+    const __m128i mask = _mm_set1_epi8(0xF);
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+  }
+};
+
+// y[m, n] for MR activation rows and one weight row n. For grouped rows (int4),
+// y = sum_g scale[n,g] * (q[n,g] . x[m,g]) + offset[n,g] * sum(x[m,g]), with the sums of x per group in xsum.
+template <int MR, typename Rows>
+inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, const float* xsum, float* y,
+                     int64_t ldy) {
+  constexpr int A = MR == 1 ? 4 : 2;          // accumulators per activation row
+  constexpr int U = A > B ? A / B : 1;        // blocks per unrolled step
+  constexpr int kLines = U * Rows::kBlockBytes / 64 > 0 ? U * Rows::kBlockBytes / 64 : 1;
+  const int64_t gs = rows.group_size();
+  Vec::F total[MR];
+  float shift[MR];
+  for (int m = 0; m < MR; ++m) {
+    total[m] = Vec::zero();
+    shift[m] = 0.0f;
+  }
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const int64_t k1 = std::min(K, k0 + gs);
+    Vec::F acc[MR][A];
+    for (int m = 0; m < MR; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = Vec::zero();
+    int64_t k = k0;
+    for (; k + 16 * U <= k1; k += 16 * U) {
+      const char* p = rows.addr(n, k) + kPrefetchBytes;
+      for (int l = 0; l < kLines; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        Vec::F w[B];
+        rows.load(n, k + 16 * u, w);
+        for (int m = 0; m < MR; ++m)
+          for (int j = 0; j < B; ++j) {
+            const int a = (u * B + j) % A;
+            acc[m][a] = Vec::fma(w[j], Vec::load(x + m * K + k + 16 * u + j * Vec::W), acc[m][a]);
+          }
+      }
+    }
+    for (; k < k1; k += 16) {  // the blocks left over from the unrolled steps
+      Vec::F w[B];
+      rows.load(n, k, w);
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < B; ++j) acc[m][j % A] = Vec::fma(w[j], Vec::load(x + m * K + k + j * Vec::W), acc[m][j % A]);
+    }
+    for (int m = 0; m < MR; ++m) {
+      Vec::F sum = acc[m][0];
+      for (int a = 1; a < A; ++a) sum = Vec::add(sum, acc[m][a]);
+      if constexpr (Rows::kGrouped) {
+        const int64_t i = n * rows.G + g;
+        total[m] = Vec::fma(sum, Vec::set1(rows.scale[i]), total[m]);
+        shift[m] += rows.offset[i] * xsum[m * rows.G + g];
+      } else {
+        total[m] = sum;
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) y[m * ldy] = Vec::hsum(total[m]) + shift[m];
+}
+
+// The integer path for int8 and int4 weights: each activation row quantized to int16 with its own scale sx[m]
+// (qgemv.cpp does that once per call; 15 bits keep the product within float32's own rounding of a few layers),
+// weights widened to int16, and one vpmaddwd multiplies 16 pairs and adds them into 8 int32 lanes: half the
+// instructions of widening to float, so the product stays memory-bound where the float path was compute-bound.
+// The int32 lanes are turned to float once per group (int4) or per kMaxInt8Span weights (int8), which also
+// bounds them: |q| <= 127, |xq| <= 32767 and 2048 / 16 sums of two products stay below 2^31.
+constexpr int64_t kMaxInt8Span = 2048;
+
+template <int MR, typename Rows>
+inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
+                         const float* xsum, float* y, int64_t ldy) {
+  constexpr int64_t kLineWeights = 16 * 64 / Rows::kBlockBytes;  // weights per cache line of this row
+  const int64_t gs = Rows::kGrouped ? rows.group_size() : std::min(K, kMaxInt8Span);
+  __m256 total[MR];
+  float shift[MR];
+  for (int m = 0; m < MR; ++m) {
+    total[m] = _mm256_setzero_ps();
+    shift[m] = 0.0f;
+  }
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const int64_t k1 = std::min(K, k0 + gs);
+    __m256i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      if ((k & (kLineWeights - 1)) == 0) _mm_prefetch(rows.addr(n, k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256i w = rows.load16(n, k);
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm256_add_epi32(
+            acc[m], _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k))));
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 dot = _mm256_cvtepi32_ps(acc[m]);
+      if constexpr (Rows::kGrouped) {
+        const int64_t i = n * rows.G + g;
+        total[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(rows.scale[i]), total[m]);
+        shift[m] += rows.offset[i] * xsum[m * rows.G + g];
+      } else {
+        total[m] = _mm256_add_ps(total[m], dot);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(total[m]), _mm256_extractf128_ps(total[m], 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    y[m * ldy] = _mm_cvtss_f32(lo) * sx[m] + shift[m];
+  }
+}
+
+// Every weight row n (split between threads), with activation rows taken kMaxRows at a time: the row comes from
+// memory once and from L1 after. tile(n, m0, mr) computes y[m0 .. m0 + mr, n], mr a compile-time constant.
+template <typename Tile>
+void over_rows(int64_t M, int64_t N, const float* out_scale, float* y, Tile tile) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += Vec::kMaxRows) {
+        switch (std::min<int64_t>(Vec::kMaxRows, M - m0)) {
+          case 1: tile(n, m0, std::integral_constant<int, 1>{}); break;
+          case 2: tile(n, m0, std::integral_constant<int, 2>{}); break;
+          case 3: tile(n, m0, std::integral_constant<int, 3>{}); break;
+#if RAYPRESS_WIDE
+          case 4: tile(n, m0, std::integral_constant<int, 4>{}); break;
+          case 5: tile(n, m0, std::integral_constant<int, 5>{}); break;
+          case 6: tile(n, m0, std::integral_constant<int, 6>{}); break;
+          case 7: tile(n, m0, std::integral_constant<int, 7>{}); break;
+          default: tile(n, m0, std::integral_constant<int, 8>{}); break;
+#else
+          default: tile(n, m0, std::integral_constant<int, 4>{}); break;
+#endif
+        }
+      }
+      if (out_scale)
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] *= out_scale[n];
+    }
+  });
+}
+
+template <typename Rows>
+void gemv(const Rows& rows, const float* x, int64_t M, int64_t N, const float* xsum, int64_t G,
+          const float* out_scale, float* y) {
+  const int64_t K = rows.K;
+  over_rows(M, N, out_scale, y, [&](int64_t n, int64_t m0, auto mr) {
+    row_tile<decltype(mr)::value>(rows, n, x + m0 * K, K, xsum ? xsum + m0 * G : nullptr, y + m0 * N + n, N);
+  });
+}
+
+template <typename Rows>
+void gemv_int(const Rows& rows, const int16_t* xq, const float* sx, int64_t M, int64_t N, const float* xsum,
+              int64_t G, const float* out_scale, float* y) {
+  const int64_t K = rows.K;
+  over_rows(M, N, out_scale, y, [&](int64_t n, int64_t m0, auto mr) {
+    row_tile_int<decltype(mr)::value>(rows, n, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
+                                      y + m0 * N + n, N);
+  });
+}
+
+// Weight rows [n0, n1) as float32 into dst[(n - n0) * K + k], each times row_scale[n] when given.
+template <typename Rows>
+void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale, float* dst) {
+  const int64_t K = rows.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Vec::F s = Vec::set1(row_scale ? row_scale[n] : 1.0f);
+    float* d = dst + (n - n0) * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      Vec::F w[B];
+      rows.load(n, k, w);
+      if constexpr (Rows::kGrouped) {
+        const int64_t i = n * rows.G + k / rows.gs;
+        const Vec::F gsc = Vec::set1(rows.scale[i]), goff = Vec::set1(rows.offset[i]);
+        for (int j = 0; j < B; ++j) Vec::store(d + k + j * Vec::W, Vec::fma(w[j], gsc, goff));
+      } else {
+        for (int j = 0; j < B; ++j) Vec::store(d + k + j * Vec::W, Vec::mul(w[j], s));
+      }
+    }
+  }
+}

@@ -1,0 +1,128 @@
+"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2 and SmolLM2): the engine's step without the
+generic machinery of Hugging Face's forward.
+
+    lean = LeanForward.for_model(model)            # None for other architectures: the engine keeps HF's forward
+    logits = lean(tokens, layout, cache)            # [parts, vocab]: the same contract as the engine's HF path
+
+At decode, a step of a small model spends as long in Python and per-op dispatch as in reading its weights: HF's
+forward builds masks, output records and cache objects, and goes through module hooks, for every layer of every
+step. This forward runs the same modules' weights (float, int8, int4: whatever ``quantize_`` put there) with the
+fewest operations: RMSNorm as one op, RoPE from a cos/sin table built once from the model's own rotary embedding
+(so its scaling variants carry over), keys and values written straight into the engine's slot cache, attention by
+``SlotKVCache.attend`` (the same code the HF path uses), and float32 projections on raypress's streaming kernel
+when a step has one or two tokens. Greedy output is the same token for token as HF's forward (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress import kernels
+from compress.kvcache import Layout, SlotKVCache
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The cheapest call of a projection: float32 weights on the streaming kernel, raypress's quantized modules
+    by their forward (no hooks), anything else through its module call."""
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        weight, bias = module.weight, module.bias
+        return lambda x: kernels.f32_linear(x, weight, bias)
+    if type(module).__module__ == "compress.quantize":
+        return module.forward
+    return module
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = (_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.gate, self.up, self.down = (_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.scaling = attn.scaling
+        self.idx = attn.layer_idx
+
+
+class LeanForward:
+    def __init__(self, model, max_model_len: int):
+        config = model.config
+        inner = model.model
+        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, _linear(model.lm_head)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        param = next(model.parameters())
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        positions = torch.arange(max_model_len, device=param.device)[None]
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=param.device), positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_model_len, head_dim]
+
+    @classmethod
+    def for_model(cls, model, max_model_len: int) -> LeanForward | None:
+        """The lean forward of ``model``, or None (with the reason logged) where it does not apply."""
+        reason = unsupported(model)
+        if reason:
+            log.info("raypress engine: Hugging Face's forward (%s)", reason)
+            return None
+        return cls(model, max_model_len)
+
+    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def __call__(self, tokens: torch.Tensor, layout: Layout, cache: SlotKVCache) -> torch.Tensor:
+        """Logits [parts, vocab] at each part's last token, for the packed ``tokens`` [N] laid out by ``layout``."""
+        n = tokens.shape[0]
+        pos = layout.positions[0]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [N, 1, D]
+        slots = layout.token_slots
+        h = self.embed(tokens)
+        for layer in self.layers:
+            x = self._norm(h, layer.norm1)
+            q = self._rope(layer.q(x).view(n, self.heads, self.head_dim), cos, sin)
+            k = self._rope(layer.k(x).view(n, self.kv_heads, self.head_dim), cos, sin)
+            cache.keys[layer.idx][slots, :, pos] = k
+            cache.values[layer.idx][slots, :, pos] = layer.v(x).view(n, self.kv_heads, self.head_dim)
+            attn = cache.attend(layer.idx, q.transpose(0, 1)[None], layer.scaling)
+            h = h + layer.o(attn.view(n, -1))
+            x = self._norm(h, layer.norm2)
+            h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
+        return self.head(self._norm(h[layout.last_tokens], self.norm))
+
+
+def unsupported(model) -> str | None:
+    """Why the lean forward cannot run ``model`` (None when it can)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {MODEL_TYPES}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, a) for a in needed) or not hasattr(model, "lm_head"):
+        return "its modules are not laid out as a Llama model's"
+    for layer in inner.layers:
+        if not all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            return "an attention layer without separate q/k/v/o projections"
+        if not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            return "an MLP without gate/up/down projections"
+        if type(layer.input_layernorm).__name__.endswith("RMSNorm") is False:
+            return f"normalization {type(layer.input_layernorm).__name__}"
+    if model.dtype != torch.float32:
+        return f"weights in {model.dtype} (the lean forward keeps HF's float32 norm arithmetic only for float32)"
+    return None
