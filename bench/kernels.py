@@ -30,11 +30,14 @@ from compress.quantize import quantize_groupwise, quantize_per_channel  # noqa: 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # N, K per layer
 
 
-def layers(n_layers: int, group_size: int) -> dict[str, list]:
+HEAD = [(49152, 576)]  # SmolLM2's (tied) output head: one large matrix, ~113 MB in float32
+
+
+def layers(n_layers: int, group_size: int, shapes=SHAPES) -> dict[str, list]:
     torch.manual_seed(0)
     f32, i8, i4 = [], [], []
     for _ in range(n_layers):
-        for n, k in SHAPES:
+        for n, k in shapes:
             w = torch.randn(n, k) * 0.02
             f32.append(w)
             i8.append(quantize_per_channel(w))
@@ -57,10 +60,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--head", action="store_true",
+                        help="stream SmolLM2's 49152 x 576 output head (one call per product, 4 copies) instead of "
+                             "the layers: the kernels' rate without the fixed cost of each call on a small layer")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     gs = args.group_size
-    weights = layers(args.layers, gs)
+    weights = layers(4, gs, HEAD) if args.head else layers(args.layers, gs)
 
     def f32(xs, w):
         F.linear(xs[w.shape[1]], w)
@@ -101,7 +107,8 @@ def main() -> None:
                 seconds, nbytes = timed(fn, data[name], xs)
                 samples.setdefault((name, m), []).append(nbytes / seconds)
     read = statistics.median(samples[("read", 0)])
-    print(f"{args.layers} layers of SmolLM2-135M's linear shapes, medians of {args.rounds} rounds, "
+    what = "4 copies of SmolLM2-135M's output head" if args.head else f"{args.layers} layers of SmolLM2-135M's shapes"
+    print(f"{what}, medians of {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, raypress kernels: {kernels.kernels_available()}\n"
           f"CPU: {kernels.cpu_description()}\nmemory read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
     kernels.use_isa("")
