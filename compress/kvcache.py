@@ -133,12 +133,15 @@ class SlotKVCache:
 
     # -- the model's side (the Hugging Face cache protocol) -------------------------------------------------------
 
+    def write(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the packed tokens' keys and values [N, kv heads, D] at their slots and positions."""
+        slots, pos = self.layout.token_slots, self.layout.positions[0]
+        self.keys[layer_idx][slots, :, pos] = keys.to(self.keys[0].dtype)
+        self.values[layer_idx][slots, :, pos] = values.to(self.values[0].dtype)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write the packed tokens' keys/values [1, H, N, D] at their slots and positions."""
-        pos = self.layout.positions[0]
-        self.keys[layer_idx][self.layout.token_slots, :, pos] = key_states[0].transpose(0, 1).to(self.keys[0].dtype)
-        self.values[layer_idx][self.layout.token_slots, :, pos] = value_states[0].transpose(0, 1).to(
-            self.values[0].dtype)
+        """HF's cache call: key/value states [1, H, N, D] of the packed tokens, written at their slots."""
+        self.write(layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states  # slot_attention reads the slots, not these
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

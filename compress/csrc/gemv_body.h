@@ -13,13 +13,12 @@
 
 constexpr int B = 16 / Vec::W;  // vectors per block
 constexpr int64_t kPrefetchBytes = 512;
+constexpr int64_t kMaxInt8Span = 2048;  // int8 weights per int32 accumulation (see row_tile_int)
 
 struct F32Rows {
-  static constexpr bool kGrouped = false;
   static constexpr int kBlockBytes = 64;
   const float* w;
   int64_t K;
-  int64_t group_size() const { return K; }
   const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(w + n * K + k); }
   void load(int64_t n, int64_t k, Vec::F* out) const {
     for (int j = 0; j < B; ++j) out[j] = Vec::load(w + n * K + k + j * Vec::W);
@@ -31,7 +30,7 @@ struct Int8Rows {
   static constexpr int kBlockBytes = 16;
   const int8_t* q;
   int64_t K;
-  int64_t group_size() const { return K; }
+  int64_t group_size() const { return std::min(K, kMaxInt8Span); }  // per-row scale: groups only bound the sums
   const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(q + n * K + k); }
   void load(int64_t n, int64_t k, Vec::F* out) const { Vec::widen_i8(q + n * K + k, out); }
   __m256i load16(int64_t n, int64_t k) const {
@@ -57,74 +56,54 @@ struct Int4Rows {
   }
 };
 
-// y[m, n] for MR activation rows and one weight row n. For grouped rows (int4),
-// y = sum_g scale[n,g] * (q[n,g] . x[m,g]) + offset[n,g] * sum(x[m,g]), with the sums of x per group in xsum.
-template <int MR, typename Rows>
-inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, const float* xsum, float* y,
-                     int64_t ldy) {
-  constexpr int A = MR == 1 ? 4 : 2;          // accumulators per activation row
-  constexpr int U = A > B ? A / B : 1;        // blocks per unrolled step
-  constexpr int kLines = U * Rows::kBlockBytes / 64 > 0 ? U * Rows::kBlockBytes / 64 : 1;
-  const int64_t gs = rows.group_size();
-  Vec::F total[MR];
-  float shift[MR];
-  for (int m = 0; m < MR; ++m) {
-    total[m] = Vec::zero();
-    shift[m] = 0.0f;
-  }
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    const int64_t k1 = std::min(K, k0 + gs);
-    Vec::F acc[MR][A];
-    for (int m = 0; m < MR; ++m)
-      for (int a = 0; a < A; ++a) acc[m][a] = Vec::zero();
-    int64_t k = k0;
-    for (; k + 16 * U <= k1; k += 16 * U) {
-      const char* p = rows.addr(n, k) + kPrefetchBytes;
-      for (int l = 0; l < kLines; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        Vec::F w[B];
-        rows.load(n, k + 16 * u, w);
-        for (int m = 0; m < MR; ++m)
-          for (int j = 0; j < B; ++j) {
-            const int a = (u * B + j) % A;
-            acc[m][a] = Vec::fma(w[j], Vec::load(x + m * K + k + 16 * u + j * Vec::W), acc[m][a]);
-          }
-      }
-    }
-    for (; k < k1; k += 16) {  // the blocks left over from the unrolled steps
+// y[m, n] for MR activation rows and one float32 weight row n.
+template <int MR>
+inline void row_tile(const F32Rows& rows, int64_t n, const float* x, int64_t K, float* y, int64_t ldy) {
+  constexpr int A = MR == 1 ? 4 : 2;  // accumulators per activation row
+  constexpr int U = A > B ? A / B : 1;  // blocks per unrolled step
+  constexpr int kLines = U * F32Rows::kBlockBytes / 64;
+  Vec::F acc[MR][A];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = Vec::zero();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    const char* p = rows.addr(n, k) + kPrefetchBytes;
+    for (int l = 0; l < kLines; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
       Vec::F w[B];
-      rows.load(n, k, w);
+      rows.load(n, k + 16 * u, w);
       for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < B; ++j) acc[m][j % A] = Vec::fma(w[j], Vec::load(x + m * K + k + j * Vec::W), acc[m][j % A]);
-    }
-    for (int m = 0; m < MR; ++m) {
-      Vec::F sum = acc[m][0];
-      for (int a = 1; a < A; ++a) sum = Vec::add(sum, acc[m][a]);
-      if constexpr (Rows::kGrouped) {
-        const int64_t i = n * rows.G + g;
-        total[m] = Vec::fma(sum, Vec::set1(rows.scale[i]), total[m]);
-        shift[m] += rows.offset[i] * xsum[m * rows.G + g];
-      } else {
-        total[m] = sum;
-      }
+        for (int j = 0; j < B; ++j) {
+          const int a = (u * B + j) % A;
+          acc[m][a] = Vec::fma(w[j], Vec::load(x + m * K + k + 16 * u + j * Vec::W), acc[m][a]);
+        }
     }
   }
-  for (int m = 0; m < MR; ++m) y[m * ldy] = Vec::hsum(total[m]) + shift[m];
+  for (; k < K; k += 16) {  // the blocks left over from the unrolled steps
+    Vec::F w[B];
+    rows.load(n, k, w);
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < B; ++j) acc[m][j % A] = Vec::fma(w[j], Vec::load(x + m * K + k + j * Vec::W), acc[m][j % A]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    Vec::F sum = acc[m][0];
+    for (int a = 1; a < A; ++a) sum = Vec::add(sum, acc[m][a]);
+    y[m * ldy] = Vec::hsum(sum);
+  }
 }
 
 // The integer path for int8 and int4 weights: each activation row quantized to int16 with its own scale sx[m]
-// (qgemv.cpp does that once per call; 15 bits keep the product within float32's own rounding of a few layers),
+// (qgemv.cpp does that once per call; tested to cost under a tenth of the weights' own rounding error),
 // weights widened to int16, and one vpmaddwd multiplies 16 pairs and adds them into 8 int32 lanes: half the
 // instructions of widening to float, so the product stays memory-bound where the float path was compute-bound.
 // The int32 lanes are turned to float once per group (int4) or per kMaxInt8Span weights (int8), which also
 // bounds them: |q| <= 127, |xq| <= 32767 and 2048 / 16 sums of two products stay below 2^31.
-constexpr int64_t kMaxInt8Span = 2048;
 
 template <int MR, typename Rows>
 inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
                          const float* xsum, float* y, int64_t ldy) {
   constexpr int64_t kLineWeights = 16 * 64 / Rows::kBlockBytes;  // weights per cache line of this row
-  const int64_t gs = Rows::kGrouped ? rows.group_size() : std::min(K, kMaxInt8Span);
+  const int64_t gs = rows.group_size();
   __m256 total[MR];
   float shift[MR];
   for (int m = 0; m < MR; ++m) {
@@ -189,25 +168,6 @@ void over_rows(int64_t M, int64_t N, const float* out_scale, float* y, Tile tile
   });
 }
 
-template <typename Rows>
-void gemv(const Rows& rows, const float* x, int64_t M, int64_t N, const float* xsum, int64_t G,
-          const float* out_scale, float* y) {
-  const int64_t K = rows.K;
-  over_rows(M, N, out_scale, y, [&](int64_t n, int64_t m0, auto mr) {
-    row_tile<decltype(mr)::value>(rows, n, x + m0 * K, K, xsum ? xsum + m0 * G : nullptr, y + m0 * N + n, N);
-  });
-}
-
-template <typename Rows>
-void gemv_int(const Rows& rows, const int16_t* xq, const float* sx, int64_t M, int64_t N, const float* xsum,
-              int64_t G, const float* out_scale, float* y) {
-  const int64_t K = rows.K;
-  over_rows(M, N, out_scale, y, [&](int64_t n, int64_t m0, auto mr) {
-    row_tile_int<decltype(mr)::value>(rows, n, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
-                                      y + m0 * N + n, N);
-  });
-}
-
 // Weight rows [n0, n1) as float32 into dst[(n - n0) * K + k], each times row_scale[n] when given.
 template <typename Rows>
 void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale, float* dst) {
@@ -227,4 +187,51 @@ void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale
       }
     }
   }
+}
+
+// The entry points qgemv.cpp dispatches to: plain pointers, y[M, N] row-major, K % 16 == 0.
+
+inline void f32_gemv(const float* w, const float* x, int64_t M, int64_t N, int64_t K, float* y) {
+  const F32Rows rows{w, K};
+  over_rows(M, N, nullptr, y, [&](int64_t n, int64_t m0, auto mr) {
+    row_tile<decltype(mr)::value>(rows, n, x + m0 * K, K, y + m0 * N + n, N);
+  });
+}
+
+template <typename Rows>
+void int_gemv(const Rows& rows, const int16_t* xq, const float* sx, const float* xsum, int64_t G, int64_t M,
+              int64_t N, const float* out_scale, float* y) {
+  const int64_t K = rows.K;
+  over_rows(M, N, out_scale, y, [&](int64_t n, int64_t m0, auto mr) {
+    row_tile_int<decltype(mr)::value>(rows, n, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
+                                      y + m0 * N + n, N);
+  });
+}
+
+inline void int8_gemv(const int8_t* q, const float* scale, const int16_t* xq, const float* sx, int64_t M, int64_t N,
+                      int64_t K, float* y) {
+  int_gemv(Int8Rows{q, K}, xq, sx, nullptr, 0, M, N, scale, y);
+}
+
+inline void int4_gemv(const uint8_t* q, const float* scale, const float* offset, int64_t G, int64_t gs,
+                      const int16_t* xq, const float* sx, const float* xsum, int64_t M, int64_t N, int64_t K,
+                      float* y) {
+  int_gemv(Int4Rows{q, scale, offset, K, G, gs}, xq, sx, xsum, G, M, N, nullptr, y);
+}
+
+// Weight rows [n0, n0 + count) as float32 into dst [count, K], split between threads.
+template <typename Rows>
+void widen_parallel(const Rows& rows, const float* row_scale, int64_t n0, int64_t count, float* dst) {
+  at::parallel_for(0, count, 64, [&](int64_t r0, int64_t r1) {
+    widen_rows(rows, n0 + r0, n0 + r1, row_scale, dst + r0 * rows.K);
+  });
+}
+
+inline void int8_widen(const int8_t* q, const float* scale, int64_t K, int64_t n0, int64_t count, float* dst) {
+  widen_parallel(Int8Rows{q, K}, scale, n0, count, dst);
+}
+
+inline void int4_widen(const uint8_t* q, const float* scale, const float* offset, int64_t G, int64_t gs, int64_t K,
+                       int64_t n0, int64_t count, float* dst) {
+  widen_parallel(Int4Rows{q, scale, offset, K, G, gs}, nullptr, n0, count, dst);
 }

@@ -1,9 +1,10 @@
 // Matrix products for decode on x86 CPUs, as torch ops (namespace `raypress`), for AVX2 + FMA and for AVX-512.
 //
 // At decode a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the speed of
-// streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them to float in
-// registers reads 4x (8x) fewer bytes than a float32 product; the float32 product itself streams better here than
-// ATen's GEMV for one or two rows. The loops run on ATen's OpenMP threads (the extension is built with -fopenmp).
+// streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them in registers reads
+// 4x (8x) fewer bytes than a float32 product; those two multiply int16 weights with the activation rows quantized
+// to 15 bits (gemv_body.h says why and at what cost). The float32 product itself streams better here than ATen's
+// GEMV for up to 8 rows. The loops run on ATen's OpenMP threads (the extension is built with -fopenmp).
 //
 //   raypress::f32_gemv(x[M,K] f32, w[N,K] f32)                                   -> y[M,N] = x @ w.T
 //   raypress::int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                     -> y[M,N] = (x @ q.T) * scale
@@ -28,9 +29,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <string>
-#include <vector>
 #include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 namespace avx2 {
 #define RAYPRESS_WIDE 0
@@ -146,13 +148,9 @@ void check_int4(const torch::Tensor& q, const torch::Tensor& scale, const torch:
               "scale and offset must be contiguous f32 [N, ceil(K / group size)]");
 }
 
-// Calls fn with the kernel namespace's tag for the instruction set in use.
-struct Avx2Tag {};
-struct Avx512Tag {};
-template <typename Fn>
-auto with_isa(Fn&& fn) {
-  return current_isa().load() == Isa::kAvx512 ? fn(Avx512Tag{}) : fn(Avx2Tag{});
-}
+// Calls fn(args...) in the namespace of the instruction set in use.
+#define RAYPRESS_DISPATCH(fn, ...) \
+  (current_isa().load() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__) : avx2::fn(__VA_ARGS__))
 
 // The activations as the integer path takes them: each row quantized to int16 with its own scale, and for int4
 // the float sums of each group (for the offsets). Plain loops: a few ATen ops here would cost more than the product.
@@ -187,32 +185,18 @@ torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous f32 [N,K]");
   check_x(x, w.size(1));
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-  with_isa([&](auto tag) {
-    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
-      avx512::gemv(avx512::F32Rows{w.data_ptr<float>(), w.size(1)}, x.data_ptr<float>(), x.size(0), w.size(0),
-                   nullptr, 0, nullptr, y.data_ptr<float>());
-    else
-      avx2::gemv(avx2::F32Rows{w.data_ptr<float>(), w.size(1)}, x.data_ptr<float>(), x.size(0), w.size(0), nullptr,
-                 0, nullptr, y.data_ptr<float>());
-    return 0;
-  });
+  RAYPRESS_DISPATCH(f32_gemv, w.data_ptr<float>(), x.data_ptr<float>(), x.size(0), w.size(0), w.size(1),
+                    y.data_ptr<float>());
   return y;
 }
 
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
   check_int8(q, scale);
   check_x(x, q.size(1));
-  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
   const auto a = quantize_rows(x, 0);
-  with_isa([&](auto tag) {
-    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
-      avx512::gemv_int(avx512::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, a.xq.data(), a.sx.data(), x.size(0),
-                       q.size(0), nullptr, 0, scale.data_ptr<float>(), y.data_ptr<float>());
-    else
-      avx2::gemv_int(avx2::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, a.xq.data(), a.sx.data(), x.size(0),
-                     q.size(0), nullptr, 0, scale.data_ptr<float>(), y.data_ptr<float>());
-    return 0;
-  });
+  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
+  RAYPRESS_DISPATCH(int8_gemv, q.data_ptr<int8_t>(), scale.data_ptr<float>(), a.xq.data(), a.sx.data(), x.size(0),
+                    q.size(0), q.size(1), y.data_ptr<float>());
   return y;
 }
 
@@ -220,20 +204,11 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& q, const to
                         const torch::Tensor& offset, int64_t gs) {
   check_int4(q, scale, offset, gs);
   check_x(x, q.size(1) * 2);
-  const int64_t K = q.size(1) * 2, G = scale.size(1);
   const auto a = quantize_rows(x, gs);
   auto y = torch::empty({x.size(0), q.size(0)}, x.options());
-  with_isa([&](auto tag) {
-    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
-      avx512::gemv_int(avx512::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K,
-                                        G, gs}, a.xq.data(), a.sx.data(), x.size(0), q.size(0), a.xsum.data(), G,
-                       nullptr, y.data_ptr<float>());
-    else
-      avx2::gemv_int(avx2::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K, G,
-                                    gs}, a.xq.data(), a.sx.data(), x.size(0), q.size(0), a.xsum.data(), G, nullptr,
-                     y.data_ptr<float>());
-    return 0;
-  });
+  RAYPRESS_DISPATCH(int4_gemv, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
+                    scale.size(1), gs, a.xq.data(), a.sx.data(), a.xsum.data(), x.size(0), q.size(0), q.size(1) * 2,
+                    y.data_ptr<float>());
   return y;
 }
 
@@ -245,45 +220,21 @@ void check_out(const torch::Tensor& out, int64_t K, int64_t N, int64_t n0) {
   TORCH_CHECK(n0 >= 0 && n0 + out.size(0) <= N, "rows [", n0, ", ", n0 + out.size(0), ") out of range for ", N);
 }
 
-template <typename Rows, typename Widen>
-void widen_parallel(const Rows& rows, int64_t n0, torch::Tensor& out, Widen widen) {
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) { widen(rows, n0 + r0, n0 + r1, dst + r0 * rows.K); });
-}
-
 }  // namespace
 
 void int8_widen_into(const torch::Tensor& q, const torch::Tensor& scale, int64_t n0, torch::Tensor out) {
   check_int8(q, scale);
   check_out(out, q.size(1), q.size(0), n0);
-  const float* s = scale.data_ptr<float>();
-  with_isa([&](auto tag) {
-    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
-      widen_parallel(avx512::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, n0, out,
-                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx512::widen_rows(r, a, b, s, d); });
-    else
-      widen_parallel(avx2::Int8Rows{q.data_ptr<int8_t>(), q.size(1)}, n0, out,
-                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx2::widen_rows(r, a, b, s, d); });
-    return 0;
-  });
+  RAYPRESS_DISPATCH(int8_widen, q.data_ptr<int8_t>(), scale.data_ptr<float>(), q.size(1), n0, out.size(0),
+                    out.data_ptr<float>());
 }
 
 void int4_widen_into(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs,
                      int64_t n0, torch::Tensor out) {
   check_int4(q, scale, offset, gs);
-  const int64_t K = q.size(1) * 2, G = scale.size(1);
-  check_out(out, K, q.size(0), n0);
-  with_isa([&](auto tag) {
-    if constexpr (std::is_same_v<decltype(tag), Avx512Tag>)
-      widen_parallel(avx512::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K,
-                                      G, gs}, n0, out,
-                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx512::widen_rows(r, a, b, nullptr, d); });
-    else
-      widen_parallel(avx2::Int4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K, G,
-                                    gs}, n0, out,
-                     [&](const auto& r, int64_t a, int64_t b, float* d) { avx2::widen_rows(r, a, b, nullptr, d); });
-    return 0;
-  });
+  check_out(out, q.size(1) * 2, q.size(0), n0);
+  RAYPRESS_DISPATCH(int4_widen, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
+                    scale.size(1), gs, q.size(1) * 2, n0, out.size(0), out.data_ptr<float>());
 }
 
 // How many threads ATen's parallel_for runs on inside this extension (for a test: 1 when built without OpenMP).
@@ -305,6 +256,11 @@ std::string use_isa(const std::string& name) {
 
 std::string isa() { return isa_name(current_isa().load()); }
 
+// The instruction sets this CPU can run the kernels with.
+std::vector<std::string> cpu_isas() {
+  return cpu_has_avx512() ? std::vector<std::string>{"avx2", "avx512"} : std::vector<std::string>{"avx2"};
+}
+
 TORCH_LIBRARY(raypress, m) {
   m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
@@ -314,6 +270,7 @@ TORCH_LIBRARY(raypress, m) {
   m.def("parallel_threads(int n) -> int", &parallel_threads);
   m.def("use_isa(str name) -> str", &use_isa);
   m.def("isa() -> str", &isa);
+  m.def("cpu_isas() -> str[]", &cpu_isas);
 }
 
 TORCH_LIBRARY_IMPL(raypress, CPU, m) {

@@ -171,10 +171,11 @@ def test_the_ops_are_torch_ops_with_shapes_known_without_running_them(ext):
 
 
 def test_raypress_isa_in_the_environment_forces_the_avx2_path():
+    import os
     import subprocess
     import sys
 
     code = "from compress import kernels; print(kernels.kernel_isa())"
-    env = {**__import__("os").environ, "RAYPRESS_ISA": "avx2"}
+    env = {**os.environ, "RAYPRESS_ISA": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "avx2", out.stderr[-2000:]
