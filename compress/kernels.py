@@ -46,15 +46,15 @@ def _extension():
         from torch.utils.cpp_extension import load
 
         csrc = Path(__file__).with_name("csrc")
-        sources = [csrc / "qgemv.cpp", csrc / "gemv_body.h"]
-        # torch's build cache looks at the .cpp only: the name carries a digest of every file, header included
+        sources = [csrc / "qgemv.cpp", csrc / "decode_ops.cpp", csrc / "gemv_body.h"]
+        # torch's build cache looks at the .cpp files only: the name carries a digest of every file, header included
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
         # -fopenmp lets ATen's parallel_for use torch's OpenMP threads (without it the loops run on one core);
         # the OpenMP symbols resolve to the runtime torch has already loaded. The AVX-512 copy of the kernels is
         # compiled under a target pragma inside the same file and only runs where cpuid reports AVX-512.
         flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-        load(name=f"raypress_kernels_{digest}", sources=[str(sources[0])], extra_cflags=flags, verbose=False,
-             is_python_module=False)
+        load(name=f"raypress_kernels_{digest}", sources=[str(p) for p in sources[:2]], extra_cflags=flags,
+             verbose=False, is_python_module=False)
         _register_fakes()
         log.info("raypress CPU kernels: %s", torch.ops.raypress.isa())
         return torch.ops.raypress
@@ -79,6 +79,22 @@ def _register_fakes() -> None:
     def _(x, q, scale, offset, gs):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake(lib + "rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(lib + "rope_")
+    def _(x, cos, sin):
+        return None
+
+    @torch.library.register_fake(lib + "cache_write_")
+    def _(keys, values, k, v, slots, positions):
+        return None
+
+    @torch.library.register_fake(lib + "decode_attention")
+    def _(q, keys, values, lengths, scale, window):
+        return torch.empty_like(q)
+
     @torch.library.register_fake(lib + "int8_widen_into")
     def _(q, scale, n0, out):
         return None
@@ -92,6 +108,11 @@ def kernel_isa() -> str | None:
     """The instruction set the kernels run with ("avx2" or "avx512"), or None on the portable path."""
     ext = _extension()
     return ext.isa() if ext is not None else None
+
+
+def ops():
+    """``torch.ops.raypress`` where the extension is built and loaded, else None."""
+    return _extension()
 
 
 def kernels_available() -> bool:
@@ -129,6 +150,37 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         y = y + bias if bias is not None else y
         return y.view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
+
+
+def on_cpu_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether float32 CPU tensors outside autograd can go to the extension's ops."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not torch.is_grad_enabled()
+            and _extension() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (one op on the extension)."""
+    if on_cpu_kernels(x, weight):
+        return _extension().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps).view(x.shape)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [N, heads, D] with cos/sin [N, D] (the rotate-half convention); may reuse x's memory."""
+    if on_cpu_kernels(x, cos, sin) and x.is_contiguous():
+        _extension().rope_(x, cos.contiguous(), sin.contiguous())
+        return x
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, window: int) -> torch.Tensor:
+    """q [n, heads, D], each row attending over the first lengths[i] positions of slot i of keys/values
+    [slots, kv heads, max_len, D] (their last ``window`` when window > 0); the extension's op (see
+    ``on_cpu_kernels``)."""
+    return _extension().decode_attention(q, keys, values, lengths, scale, window)
 
 
 def _use_extension(x: torch.Tensor, k: int, scale: torch.Tensor) -> bool:

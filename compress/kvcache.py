@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compress import kernels
+
 log = logging.getLogger(__name__)
 ATTENTION_NAME = "raypress_slots"
 _active = threading.local()  # the cache of the forward running on this thread, if any
@@ -38,6 +40,7 @@ class Layout:
     num_decode: int  # the first num_decode tokens are one per running sequence, slots 0..num_decode-1
     decode_len: int  # longest running sequence (keys read for the decode part)
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, decode_len]
+    decode_lengths: torch.Tensor | None  # [num_decode] int64: tokens in each running sequence's slot
     prefill: list[tuple[int, int, int, int, torch.Tensor]]  # (packed offset, slot, start, count, mask [1,1,c,S])
     last_tokens: torch.Tensor  # [parts] packed index of each part's last token (whose logits are kept)
     dummy_mask: torch.Tensor  # a 4D placeholder: makes HF skip its own mask building
@@ -101,13 +104,14 @@ class SlotKVCache:
             parts.append((offset, slot, start, count, self._visible(query_pos, start + count)[None, None]))
             offset += count
             last.append(offset - 1)
-        decode_mask = None
+        decode_mask = lengths = None
         if n:
             lengths = torch.tensor(decode_lengths, device=device)
             decode_mask = self._visible(lengths[:, None] - 1, int(lengths.max()))[:, None, None]
         self.layout = Layout(
             positions=torch.tensor([positions], device=device), token_slots=torch.tensor(slots, device=device),
-            num_decode=n, decode_len=max(decode_lengths, default=0), decode_mask=decode_mask, prefill=parts,
+            num_decode=n, decode_len=max(decode_lengths, default=0), decode_mask=decode_mask, decode_lengths=lengths,
+            prefill=parts,
             last_tokens=torch.tensor(last, device=device), dummy_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool))
         return self.layout
 
@@ -136,8 +140,12 @@ class SlotKVCache:
     def write(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write the packed tokens' keys and values [N, kv heads, D] at their slots and positions."""
         slots, pos = self.layout.token_slots, self.layout.positions[0]
-        self.keys[layer_idx][slots, :, pos] = keys.to(self.keys[0].dtype)
-        self.values[layer_idx][slots, :, pos] = values.to(self.values[0].dtype)
+        cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
+        if kernels.on_cpu_kernels(keys, values, cache_k) and keys.is_contiguous() and values.is_contiguous():
+            kernels.ops().cache_write_(cache_k, cache_v, keys, values, slots, pos)
+            return
+        cache_k[slots, :, pos] = keys.to(cache_k.dtype)
+        cache_v[slots, :, pos] = values.to(cache_v.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """HF's cache call: key/value states [1, H, N, D] of the packed tokens, written at their slots."""
@@ -159,7 +167,10 @@ class SlotKVCache:
         heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[-1]
         out = torch.empty(query.shape[2], heads, dim, dtype=query.dtype, device=query.device)
         n = lay.num_decode
-        if n:
+        if n and kernels.on_cpu_kernels(query, keys):  # one op: each query over its own slot's prefix
+            out[:n] = kernels.decode_attention(query[0, :, :n].transpose(0, 1).contiguous(), keys, values,
+                                               lay.decode_lengths, scaling, self.sliding_window or 0)
+        elif n:
             # one query per sequence; the heads sharing a kv head become that kv head's "query rows" (no repeat)
             q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, dim)
             k, v = keys[:n, :, : lay.decode_len], values[:n, :, : lay.decode_len]

@@ -32,14 +32,39 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The cheapest call of a projection: float32 weights on the streaming kernel, raypress's quantized modules
-    by their forward (no hooks), anything else through its module call."""
-    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
-        weight, bias = module.weight, module.bias
-        return lambda x: kernels.f32_linear(x, weight, bias)
-    if isinstance(module, Int8WeightOnlyLinear | Int4WeightOnlyLinear):  # Int8DynamicLinear included
-        return module.forward
-    return module
+    """The cheapest call of a projection on x [tokens, K]: for decode-sized x straight to the extension's product
+    with the weights bound once (the module's forward checks and reshapes on every call, which at batch 1 cost as
+    long as the product); otherwise the module's own forward (raypress's quantized modules without hooks)."""
+    general = module.forward if isinstance(module, Int8WeightOnlyLinear | Int4WeightOnlyLinear) else module
+    fast, max_rows = _decode_product(module)
+    if fast is None:
+        return general
+    bias = module.bias
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > max_rows or not x.is_contiguous():
+            return general(x)
+        y = fast(x)
+        return y if bias is None else y.add_(bias)
+
+    return call
+
+
+def _decode_product(module: nn.Module) -> tuple[Callable | None, int]:
+    """The extension's product of ``module``'s weights for a few rows, and up to how many rows it is used."""
+    ops = kernels.ops()
+    if ops is None:
+        return None, 0
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.in_features % 16 == 0:
+        weight = module.weight.detach().contiguous()
+        return (lambda x: ops.f32_gemv(x, weight)), kernels.MAX_F32_KERNEL_ROWS
+    if type(module) is Int8WeightOnlyLinear and module.scale.dtype == torch.float32 and module.in_features % 16 == 0:
+        q, scale = module.qweight, module.scale
+        return (lambda x: ops.int8_gemv(x, q, scale)), kernels.MAX_INT8_KERNEL_ROWS
+    if type(module) is Int4WeightOnlyLinear and module.group_size % 16 == 0:
+        packed, scale, offset, gs = module.packed, module.scale, module.offset, module.group_size
+        return (lambda x: ops.int4_gemv(x, packed, scale, offset, gs)), kernels.MAX_INT4_KERNEL_ROWS
+    return None, 0
 
 
 class _Layer:
@@ -79,23 +104,18 @@ class LeanForward:
         return cls(model, max_model_len)
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return kernels.rms_norm(x, norm.weight, self.eps)
 
     def __call__(self, tokens: torch.Tensor, layout: Layout, cache: SlotKVCache) -> torch.Tensor:
         """Logits [parts, vocab] at each part's last token, for the packed ``tokens`` [N] laid out by ``layout``."""
         n = tokens.shape[0]
         pos = layout.positions[0]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [N, 1, D]
+        cos, sin = self.cos[pos], self.sin[pos]  # [N, D]
         h = self.embed(tokens)
         for layer in self.layers:
             x = self._norm(h, layer.norm1)
-            q = self._rope(layer.q(x).view(n, self.heads, self.head_dim), cos, sin)
-            k = self._rope(layer.k(x).view(n, self.kv_heads, self.head_dim), cos, sin)
+            q = kernels.rope(layer.q(x).view(n, self.heads, self.head_dim), cos, sin)
+            k = kernels.rope(layer.k(x).view(n, self.kv_heads, self.head_dim), cos, sin)
             cache.write(layer.idx, k, layer.v(x).view(n, self.kv_heads, self.head_dim))
             attn = cache.attend(layer.idx, q.transpose(0, 1)[None], layer.scaling)
             h = h + layer.o(attn.view(n, -1))

@@ -54,6 +54,18 @@ struct Int4Rows {
     const __m128i mask = _mm_set1_epi8(0xF);
     return _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)));
   }
+  // Where groups hold whole 64-weight chunks, a chunk's 32 bytes become four vectors of 16 int16 with shifts and
+  // masks alone: vector s holds nibble s of each 16-bit lane. That is not the weights' order, so the activations
+  // of each such chunk are stored in the same order instead (chunk64_order, applied by qgemv.cpp once per call).
+  bool chunked() const { return gs % 64 == 0; }
+  void load64(int64_t n, int64_t k, __m256i* out) const {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * (K / 2) + k / 2));
+    const __m256i mask = _mm256_set1_epi16(0xF);
+    out[0] = _mm256_and_si256(v, mask);
+    out[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    out[2] = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask);
+    out[3] = _mm256_srli_epi16(v, 12);
+  }
 };
 
 // y[m, n] for MR activation rows and one float32 weight row n.
@@ -114,7 +126,25 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
     const int64_t k1 = std::min(K, k0 + gs);
     __m256i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k1; k += 16) {
+    int64_t k = k0;
+    if constexpr (Rows::kGrouped) {
+      if (rows.chunked()) {  // 64 weights (32 bytes) per step: see Int4Rows::load64
+        for (; k + 64 <= k1; k += 64) {
+          if ((k & (kLineWeights - 1)) == 0) _mm_prefetch(rows.addr(n, k) + kPrefetchBytes, _MM_HINT_T0);
+          __m256i w[4];
+          rows.load64(n, k, w);
+          for (int m = 0; m < MR; ++m) {
+            const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * K + k);
+            const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+                                               _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1)));
+            const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)),
+                                               _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3)));
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(a, b));
+          }
+        }
+      }
+    }
+    for (; k < k1; k += 16) {
       if ((k & (kLineWeights - 1)) == 0) _mm_prefetch(rows.addr(n, k) + kPrefetchBytes, _MM_HINT_T0);
       const __m256i w = rows.load16(n, k);
       for (int m = 0; m < MR; ++m)

@@ -159,6 +159,14 @@ struct IntActivations {
   std::vector<float> sx, xsum;
 };
 
+// Which weight of a 64-weight chunk of packed int4 lane i of vector s of Int4Rows::load64 holds: its byte is
+// 2i + s / 2 (two bytes per 16-bit lane, little-endian), its nibble s % 2; byte b of a 16-weight block holds weight
+// b (low nibble) and b + 8 (high).
+int64_t chunk64_weight(int64_t s, int64_t i) {
+  const int64_t byte = 2 * i + s / 2, block = byte / 8, b = byte % 8;
+  return block * 16 + b + 8 * (s % 2);
+}
+
 IntActivations quantize_rows(const torch::Tensor& x, int64_t gs) {
   const int64_t M = x.size(0), K = x.size(1), G = gs ? (K + gs - 1) / gs : 0;
   const float* xp = x.data_ptr<float>();
@@ -169,7 +177,15 @@ IntActivations quantize_rows(const torch::Tensor& x, int64_t gs) {
     for (int64_t k = 0; k < K; ++k) most = std::max(most, std::abs(row[k]));
     const float scale = most > 0.0f ? most / 32767.0f : 1.0f, inv = 1.0f / scale;
     a.sx[m] = scale;
-    for (int64_t k = 0; k < K; ++k) a.xq[m * K + k] = static_cast<int16_t>(std::nearbyint(row[k] * inv));
+    int16_t* xq = a.xq.data() + m * K;
+    for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(row[k] * inv));
+    if (gs > 0 && gs % 64 == 0) {  // int4 chunks read by Int4Rows::load64: activations in the same order
+      int16_t chunk[64];
+      for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
+        for (int64_t j = 0; j < 64; ++j) chunk[j] = xq[k0 + chunk64_weight(j / 16, j % 16)];
+        std::copy(chunk, chunk + 64, xq + k0);
+      }
+    }
     for (int64_t g = 0; g < G; ++g) {
       float sum = 0.0f;
       for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) sum += row[k];

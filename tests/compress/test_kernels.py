@@ -62,7 +62,7 @@ def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 33])
-@pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64)])
+@pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64), (9, 208, 64)])
 def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext, m, n, k, gs):
     torch.manual_seed(m + n)
     w = torch.randn(n, k)
@@ -179,3 +179,53 @@ def test_raypress_isa_in_the_environment_forces_the_avx2_path():
     env = {**os.environ, "RAYPRESS_ISA": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "avx2", out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ext = kernels._extension()
+    assert ext is not None
+    return ext
+
+
+def test_rms_norm_and_rope_ops_match_their_pytorch_definitions(ops):
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 576) * 3, torch.rand(576) + 0.5
+    ref = x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5).float() * w
+    assert torch.allclose(ops.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
+    q, angles = torch.randn(5, 9, 64), torch.randn(5, 32)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rotated = torch.cat((-q[..., 32:], q[..., :32]), dim=-1)
+    ref = q * cos[:, None] + rotated * sin[:, None]
+    with torch.inference_mode():
+        assert torch.allclose(kernels.rope(q.clone(), cos, sin), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_attention_matches_sdpa_over_each_slots_prefix(ops, window):
+    torch.manual_seed(window)
+    n, heads, kv_heads, max_len, d = 4, 9, 3, 40, 64
+    keys, values = torch.randn(6, kv_heads, max_len, d), torch.randn(6, kv_heads, max_len, d)
+    q, lengths = torch.randn(n, heads, d), torch.tensor([1, 17, 40, 9])
+    out = ops.decode_attention(q, keys, values, lengths, 0.125, window)
+    for i, length in enumerate(lengths.tolist()):
+        start = max(0, length - window) if window else 0
+        k = keys[i, :, start:length].repeat_interleave(heads // kv_heads, 0)
+        v = values[i, :, start:length].repeat_interleave(heads // kv_heads, 0)
+        ref = F.scaled_dot_product_attention(q[i][:, None], k, v, scale=0.125)[:, 0]
+        assert torch.allclose(out[i], ref, atol=1e-5), i
+    with pytest.raises(RuntimeError, match="out of 1..40"):
+        ops.decode_attention(q, keys, values, torch.tensor([1, 2, 41, 3]), 0.125, 0)
+
+
+def test_cache_write_puts_each_token_at_its_slot_and_position(ops):
+    torch.manual_seed(1)
+    keys, values = torch.zeros(4, 3, 16, 64), torch.zeros(4, 3, 16, 64)
+    k, v = torch.randn(5, 3, 64), torch.randn(5, 3, 64)
+    slots, positions = torch.tensor([0, 1, 3, 3, 3]), torch.tensor([7, 0, 2, 3, 4])
+    ops.cache_write_(keys, values, k, v, slots, positions)
+    ref_k, ref_v = torch.zeros_like(keys), torch.zeros_like(values)
+    ref_k[slots, :, positions], ref_v[slots, :, positions] = k, v
+    assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.cache_write_(keys, values, k, v, slots, torch.tensor([7, 0, 2, 3, 16]))

@@ -1,0 +1,168 @@
+// The small operations of a decode step, each one op instead of the several ATen ops (and their dispatch) that
+// PyTorch spends on them: at batch 1 a step of a small model runs each of these 30-60 times on a few hundred
+// floats, so the fixed cost per op, not arithmetic, is what they cost. Plain loops; the compiler vectorizes them.
+//
+//   raypress::rms_norm(x[N,D], weight[D], eps)                 -> x / sqrt(mean(x^2) + eps) * weight
+//   raypress::rope_(x[N,H,D], cos[N,D], sin[N,D])                x = x * cos + rotate_half(x) * sin, in place
+//   raypress::cache_write_(keys, values, k[N,KVH,D], v, slots[N], positions[N])
+//       keys[slots[t], :, positions[t]] = k[t] (and values), for the packed tokens of a step
+//   raypress::decode_attention(q[n,H,D], keys[S,KVH,L,D], values, lengths[n], scale, window)
+//       -> [n,H,D]: query i attends over the first lengths[i] positions of cache slot i (the last `window` of them
+//          when window > 0); the H query heads share KVH key/value heads in groups (grouped-query attention).
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+void check_f32(const torch::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.dim() == dim && t.is_contiguous(), name,
+              " must be a contiguous float32 tensor of ", dim, " dimensions");
+}
+
+// Sixteen independent partial sums, so that the compiler vectorizes the loop (a single running sum is a chain it
+// may not reorder).
+inline float dot_product(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  float sum = 0.0f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) sum += part[j];
+  return sum;
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_f32(x, 2, "x");
+  check_f32(weight, 1, "weight");
+  const int64_t N = x.size(0), D = x.size(1);
+  TORCH_CHECK(weight.size(0) == D, "weight has ", weight.size(0), " values for rows of ", D);
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = xp + n * D;
+    const float sum = dot_product(row, row, D);
+    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) yp[n * D + d] = wp[d] * (row[d] * inv);
+  }
+  return y;
+}
+
+void rope_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  check_f32(x, 3, "x");
+  check_f32(cos, 2, "cos");
+  check_f32(sin, 2, "sin");
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && cos.size(0) == N && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "cos and sin must be [tokens, head_dim] for x [tokens, heads, head_dim] with an even head_dim");
+  float* xp = x.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float *c = cp + n * D, *s = sp + n * D;
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = xp + (n * H + h) * D;
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = v[d], b = v[d + half];
+        v[d] = a * c[d] - b * s[d];
+        v[d + half] = b * c[d + half] + a * s[d + half];
+      }
+    }
+  }
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                               const torch::Tensor& lengths, double scale, int64_t window) {
+  check_f32(q, 3, "q");
+  check_f32(keys, 4, "keys");
+  check_f32(values, 4, "values");
+  TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.dim() == 1 && lengths.is_contiguous(),
+              "lengths must be a contiguous int64 vector");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = keys.size(1), L = keys.size(2);
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(3) == D && keys.size(0) >= n && lengths.size(0) == n &&
+                  KVH > 0 && H % KVH == 0,
+              "keys/values [slots, kv heads, max_len, head_dim] must match q [n, heads, head_dim]");
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(len[i] >= 1 && len[i] <= L, "length ", len[i], " out of 1..", L);
+  auto out = torch::empty_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / KVH;
+  // threads only where there is work to share: waking them costs more than a few short prefixes
+  int64_t longest = 1;
+  for (int64_t i = 0; i < n; ++i) longest = std::max(longest, len[i]);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (longest * D));
+  at::parallel_for(0, n * H, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scores(L);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b / H, h = b % H, kvh = h / group;
+      const int64_t end = len[i], start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      const float* qv = qp + b * D;
+      const float* kbase = kp + (i * KVH + kvh) * L * D;
+      const float* vbase = vp + (i * KVH + kvh) * L * D;
+      float most = -INFINITY;
+      for (int64_t j = start; j < end; ++j) {
+        const float dot = dot_product(qv, kbase + j * D, D);
+        scores[j] = dot * static_cast<float>(scale);
+        most = std::max(most, scores[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = start; j < end; ++j) total += (scores[j] = std::exp(scores[j] - most));
+      float* o = op + b * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t j = start; j < end; ++j) {
+        const float p = scores[j] / total;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * vbase[j * D + d];
+      }
+    }
+  });
+  return out;
+}
+
+void cache_write_(torch::Tensor keys, torch::Tensor values, const torch::Tensor& k, const torch::Tensor& v,
+                  const torch::Tensor& slots, const torch::Tensor& positions) {
+  check_f32(keys, 4, "keys");
+  check_f32(values, 4, "values");
+  check_f32(k, 3, "k");
+  check_f32(v, 3, "v");
+  const int64_t N = k.size(0), KVH = keys.size(1), L = keys.size(2), D = keys.size(3);
+  TORCH_CHECK(keys.sizes() == values.sizes() && k.sizes() == v.sizes() && k.size(1) == KVH && k.size(2) == D,
+              "k/v [tokens, kv heads, head_dim] must match the cache [slots, kv heads, max_len, head_dim]");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
+                  slots.is_contiguous() && positions.is_contiguous() && slots.numel() == N && positions.numel() == N,
+              "slots and positions must be contiguous int64 with one entry per token");
+  const int64_t *sp = slots.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
+  float *kc = keys.data_ptr<float>(), *vc = values.data_ptr<float>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for (int64_t t = 0; t < N; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < keys.size(0) && pp[t] >= 0 && pp[t] < L, "slot ", sp[t], " position ", pp[t],
+                " outside the cache");
+    for (int64_t h = 0; h < KVH; ++h) {
+      const int64_t dst = ((sp[t] * KVH + h) * L + pp[t]) * D, src = (t * KVH + h) * D;
+      std::copy(kp + src, kp + src + D, kc + dst);
+      std::copy(vp + src, vp + src + D, vc + dst);
+    }
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(raypress, m) {
+  m.def("cache_write_(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, Tensor slots, Tensor positions) -> ()");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(raypress, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope_", &rope_);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("cache_write_", &cache_write_);
+}
