@@ -30,31 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress import data, models, specs  # noqa: E402
-from compress.engine import Engine  # noqa: E402
+from compress import data, evaluate, models, specs  # noqa: E402
 from compress.kernels import cpu_description  # noqa: E402
-from compress.sampling import SamplingParams  # noqa: E402
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
     ids = tokenizer(" ".join(data.BUILTIN_PROMPTS), add_special_tokens=False)["input_ids"]
     return (ids * (n // len(ids) + 1))[:n]
-
-
-@torch.inference_mode()
-def engine_decode(model, tokenizer, prompt: list[int], batch: int, tokens: int, threads: int) -> float:
-    """Decode tokens/s of ``batch`` sequences through the engine, prompts already prefilled."""
-    torch.set_num_threads(threads)
-    engine = Engine(model, tokenizer, max_num_seqs=batch, max_model_len=len(prompt) + tokens + 8,
-                    max_batch_tokens=max(512, len(prompt) * batch + batch))
-    handles = [engine.submit(prompt, SamplingParams(max_tokens=tokens + 4)) for _ in range(batch)]
-    while len(engine.decoding) < batch:  # prefill everything first
-        engine.step()
-    start, steps = time.perf_counter(), 0
-    while steps < tokens and all(not h.done for h in handles):
-        engine.step()
-        steps += 1
-    return batch * steps / (time.perf_counter() - start)
 
 
 class LlamaCpp:
@@ -123,6 +105,7 @@ def main() -> None:
     except ImportError:
         sys.exit('llama-cpp-python is not installed: pip install -e ".[bench]" (it is a benchmark-only extra)')
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)  # raypress on as many threads as llama.cpp
     base, tokenizer, _ = models.load("smollm2-135m")
     variants = {}
     for v in args.variants:
@@ -138,7 +121,7 @@ def main() -> None:
         for b in (1, args.batch):
             samples.setdefault(("llama.cpp Q4_1", b), []).append(cpp.decode(prompt, b, args.tokens))
             for label, model in variants.items():
-                rate = engine_decode(model, tokenizer, prompt, b, args.tokens, args.threads)
+                rate = evaluate.engine_speed(model, tokenizer, [prompt] * b, args.tokens)[1]
                 samples.setdefault((f"raypress {label}", b), []).append(rate)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in samples.items()}

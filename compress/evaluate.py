@@ -144,30 +144,42 @@ def _median_time(fn, repeats: int, warmup: int = 1) -> float:
 def causal_speed(
     model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, batch_sizes=(1, 8), repeats: int = 3
 ) -> dict:
-    """Prefill tokens/s (batch 1) and decode tokens/s at each batch size: medians after a warm-up.
-
-    Decode time is generate(new_tokens) minus generate(1) on the same prompts, so it holds decode steps only.
-    """
-    device = next(model.parameters()).device
+    """Prefill tokens/s (one prompt) and decode tokens/s at each batch size, through ``compress.engine`` (the path
+    serving and batch jobs run): medians of ``repeats`` runs after a warm-up, on random prompts."""
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, min(vocab, 30000), (max(batch_sizes), prompt_tokens), generator=gen).tolist()
     result = {}
     for b in batch_sizes:
-        ids = torch.randint(100, min(vocab, 30000), (b, prompt_tokens), generator=gen).to(device)
-        mask = torch.ones_like(ids)
-
-        def generate(n, ids=ids, mask=mask):
-            model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-
-        t_prefill = _median_time(lambda: generate(1), repeats)
-        t_full = _median_time(lambda: generate(new_tokens), repeats)
+        runs = [engine_speed(model, tokenizer, prompts[:b], new_tokens) for _ in range(repeats + 1)][1:]
         if b == batch_sizes[0]:
-            result["prefill_tokens_per_s"] = b * prompt_tokens / t_prefill
-        result[f"decode_tokens_per_s_b{b}"] = b * (new_tokens - 1) / max(t_full - t_prefill, 1e-9)
+            result["prefill_tokens_per_s"] = statistics.median(r[0] for r in runs)
+        result[f"decode_tokens_per_s_b{b}"] = statistics.median(r[1] for r in runs)
     return result
+
+
+@torch.inference_mode()
+def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of ``prompts`` run together on a fresh engine: all prompts in one step,
+    then decode steps until every sequence has ``new_tokens`` tokens or has ended."""
+    from compress.engine import Engine
+    from compress.sampling import SamplingParams
+
+    longest = max(len(p) for p in prompts)
+    engine = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=longest + new_tokens,
+                    max_batch_tokens=max(512, sum(map(len, prompts)) + len(prompts)))
+    handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
+    start = time.perf_counter()
+    engine.step()  # takes the requests in; with room for every prompt, this one step prefills them all
+    while engine.waiting or engine.prefilling:
+        engine.step()
+    prefill_s, made = time.perf_counter() - start, engine.stats["generation_tokens"]
+    start = time.perf_counter()
+    while not all(h.done for h in handles):
+        engine.step()
+    decode_s = time.perf_counter() - start
+    decoded = engine.stats["generation_tokens"] - made
+    return sum(map(len, prompts)) / prefill_s, decoded / max(decode_s, 1e-9)
 
 
 @torch.inference_mode()
