@@ -1,16 +1,16 @@
 """A lean forward for Llama-family decoders (Llama, Mistral, Qwen2 and SmolLM2): the engine's step without the
 generic machinery of Hugging Face's forward.
 
-    lean = LeanForward.for_model(model)            # None for other architectures: the engine keeps HF's forward
-    logits = lean(tokens, layout, cache)            # [parts, vocab]: the same contract as the engine's HF path
+    lean = LeanForward.for_model(model, max_model_len)   # None for other architectures: HF's forward runs
+    logits = lean(tokens, layout, cache)                   # [parts, vocab]: the engine's HF path's contract
 
 At decode, a step of a small model spends as long in Python and per-op dispatch as in reading its weights: HF's
 forward builds masks, output records and cache objects, and goes through module hooks, for every layer of every
 step. This forward runs the same modules' weights (float, int8, int4: whatever ``quantize_`` put there) with the
-fewest operations: RMSNorm as one op, RoPE from a cos/sin table built once from the model's own rotary embedding
-(so its scaling variants carry over), keys and values written straight into the engine's slot cache, attention by
-``SlotKVCache.attend`` (the same code the HF path uses), and float32 projections on raypress's streaming kernel
-when a step has up to 8 tokens. Greedy output is the same token for token as HF's forward (tested).
+fewest operations: decode-sized products go straight to raypress's kernels with each layer's weights bound once;
+RMSNorm, RoPE (from a cos/sin table built once from the model's own rotary embedding, so its scaling variants carry
+over) and the cache write are one op each (``compress.kernels``), and attention is ``SlotKVCache.attend``, the code
+the HF path uses. Greedy output is the same token for token as HF's ``generate`` (tested).
 """
 
 from __future__ import annotations
