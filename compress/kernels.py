@@ -75,6 +75,10 @@ def _register_fakes() -> None:
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake(lib + "int8_dynamic_gemv")
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
     @torch.library.register_fake(lib + "int4_gemv")
     def _(x, q, scale, offset, gs):
         return x.new_empty(x.shape[0], q.shape[0])
@@ -292,9 +296,13 @@ def int8_dynamic_linear(x, qweight, scale, bias, packed=None):
     With ``packed`` (CPU, fbgemm): every row is first divided by its own scale so that its values span [-127, 127];
     fbgemm's per-tensor dynamic quantization of the result then rounds each row on its own int8 grid, so this is
     per-token quantization on fbgemm's int8 GEMM (about 3x float32's matmul speed on AVX2 CPUs). reduce_range stays
-    off: with it the activations would get 7 bits.
+    off: with it the activations would get 7 bits. Decode-sized x (a few rows) runs on raypress's int8 kernel with the
+    same per-token rounding, where fbgemm's per-call cost would dominate.
     """
-    if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+    k = qweight.shape[1]
+    if _use_extension(x, k, scale) and x.numel() // k <= MAX_INT8_KERNEL_ROWS:  # decode: the int8 kernel's loop
+        y = _extension().int8_dynamic_gemv(x.reshape(-1, k).contiguous(), qweight, scale).view(*x.shape[:-1], -1)
+    elif packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         sx = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127

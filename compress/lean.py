@@ -24,7 +24,7 @@ from torch import nn
 
 from compress import kernels
 from compress.kvcache import Layout, SlotKVCache
-from compress.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from compress.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def _decode_product(module: nn.Module) -> tuple[Callable | None, int]:
     if type(module) is Int8WeightOnlyLinear and module.scale.dtype == torch.float32 and module.in_features % 16 == 0:
         q, scale = module.qweight, module.scale
         return (lambda x: ops.int8_gemv(x, q, scale)), kernels.MAX_INT8_KERNEL_ROWS
+    if type(module) is Int8DynamicLinear and module.scale.dtype == torch.float32 and module.in_features % 16 == 0:
+        q, scale = module.qweight, module.scale
+        return (lambda x: ops.int8_dynamic_gemv(x, q, scale)), kernels.MAX_INT8_KERNEL_ROWS
     if type(module) is Int4WeightOnlyLinear and module.group_size % 16 == 0:
         packed, scale, offset, gs = module.packed, module.scale, module.offset, module.group_size
         return (lambda x: ops.int4_gemv(x, packed, scale, offset, gs)), kernels.MAX_INT4_KERNEL_ROWS

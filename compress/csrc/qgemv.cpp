@@ -8,6 +8,7 @@
 //
 //   raypress::f32_gemv(x[M,K] f32, w[N,K] f32)                                   -> y[M,N] = x @ w.T
 //   raypress::int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                     -> y[M,N] = (x @ q.T) * scale
+//   raypress::int8_dynamic_gemv(x, q, scale)                                   -> int8_gemv on x rounded to int8 per row
 //   raypress::int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G], offset[N,G], gs)    -> y[M,N] = x @ W.T
 //   raypress::int8_widen_into / int4_widen_into(..., n0, out)                    weight rows as float32, into out
 //
@@ -167,7 +168,7 @@ int64_t chunk64_weight(int64_t s, int64_t i) {
   return block * 16 + b + 8 * (s % 2);
 }
 
-IntActivations quantize_rows(const torch::Tensor& x, int64_t gs) {
+IntActivations quantize_rows(const torch::Tensor& x, int64_t gs, float qmax = 32767.0f) {
   const int64_t M = x.size(0), K = x.size(1), G = gs ? (K + gs - 1) / gs : 0;
   const float* xp = x.data_ptr<float>();
   IntActivations a{std::vector<int16_t>(M * K), std::vector<float>(M), std::vector<float>(M * G)};
@@ -175,10 +176,10 @@ IntActivations quantize_rows(const torch::Tensor& x, int64_t gs) {
     const float* row = xp + m * K;
     float most = 0.0f;
     for (int64_t k = 0; k < K; ++k) most = std::max(most, std::abs(row[k]));
-    const float scale = most > 0.0f ? most / 32767.0f : 1.0f, inv = 1.0f / scale;
+    const float scale = most > 0.0f ? most / qmax : 1.0f;  // rounds as kernels.quantize_per_token does (x / s)
     a.sx[m] = scale;
     int16_t* xq = a.xq.data() + m * K;
-    for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(row[k] * inv));
+    for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(row[k] / scale));
     if (gs > 0 && gs % 64 == 0) {  // int4 chunks read by Int4Rows::load64: activations in the same order
       int16_t chunk[64];
       for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
@@ -210,6 +211,18 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& q, const to
   check_int8(q, scale);
   check_x(x, q.size(1));
   const auto a = quantize_rows(x, 0);
+  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
+  RAYPRESS_DISPATCH(int8_gemv, q.data_ptr<int8_t>(), scale.data_ptr<float>(), a.xq.data(), a.sx.data(), x.size(0),
+                    q.size(0), q.size(1), y.data_ptr<float>());
+  return y;
+}
+
+// int8-dynamic's product: the same loop with the activations rounded to 8 bits per row (W8A8: exactly the
+// per-token int8 arithmetic of that format, held in int16 lanes).
+torch::Tensor int8_dynamic_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  check_int8(q, scale);
+  check_x(x, q.size(1));
+  const auto a = quantize_rows(x, 0, 127.0f);
   auto y = torch::empty({x.size(0), q.size(0)}, x.options());
   RAYPRESS_DISPATCH(int8_gemv, q.data_ptr<int8_t>(), scale.data_ptr<float>(), a.xq.data(), a.sx.data(), x.size(0),
                     q.size(0), q.size(1), y.data_ptr<float>());
@@ -280,6 +293,7 @@ std::vector<std::string> cpu_isas() {
 TORCH_LIBRARY(raypress, m) {
   m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("int8_dynamic_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scale, Tensor offset, int gs) -> Tensor");
   m.def("int8_widen_into(Tensor q, Tensor scale, int n0, Tensor(a!) out) -> ()");
   m.def("int4_widen_into(Tensor q, Tensor scale, Tensor offset, int gs, int n0, Tensor(a!) out) -> ()");
@@ -292,6 +306,7 @@ TORCH_LIBRARY(raypress, m) {
 TORCH_LIBRARY_IMPL(raypress, CPU, m) {
   m.impl("f32_gemv", &f32_gemv);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_dynamic_gemv", &int8_dynamic_gemv);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_widen_into", &int8_widen_into);
   m.impl("int4_widen_into", &int4_widen_into);

@@ -34,7 +34,7 @@ def test_f32_gemv_matches_an_exact_matmul(ext, m, n, k):
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' activation rows: integers in [-32767, 32767] and one scale per row (an independent copy)."""
     sx = x.abs().amax(1, keepdim=True) / 32767  # float32 arithmetic, as the kernel rounds
-    return torch.round(x * (1 / sx)).double(), sx.double()
+    return torch.round(x / sx).double(), sx.double()
 
 
 def assert_near_float(y: torch.Tensor, exact_float: torch.Tensor, unquantized: torch.Tensor) -> None:
@@ -128,8 +128,8 @@ def test_layers_larger_than_the_workspace_are_multiplied_a_chunk_of_rows_at_a_ti
 
 
 def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
-    torch.manual_seed(0)
-    w, x = torch.randn(64, 128) * 0.05, torch.randn(10, 128)
+    torch.manual_seed(0)  # more rows than the decode kernel takes: fbgemm's GEMM
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(kernels.MAX_INT8_KERNEL_ROWS + 10, 128)
     x[:, 5] *= 40  # an outlier channel, as in real models
     q, scale = quantize.quantize_per_channel(w)
     packed = kernels.fbgemm_prepack(q, scale)
@@ -229,3 +229,16 @@ def test_cache_write_puts_each_token_at_its_slot_and_position(ops):
     assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.cache_write_(keys, values, k, v, slots, torch.tensor([7, 0, 2, 3, 16]))
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_dynamic_int8_decode_rows_are_exact_per_token_int8_on_the_kernel(ext, m):
+    torch.manual_seed(m)
+    w, x = torch.randn(96, 576) * 0.05, torch.randn(m, 576)
+    x[:, 5] *= 40
+    q, scale = quantize.quantize_per_channel(w)
+    xq, sx = kernels.quantize_per_token(x)
+    exact = (xq.long() @ q.long().T).double() * scale.double() * sx.double()  # integer matmul
+    with torch.inference_mode():
+        y = kernels.int8_dynamic_linear(x, q, scale, None, None).double()
+    assert torch.allclose(y, exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
