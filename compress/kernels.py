@@ -67,28 +67,39 @@ def _register_fakes() -> None:
     """Shapes of the ops' outputs without running them, for torch.compile and meta tensors."""
     lib = "raypress::"
 
+    def stacked(x, weights):  # the products' outputs: every matrix's rows side by side
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
     @torch.library.register_fake(lib + "f32_gemv")
     def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return stacked(x, w)
 
     @torch.library.register_fake(lib + "int8_gemv")
     def _(x, q, scale):
-        return x.new_empty(x.shape[0], q.shape[0])
+        return stacked(x, q)
 
     @torch.library.register_fake(lib + "int8_dynamic_gemv")
     def _(x, q, scale):
-        return x.new_empty(x.shape[0], q.shape[0])
+        return stacked(x, q)
 
     @torch.library.register_fake(lib + "int4_gemv")
     def _(x, q, scale, offset, gs):
-        return x.new_empty(x.shape[0], q.shape[0])
+        return stacked(x, q)
 
     @torch.library.register_fake(lib + "rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x)
 
-    @torch.library.register_fake(lib + "rope_")
-    def _(x, cos, sin):
+    @torch.library.register_fake(lib + "add_rms_norm_")
+    def _(h, delta, weight, eps):
+        return torch.empty_like(h)
+
+    @torch.library.register_fake(lib + "silu_mul")
+    def _(gu):
+        return gu.new_empty(gu.shape[0], gu.shape[1] // 2)
+
+    @torch.library.register_fake(lib + "rope_write_")
+    def _(qkv, cos, sin, keys, values, slots, positions, heads):
         return None
 
     @torch.library.register_fake(lib + "cache_write_")
@@ -97,7 +108,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "decode_attention")
     def _(q, keys, values, lengths, scale, window):
-        return torch.empty_like(q)
+        return q.new_empty(q.shape)
 
     @torch.library.register_fake(lib + "int8_widen_into")
     def _(q, scale, n0, out):
@@ -150,7 +161,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     rows = x.numel() // k if k else 0
     if (rows <= MAX_F32_KERNEL_ROWS and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and k % 16 == 0 and weight.is_contiguous() and not torch.is_grad_enabled() and _extension() is not None):
-        y = _extension().f32_gemv(x.reshape(-1, k).contiguous(), weight)
+        y = _extension().f32_gemv(x.reshape(-1, k).contiguous(), [weight])
         y = y + bias if bias is not None else y
         return y.view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
@@ -169,11 +180,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta (a residual connection, in place), then RMSNorm of h: one op on the extension. h and delta are
+    [N, D]."""
+    if on_cpu_kernels(h, delta, weight) and h.is_contiguous() and delta.is_contiguous():
+        return _extension().add_rms_norm_(h, delta, weight.contiguous(), eps)
+    return rms_norm(h.add_(delta), weight, eps)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gu [N, 2I] holding gate and up side by side (a fused gate/up projection's output)."""
+    if on_cpu_kernels(gu) and gu.is_contiguous():
+        return _extension().silu_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [N, heads, D] with cos/sin [N, D] (the rotate-half convention); may reuse x's memory."""
-    if on_cpu_kernels(x, cos, sin) and x.is_contiguous():
-        _extension().rope_(x, cos.contiguous(), sin.contiguous())
-        return x
+    """Rotary embedding of x [N, heads, D] with cos/sin [N, D] (the rotate-half convention), portably; the lean
+    forward's CPU path applies it inside ``rope_write_``."""
     half = x.shape[-1] // 2
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -204,7 +229,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if _use_extension(x, k, scale):
         ext = _extension()
         return _on_extension(
-            x, k, bias, MAX_INT8_KERNEL_ROWS, lambda x2: ext.int8_gemv(x2, qweight, scale),
+            x, k, bias, MAX_INT8_KERNEL_ROWS, lambda x2: ext.int8_gemv(x2, [qweight], [scale]),
             qweight.shape[0], lambda n0, out: ext.int8_widen_into(qweight, scale, n0, out),
         )
     y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
@@ -224,7 +249,7 @@ def int4_linear(
     if _use_extension(x, k, scale) and group_size % 16 == 0:
         ext = _extension()
         return _on_extension(
-            x, k, bias, MAX_INT4_KERNEL_ROWS, lambda x2: ext.int4_gemv(x2, packed, scale, offset, group_size),
+            x, k, bias, MAX_INT4_KERNEL_ROWS, lambda x2: ext.int4_gemv(x2, [packed], [scale], [offset], group_size),
             packed.shape[0], lambda n0, out: ext.int4_widen_into(packed, scale, offset, group_size, n0, out),
         )
     return F.linear(x, dequantize_int4(packed, scale, offset, group_size).to(x.dtype), bias)
@@ -301,7 +326,8 @@ def int8_dynamic_linear(x, qweight, scale, bias, packed=None):
     """
     k = qweight.shape[1]
     if _use_extension(x, k, scale) and x.numel() // k <= MAX_INT8_KERNEL_ROWS:  # decode: the int8 kernel's loop
-        y = _extension().int8_dynamic_gemv(x.reshape(-1, k).contiguous(), qweight, scale).view(*x.shape[:-1], -1)
+        y = _extension().int8_dynamic_gemv(x.reshape(-1, k).contiguous(), [qweight], [scale])
+        y = y.view(*x.shape[:-1], -1)
     elif packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -7,10 +7,12 @@ generic machinery of Hugging Face's forward.
 At decode, a step of a small model spends as long in Python and per-op dispatch as in reading its weights: HF's
 forward builds masks, output records and cache objects, and goes through module hooks, for every layer of every
 step. This forward runs the same modules' weights (float, int8, int4: whatever ``quantize_`` put there) with the
-fewest operations: decode-sized products go straight to raypress's kernels with each layer's weights bound once;
-RMSNorm, RoPE (from a cos/sin table built once from the model's own rotary embedding, so its scaling variants carry
-over) and the cache write are one op each (``compress.kernels``), and attention is ``SlotKVCache.attend``, the code
-the HF path uses. Greedy output is the same token for token as HF's ``generate`` (tested).
+fewest operations. Per layer, on the CPU extension: the residual add and RMSNorm are one op; q, k and v are one
+product over the three matrices (so are gate and up), with each layer's weights bound once; RoPE (from a cos/sin
+table built once from the model's own rotary embedding, so its scaling variants carry over) and the cache write are
+one op; a decode-only step's attention is one op, otherwise ``SlotKVCache.attend`` (the code the HF path uses);
+SiLU times up is one op. That is 9 calls per layer where HF's forward makes dozens. Greedy output is the same token
+for token as HF's ``generate`` (tested).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress import kernels
@@ -31,41 +32,50 @@ log = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The cheapest call of a projection on x [tokens, K]: for decode-sized x straight to the extension's product
-    with the weights bound once (the module's forward checks and reshapes on every call, which at batch 1 cost as
-    long as the product); otherwise the module's own forward (raypress's quantized modules without hooks)."""
-    general = module.forward if isinstance(module, Int8WeightOnlyLinear | Int4WeightOnlyLinear) else module
-    fast, max_rows = _decode_product(module)
-    if fast is None:
-        return general
-    bias = module.bias
+class _Product:
+    """One or more projections that share their input (q, k and v; gate and up; or one alone), as one call on x
+    [tokens, K] returning their outputs side by side. Decode-sized x goes straight to one of the extension's
+    products with every matrix's weights bound once (a module's forward checks and reshapes on every call, which
+    at batch 1 costs as long as the product); other x to each module's own forward, concatenated. The modules'
+    weights stay the tensors they are, so nothing is copied and a saved model is unchanged."""
 
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > max_rows or not x.is_contiguous():
-            return general(x)
-        y = fast(x)
-        return y if bias is None else y.add_(bias)
+    def __init__(self, modules: list[nn.Module]):
+        self.general = [m.forward if isinstance(m, Int8WeightOnlyLinear | Int4WeightOnlyLinear) else m
+                        for m in modules]
+        self.fast, self.max_rows = _decode_product(modules)
+        biases = [m.bias for m in modules]
+        given = [b for b in biases if b is not None]
+        self.bias = None  # one vector for the stacked outputs (zeros for the modules without)
+        if given:
+            self.bias = torch.cat([b.detach() if b is not None else given[0].new_zeros(m.out_features)
+                                   for m, b in zip(modules, biases, strict=True)])
 
-    return call
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None and x.shape[0] <= self.max_rows and x.is_contiguous():
+            y = self.fast(x)
+            return y if self.bias is None else y.add_(self.bias)
+        ys = [f(x) for f in self.general]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
-def _decode_product(module: nn.Module) -> tuple[Callable | None, int]:
-    """The extension's product of ``module``'s weights for a few rows, and up to how many rows it is used."""
+def _decode_product(modules: list[nn.Module]) -> tuple[Callable | None, int]:
+    """The extension's product of the modules' weights for a few rows, and up to how many rows it is used; None
+    where the extension is not loaded or the modules do not share one kind of weights."""
     ops = kernels.ops()
-    if ops is None:
+    kind = type(modules[0])
+    if ops is None or any(type(m) is not kind for m in modules) or modules[0].in_features % 16:
         return None, 0
-    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.in_features % 16 == 0:
-        weight = module.weight.detach().contiguous()
-        return (lambda x: ops.f32_gemv(x, weight)), kernels.MAX_F32_KERNEL_ROWS
-    if type(module) is Int8WeightOnlyLinear and module.scale.dtype == torch.float32 and module.in_features % 16 == 0:
-        q, scale = module.qweight, module.scale
-        return (lambda x: ops.int8_gemv(x, q, scale)), kernels.MAX_INT8_KERNEL_ROWS
-    if type(module) is Int8DynamicLinear and module.scale.dtype == torch.float32 and module.in_features % 16 == 0:
-        q, scale = module.qweight, module.scale
-        return (lambda x: ops.int8_dynamic_gemv(x, q, scale)), kernels.MAX_INT8_KERNEL_ROWS
-    if type(module) is Int4WeightOnlyLinear and module.group_size % 16 == 0:
-        packed, scale, offset, gs = module.packed, module.scale, module.offset, module.group_size
+    if kind is nn.Linear and all(m.weight.dtype == torch.float32 for m in modules):
+        weights = [m.weight.detach().contiguous() for m in modules]
+        return (lambda x: ops.f32_gemv(x, weights)), kernels.MAX_F32_KERNEL_ROWS
+    if kind in (Int8WeightOnlyLinear, Int8DynamicLinear) and all(m.scale.dtype == torch.float32 for m in modules):
+        qs, scales = [m.qweight for m in modules], [m.scale for m in modules]
+        product = ops.int8_gemv if kind is Int8WeightOnlyLinear else ops.int8_dynamic_gemv
+        return (lambda x: product(x, qs, scales)), kernels.MAX_INT8_KERNEL_ROWS
+    group_sizes = {getattr(m, "group_size", 0) for m in modules}
+    if kind is Int4WeightOnlyLinear and len(group_sizes) == 1 and modules[0].group_size % 16 == 0:
+        packed, scale, offset = [m.packed for m in modules], [m.scale for m in modules], [m.offset for m in modules]
+        gs = modules[0].group_size
         return (lambda x: ops.int4_gemv(x, packed, scale, offset, gs)), kernels.MAX_INT4_KERNEL_ROWS
     return None, 0
 
@@ -73,9 +83,11 @@ def _decode_product(module: nn.Module) -> tuple[Callable | None, int]:
 class _Layer:
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = (_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.gate, self.up, self.down = (_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
-        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv = _Product([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Product([attn.o_proj])
+        self.gate_up = _Product([mlp.gate_proj, mlp.up_proj])
+        self.down = _Product([mlp.down_proj])
+        self.norm1, self.norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.scaling = attn.scaling
         self.idx = attn.layer_idx
 
@@ -85,7 +97,7 @@ class LeanForward:
         config = model.config
         inner = model.model
         self.layers = [_Layer(layer) for layer in inner.layers]
-        self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, _linear(model.lm_head)
+        self.embed, self.norm, self.head = inner.embed_tokens, inner.norm.weight, _Product([model.lm_head])
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -106,25 +118,44 @@ class LeanForward:
             return None
         return cls(model, max_model_len)
 
-    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        return kernels.rms_norm(x, norm.weight, self.eps)
-
     def __call__(self, tokens: torch.Tensor, layout: Layout, cache: SlotKVCache) -> torch.Tensor:
         """Logits [parts, vocab] at each part's last token, for the packed ``tokens`` [N] laid out by ``layout``."""
-        n = tokens.shape[0]
+        n, heads, dim = tokens.shape[0], self.heads, self.head_dim
         pos = layout.positions[0]
         cos, sin = self.cos[pos], self.sin[pos]  # [N, D]
         h = self.embed(tokens)
+        ops = kernels.ops() if kernels.on_cpu_kernels(h) else None
+        delta = None
         for layer in self.layers:
-            x = self._norm(h, layer.norm1)
-            q = kernels.rope(layer.q(x).view(n, self.heads, self.head_dim), cos, sin)
-            k = kernels.rope(layer.k(x).view(n, self.kv_heads, self.head_dim), cos, sin)
-            cache.write(layer.idx, k, layer.v(x).view(n, self.kv_heads, self.head_dim))
-            attn = cache.attend(layer.idx, q.transpose(0, 1)[None], layer.scaling)
-            h = h + layer.o(attn.view(n, -1))
-            x = self._norm(h, layer.norm2)
-            h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
-        return self.head(self._norm(h[layout.last_tokens], self.norm))
+            if delta is None:
+                x = kernels.rms_norm(h, layer.norm1, self.eps)
+            else:
+                x = kernels.add_rms_norm_(h, delta, layer.norm1, self.eps)  # h += the MLP's output
+            qkv = layer.qkv(x)
+            self._rope_write(ops, layer.idx, qkv, cos, sin, layout, cache)
+            q = qkv[:, : heads * dim].view(n, heads, dim)
+            if ops is not None and not layout.prefill:  # decode only: straight to the op
+                attn = ops.decode_attention(q, cache.keys[layer.idx], cache.values[layer.idx],
+                                            layout.decode_lengths, layer.scaling, cache.sliding_window or 0)
+            else:
+                attn = cache.attend(layer.idx, q.transpose(0, 1)[None], layer.scaling)
+            x = kernels.add_rms_norm_(h, layer.o(attn.view(n, -1)), layer.norm2, self.eps)  # h += attention's
+            delta = layer.down(kernels.silu_mul(layer.gate_up(x)))
+        last = layout.last_tokens
+        return self.head(kernels.rms_norm(h[last] + delta[last], self.norm, self.eps))
+
+    def _rope_write(self, ops, idx: int, qkv: torch.Tensor, cos, sin, layout: Layout, cache: SlotKVCache) -> None:
+        """The rotary embedding of qkv's q and k heads, in place, and its k and v heads into the cache."""
+        cache_k, cache_v = cache.keys[idx], cache.values[idx]
+        if ops is not None and qkv.is_contiguous():
+            ops.rope_write_(qkv, cos, sin, cache_k, cache_v, layout.token_slots, layout.positions[0], self.heads)
+            return
+        n, dim = qkv.shape[0], self.head_dim
+        q_width, kv_width = self.heads * dim, self.kv_heads * dim
+        qk = qkv[:, : q_width + kv_width].view(n, -1, dim)
+        qk.copy_(kernels.rope(qk, cos, sin))
+        k, v = qkv[:, q_width : q_width + kv_width], qkv[:, q_width + kv_width :]
+        cache.write(idx, k.reshape(n, self.kv_heads, dim), v.reshape(n, self.kv_heads, dim))
 
 
 def unsupported(model) -> str | None:

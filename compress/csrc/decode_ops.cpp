@@ -3,12 +3,17 @@
 // floats, so the fixed cost per op, not arithmetic, is what they cost. Plain loops; the compiler vectorizes them.
 //
 //   raypress::rms_norm(x[N,D], weight[D], eps)                 -> x / sqrt(mean(x^2) + eps) * weight
-//   raypress::rope_(x[N,H,D], cos[N,D], sin[N,D])                x = x * cos + rotate_half(x) * sin, in place
+//   raypress::add_rms_norm_(h[N,D], delta[N,D], weight, eps)   h += delta (the residual), then -> rms_norm(h)
+//   raypress::silu_mul(gu[N,2I])                               -> silu(gu[:, :I]) * gu[:, I:]
 //   raypress::cache_write_(keys, values, k[N,KVH,D], v, slots[N], positions[N])
 //       keys[slots[t], :, positions[t]] = k[t] (and values), for the packed tokens of a step
+//   raypress::rope_write_(qkv[N,(H+2KVH)*D], cos[N,D], sin[N,D], keys, values, slots, positions, H)
+//       the rotary embedding (rotate-half: x * cos + rotate_half(x) * sin) of the q and k heads of a fused
+//       projection's output, in place, then cache_write_ of its k and v heads
 //   raypress::decode_attention(q[n,H,D], keys[S,KVH,L,D], values, lengths[n], scale, window)
 //       -> [n,H,D]: query i attends over the first lengths[i] positions of cache slot i (the last `window` of them
 //          when window > 0); the H query heads share KVH key/value heads in groups (grouped-query attention).
+//          q's rows may be strided (the q heads of rope_write_'s qkv); its heads must be contiguous.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -39,36 +44,98 @@ inline float dot_product(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  check_f32(x, 2, "x");
-  check_f32(weight, 1, "weight");
-  const int64_t N = x.size(0), D = x.size(1);
-  TORCH_CHECK(weight.size(0) == D, "weight has ", weight.size(0), " values for rows of ", D);
-  auto y = torch::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+namespace {
+
+void rms_norm_rows(const float* xp, const float* wp, int64_t N, int64_t D, double eps, float* yp) {
   for (int64_t n = 0; n < N; ++n) {
     const float* row = xp + n * D;
     const float sum = dot_product(row, row, D);
     const float inv = 1.0f / std::sqrt(sum / static_cast<float>(D) + static_cast<float>(eps));
     for (int64_t d = 0; d < D; ++d) yp[n * D + d] = wp[d] * (row[d] * inv);
   }
+}
+
+void check_norm_weight(const torch::Tensor& weight, int64_t D) {
+  check_f32(weight, 1, "weight");
+  TORCH_CHECK(weight.size(0) == D, "weight has ", weight.size(0), " values for rows of ", D);
+}
+
+// keys[slots[t], :, positions[t]] = k rows (and values), each token's KVH heads of D floats at k + t * stride.
+void write_tokens(torch::Tensor& keys, torch::Tensor& values, const float* kp, const float* vp, int64_t stride,
+                  int64_t N, const torch::Tensor& slots, const torch::Tensor& positions) {
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
+                  slots.is_contiguous() && positions.is_contiguous() && slots.numel() == N && positions.numel() == N,
+              "slots and positions must be contiguous int64 with one entry per token");
+  const int64_t KVH = keys.size(1), L = keys.size(2), D = keys.size(3);
+  const int64_t *sp = slots.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
+  float *kc = keys.data_ptr<float>(), *vc = values.data_ptr<float>();
+  for (int64_t t = 0; t < N; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < keys.size(0) && pp[t] >= 0 && pp[t] < L, "slot ", sp[t], " position ", pp[t],
+                " outside the cache");
+    for (int64_t h = 0; h < KVH; ++h) {
+      const int64_t dst = ((sp[t] * KVH + h) * L + pp[t]) * D, src = t * stride + h * D;
+      std::copy(kp + src, kp + src + D, kc + dst);
+      std::copy(vp + src, vp + src + D, vc + dst);
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_f32(x, 2, "x");
+  check_norm_weight(weight, x.size(1));
+  auto y = torch::empty_like(x);
+  rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), x.size(0), x.size(1), eps, y.data_ptr<float>());
   return y;
 }
 
-void rope_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  check_f32(x, 3, "x");
+torch::Tensor add_rms_norm_(torch::Tensor h, const torch::Tensor& delta, const torch::Tensor& weight, double eps) {
+  check_f32(h, 2, "h");
+  check_f32(delta, 2, "delta");
+  TORCH_CHECK(h.sizes() == delta.sizes(), "h and delta must have the same shape");
+  check_norm_weight(weight, h.size(1));
+  float* hp = h.data_ptr<float>();
+  const float* dp = delta.data_ptr<float>();
+  for (int64_t i = 0; i < h.numel(); ++i) hp[i] += dp[i];
+  auto y = torch::empty_like(h);
+  rms_norm_rows(hp, weight.data_ptr<float>(), h.size(0), h.size(1), eps, y.data_ptr<float>());
+  return y;
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  check_f32(gu, 2, "gu");
+  TORCH_CHECK(gu.size(1) % 2 == 0, "gu must hold gate and up side by side (an even number of columns)");
+  const int64_t N = gu.size(0), I = gu.size(1) / 2;
+  auto y = torch::empty({N, I}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float *g = gp + n * 2 * I, *u = g + I;
+    for (int64_t i = 0; i < I; ++i) yp[n * I + i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+  return y;
+}
+
+void rope_write_(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
+                 torch::Tensor values, const torch::Tensor& slots, const torch::Tensor& positions, int64_t heads) {
+  check_f32(qkv, 2, "qkv");
   check_f32(cos, 2, "cos");
   check_f32(sin, 2, "sin");
-  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  TORCH_CHECK(D % 2 == 0 && cos.size(0) == N && cos.size(1) == D && sin.sizes() == cos.sizes(),
-              "cos and sin must be [tokens, head_dim] for x [tokens, heads, head_dim] with an even head_dim");
-  float* xp = x.data_ptr<float>();
+  check_f32(keys, 4, "keys");
+  check_f32(values, 4, "values");
+  const int64_t N = qkv.size(0), KVH = keys.size(1), D = keys.size(3), half = D / 2, width = (heads + 2 * KVH) * D;
+  TORCH_CHECK(keys.sizes() == values.sizes() && qkv.size(1) == width && D % 2 == 0,
+              "qkv must be [tokens, (heads + 2 kv heads) * head_dim] for the cache [slots, kv heads, max_len, ",
+              "head_dim] (an even head_dim)");
+  TORCH_CHECK(cos.size(0) == N && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "cos and sin must be [tokens, head_dim]");
+  float* xp = qkv.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
     const float *c = cp + n * D, *s = sp + n * D;
-    for (int64_t h = 0; h < H; ++h) {
-      float* v = xp + (n * H + h) * D;
+    for (int64_t h = 0; h < heads + KVH; ++h) {  // the q heads, then the k heads
+      float* v = xp + n * width + h * D;
       for (int64_t d = 0; d < half; ++d) {
         const float a = v[d], b = v[d + half];
         v[d] = a * c[d] - b * s[d];
@@ -76,11 +143,13 @@ void rope_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) 
       }
     }
   }
+  write_tokens(keys, values, xp + heads * D, xp + (heads + KVH) * D, width, N, slots, positions);
 }
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& lengths, double scale, int64_t window) {
-  check_f32(q, 3, "q");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "q must be float32 [n, heads, head_dim] with contiguous heads");
   check_f32(keys, 4, "keys");
   check_f32(values, 4, "values");
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.dim() == 1 && lengths.is_contiguous(),
@@ -92,7 +161,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
               "keys/values [slots, kv heads, max_len, head_dim] must match q [n, heads, head_dim]");
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(len[i] >= 1 && len[i] <= L, "length ", len[i], " out of 1..", L);
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({n, H, D}, q.options());
+  const int64_t q_stride = q.stride(0);
   const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / KVH;
@@ -105,7 +175,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i = b / H, h = b % H, kvh = h / group;
       const int64_t end = len[i], start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const float* qv = qp + b * D;
+      const float* qv = qp + i * q_stride + h * D;
       const float* kbase = kp + (i * KVH + kvh) * L * D;
       const float* vbase = vp + (i * KVH + kvh) * L * D;
       float most = -INFINITY;
@@ -133,36 +203,28 @@ void cache_write_(torch::Tensor keys, torch::Tensor values, const torch::Tensor&
   check_f32(values, 4, "values");
   check_f32(k, 3, "k");
   check_f32(v, 3, "v");
-  const int64_t N = k.size(0), KVH = keys.size(1), L = keys.size(2), D = keys.size(3);
-  TORCH_CHECK(keys.sizes() == values.sizes() && k.sizes() == v.sizes() && k.size(1) == KVH && k.size(2) == D,
+  TORCH_CHECK(keys.sizes() == values.sizes() && k.sizes() == v.sizes() && k.size(1) == keys.size(1) &&
+                  k.size(2) == keys.size(3),
               "k/v [tokens, kv heads, head_dim] must match the cache [slots, kv heads, max_len, head_dim]");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
-                  slots.is_contiguous() && positions.is_contiguous() && slots.numel() == N && positions.numel() == N,
-              "slots and positions must be contiguous int64 with one entry per token");
-  const int64_t *sp = slots.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
-  float *kc = keys.data_ptr<float>(), *vc = values.data_ptr<float>();
-  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < N; ++t) {
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < keys.size(0) && pp[t] >= 0 && pp[t] < L, "slot ", sp[t], " position ", pp[t],
-                " outside the cache");
-    for (int64_t h = 0; h < KVH; ++h) {
-      const int64_t dst = ((sp[t] * KVH + h) * L + pp[t]) * D, src = (t * KVH + h) * D;
-      std::copy(kp + src, kp + src + D, kc + dst);
-      std::copy(vp + src, vp + src + D, vc + dst);
-    }
-  }
+  write_tokens(keys, values, k.data_ptr<float>(), v.data_ptr<float>(), k.size(1) * k.size(2), k.size(0), slots,
+               positions);
 }
 
 TORCH_LIBRARY_FRAGMENT(raypress, m) {
   m.def("cache_write_(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, Tensor slots, Tensor positions) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("add_rms_norm_(Tensor(a!) h, Tensor delta, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gu) -> Tensor");
+  m.def("rope_write_(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) keys, Tensor(c!) values, Tensor slots, "
+        "Tensor positions, int heads) -> ()");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(raypress, CPU, m) {
   m.impl("rms_norm", &rms_norm);
-  m.impl("rope_", &rope_);
+  m.impl("add_rms_norm_", &add_rms_norm_);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_write_", &rope_write_);
   m.impl("decode_attention", &decode_attention);
   m.impl("cache_write_", &cache_write_);
 }

@@ -29,7 +29,9 @@ struct Int8Rows {
   static constexpr bool kGrouped = false;
   static constexpr int kBlockBytes = 16;
   const int8_t* q;
+  const float* scale;  // per weight row
   int64_t K;
+  float row_scale(int64_t n) const { return scale[n]; }
   int64_t group_size() const { return std::min(K, kMaxInt8Span); }  // per-row scale: groups only bound the sums
   const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(q + n * K + k); }
   void load(int64_t n, int64_t k, Vec::F* out) const { Vec::widen_i8(q + n * K + k, out); }
@@ -47,6 +49,7 @@ struct Int4Rows {
   const float* offset;
   int64_t K, G, gs;
   int64_t group_size() const { return gs; }
+  float row_scale(int64_t) const { return 1.0f; }  // the group scales are applied per group
   const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(q + n * (K / 2) + k / 2); }
   void load(int64_t n, int64_t k, Vec::F* out) const { Vec::widen_u4(q + n * (K / 2) + k / 2, out); }
   __m256i load16(int64_t n, int64_t k) const {
@@ -166,34 +169,52 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(total[m]), _mm256_extractf128_ps(total[m], 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    y[m * ldy] = _mm_cvtss_f32(lo) * sx[m] + shift[m];
+    y[m * ldy] = _mm_cvtss_f32(lo) * sx[m] * rows.row_scale(n) + shift[m];
   }
 }
 
-// Every weight row n (split between threads), with activation rows taken kMaxRows at a time: the row comes from
-// memory once and from L1 after. tile(n, m0, mr) computes y[m0 .. m0 + mr, n], mr a compile-time constant.
-template <typename Tile>
-void over_rows(int64_t M, int64_t N, const float* out_scale, float* y, Tile tile) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+// Weight matrices that share their activations (q, k and v; gate and up), as one product: their rows are
+// numbered one after another, and y's columns hold each matrix's outputs in turn. One call reads every matrix's
+// weights once, quantizes the activations once, and wakes the threads once.
+template <typename Rows>
+struct Stack {
+  std::vector<Rows> parts;
+  std::vector<int64_t> end;  // end[j]: one past the last row of parts[j] in the stack's numbering
+  void add(const Rows& rows, int64_t n) { parts.push_back(rows), end.push_back(rows_total() + n); }
+  int64_t rows_total() const { return end.empty() ? 0 : end.back(); }
+  int64_t K() const { return parts.front().K; }
+  // Row n of the stack as (matrix, row within it).
+  std::pair<const Rows*, int64_t> find(int64_t n) const {
+    size_t j = 0;
+    while (n >= end[j]) ++j;
+    return {&parts[j], j ? n - end[j - 1] : n};
+  }
+};
+
+// Every weight row n of the stack (split between threads), with activation rows taken kMaxRows at a time: the
+// row comes from memory once and from L1 after. tile(rows, r, n, m0, mr) computes y[m0 .. m0 + mr, n] from row r
+// of matrix rows, mr a compile-time constant.
+template <typename Rows, typename Tile>
+void over_rows(const Stack<Rows>& stack, int64_t M, Tile tile) {
+  at::parallel_for(0, stack.rows_total(), 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
+      const auto [rows, r] = stack.find(n);
       for (int64_t m0 = 0; m0 < M; m0 += Vec::kMaxRows) {
         switch (std::min<int64_t>(Vec::kMaxRows, M - m0)) {
-          case 1: tile(n, m0, std::integral_constant<int, 1>{}); break;
-          case 2: tile(n, m0, std::integral_constant<int, 2>{}); break;
-          case 3: tile(n, m0, std::integral_constant<int, 3>{}); break;
+          case 1: tile(*rows, r, n, m0, std::integral_constant<int, 1>{}); break;
+          case 2: tile(*rows, r, n, m0, std::integral_constant<int, 2>{}); break;
+          case 3: tile(*rows, r, n, m0, std::integral_constant<int, 3>{}); break;
 #if RAYPRESS_WIDE
-          case 4: tile(n, m0, std::integral_constant<int, 4>{}); break;
-          case 5: tile(n, m0, std::integral_constant<int, 5>{}); break;
-          case 6: tile(n, m0, std::integral_constant<int, 6>{}); break;
-          case 7: tile(n, m0, std::integral_constant<int, 7>{}); break;
-          default: tile(n, m0, std::integral_constant<int, 8>{}); break;
+          case 4: tile(*rows, r, n, m0, std::integral_constant<int, 4>{}); break;
+          case 5: tile(*rows, r, n, m0, std::integral_constant<int, 5>{}); break;
+          case 6: tile(*rows, r, n, m0, std::integral_constant<int, 6>{}); break;
+          case 7: tile(*rows, r, n, m0, std::integral_constant<int, 7>{}); break;
+          default: tile(*rows, r, n, m0, std::integral_constant<int, 8>{}); break;
 #else
-          default: tile(n, m0, std::integral_constant<int, 4>{}); break;
+          default: tile(*rows, r, n, m0, std::integral_constant<int, 4>{}); break;
 #endif
         }
       }
-      if (out_scale)
-        for (int64_t m = 0; m < M; ++m) y[m * N + n] *= out_scale[n];
     }
   });
 }
@@ -219,34 +240,39 @@ void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale
   }
 }
 
-// The entry points qgemv.cpp dispatches to: plain pointers, y[M, N] row-major, K % 16 == 0.
+// The entry points qgemv.cpp dispatches to: plain pointers, y[M, stack rows] row-major, K % 16 == 0.
 
-inline void f32_gemv(const float* w, const float* x, int64_t M, int64_t N, int64_t K, float* y) {
-  const F32Rows rows{w, K};
-  over_rows(M, N, nullptr, y, [&](int64_t n, int64_t m0, auto mr) {
-    row_tile<decltype(mr)::value>(rows, n, x + m0 * K, K, y + m0 * N + n, N);
+inline void f32_gemv(const std::vector<F32Mat>& mats, const float* x, int64_t M, float* y) {
+  Stack<F32Rows> stack;
+  for (const auto& m : mats) stack.add(F32Rows{m.w, m.K}, m.N);
+  const int64_t K = stack.K(), N = stack.rows_total();
+  over_rows(stack, M, [&](const F32Rows& rows, int64_t r, int64_t n, int64_t m0, auto mr) {
+    row_tile<decltype(mr)::value>(rows, r, x + m0 * K, K, y + m0 * N + n, N);
   });
 }
 
+// int8 or int4 weights; xq, sx and xsum as qgemv.cpp's quantize_rows makes them (xsum: int4 only).
 template <typename Rows>
-void int_gemv(const Rows& rows, const int16_t* xq, const float* sx, const float* xsum, int64_t G, int64_t M,
-              int64_t N, const float* out_scale, float* y) {
-  const int64_t K = rows.K;
-  over_rows(M, N, out_scale, y, [&](int64_t n, int64_t m0, auto mr) {
-    row_tile_int<decltype(mr)::value>(rows, n, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
+void int_gemv(const Stack<Rows>& stack, const int16_t* xq, const float* sx, const float* xsum, int64_t G, int64_t M,
+              float* y) {
+  const int64_t K = stack.K(), N = stack.rows_total();
+  over_rows(stack, M, [&](const Rows& rows, int64_t r, int64_t n, int64_t m0, auto mr) {
+    row_tile_int<decltype(mr)::value>(rows, r, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
                                       y + m0 * N + n, N);
   });
 }
 
-inline void int8_gemv(const int8_t* q, const float* scale, const int16_t* xq, const float* sx, int64_t M, int64_t N,
-                      int64_t K, float* y) {
-  int_gemv(Int8Rows{q, K}, xq, sx, nullptr, 0, M, N, scale, y);
+inline void int8_gemv(const std::vector<Int8Mat>& mats, const int16_t* xq, const float* sx, int64_t M, float* y) {
+  Stack<Int8Rows> stack;
+  for (const auto& m : mats) stack.add(Int8Rows{m.q, m.scale, m.K}, m.N);
+  int_gemv(stack, xq, sx, nullptr, 0, M, y);
 }
 
-inline void int4_gemv(const uint8_t* q, const float* scale, const float* offset, int64_t G, int64_t gs,
-                      const int16_t* xq, const float* sx, const float* xsum, int64_t M, int64_t N, int64_t K,
-                      float* y) {
-  int_gemv(Int4Rows{q, scale, offset, K, G, gs}, xq, sx, xsum, G, M, N, nullptr, y);
+inline void int4_gemv(const std::vector<Int4Mat>& mats, const int16_t* xq, const float* sx, const float* xsum,
+                      int64_t M, float* y) {
+  Stack<Int4Rows> stack;
+  for (const auto& m : mats) stack.add(Int4Rows{m.q, m.scale, m.offset, m.K, m.G, m.gs}, m.N);
+  int_gemv(stack, xq, sx, xsum, mats.front().G, M, y);
 }
 
 // Weight rows [n0, n0 + count) as float32 into dst [count, K], split between threads.
@@ -258,7 +284,7 @@ void widen_parallel(const Rows& rows, const float* row_scale, int64_t n0, int64_
 }
 
 inline void int8_widen(const int8_t* q, const float* scale, int64_t K, int64_t n0, int64_t count, float* dst) {
-  widen_parallel(Int8Rows{q, K}, scale, n0, count, dst);
+  widen_parallel(Int8Rows{q, scale, K}, scale, n0, count, dst);
 }
 
 inline void int4_widen(const uint8_t* q, const float* scale, const float* offset, int64_t G, int64_t gs, int64_t K,

@@ -12,6 +12,10 @@
 //   raypress::int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G], offset[N,G], gs)    -> y[M,N] = x @ W.T
 //   raypress::int8_widen_into / int4_widen_into(..., n0, out)                    weight rows as float32, into out
 //
+// The products take a list of weight matrices (with their scales and offsets) that share x, and return their
+// outputs side by side, y[M, N1 + N2 + ...]: a layer's q, k and v projections (or gate and up) run as one op, with
+// one pass over x and one wake-up of the threads, while each matrix stays the tensor it is in the model.
+//
 // With many activation rows (prefill, encoders, evaluation) the product is bound by arithmetic, and ATen's GEMM
 // does that best: the Python side widens the weights with the *_widen_into ops into a reused buffer first.
 //
@@ -33,7 +37,25 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+// One weight matrix of a product, as plain pointers (both instruction sets' kernels take these).
+struct F32Mat {
+  const float* w;
+  int64_t N, K;
+};
+struct Int8Mat {
+  const int8_t* q;
+  const float* scale;
+  int64_t N, K;
+};
+struct Int4Mat {
+  const uint8_t* q;
+  const float* scale;
+  const float* offset;
+  int64_t N, K, G, gs;
+};
 
 namespace avx2 {
 #define RAYPRESS_WIDE 0
@@ -198,46 +220,77 @@ IntActivations quantize_rows(const torch::Tensor& x, int64_t gs, float qmax = 32
 
 }  // namespace
 
-torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& w) {
+namespace {
+
+void check_f32_matrix(const torch::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous f32 [N,K]");
-  check_x(x, w.size(1));
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-  RAYPRESS_DISPATCH(f32_gemv, w.data_ptr<float>(), x.data_ptr<float>(), x.size(0), w.size(0), w.size(1),
-                    y.data_ptr<float>());
+}
+
+template <typename Mat>
+torch::Tensor output(const torch::Tensor& x, const std::vector<Mat>& mats) {
+  int64_t N = 0;
+  for (const auto& m : mats) N += m.N;
+  return torch::empty({x.size(0), N}, x.options());
+}
+
+std::vector<Int8Mat> int8_mats(const torch::Tensor& x, at::TensorList q, at::TensorList scale) {
+  TORCH_CHECK(!q.empty() && q.size() == scale.size(), "give one scale per weight matrix (and at least one matrix)");
+  std::vector<Int8Mat> mats;
+  for (size_t i = 0; i < q.size(); ++i) {
+    check_int8(q[i], scale[i]);
+    check_x(x, q[i].size(1));
+    mats.push_back({q[i].data_ptr<int8_t>(), scale[i].data_ptr<float>(), q[i].size(0), q[i].size(1)});
+  }
+  return mats;
+}
+
+torch::Tensor int8_product(const torch::Tensor& x, at::TensorList q, at::TensorList scale, float qmax) {
+  const auto mats = int8_mats(x, q, scale);
+  const auto a = quantize_rows(x, 0, qmax);
+  auto y = output(x, mats);
+  RAYPRESS_DISPATCH(int8_gemv, mats, a.xq.data(), a.sx.data(), x.size(0), y.data_ptr<float>());
   return y;
 }
 
-torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
-  check_int8(q, scale);
-  check_x(x, q.size(1));
-  const auto a = quantize_rows(x, 0);
-  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
-  RAYPRESS_DISPATCH(int8_gemv, q.data_ptr<int8_t>(), scale.data_ptr<float>(), a.xq.data(), a.sx.data(), x.size(0),
-                    q.size(0), q.size(1), y.data_ptr<float>());
+}  // namespace
+
+torch::Tensor f32_gemv(const torch::Tensor& x, at::TensorList w) {
+  TORCH_CHECK(!w.empty(), "give at least one weight matrix");
+  std::vector<F32Mat> mats;
+  for (const auto& m : w) {
+    check_f32_matrix(m);
+    check_x(x, m.size(1));
+    mats.push_back({m.data_ptr<float>(), m.size(0), m.size(1)});
+  }
+  auto y = output(x, mats);
+  RAYPRESS_DISPATCH(f32_gemv, mats, x.data_ptr<float>(), x.size(0), y.data_ptr<float>());
   return y;
+}
+
+torch::Tensor int8_gemv(const torch::Tensor& x, at::TensorList q, at::TensorList scale) {
+  return int8_product(x, q, scale, 32767.0f);
 }
 
 // int8-dynamic's product: the same loop with the activations rounded to 8 bits per row (W8A8: exactly the
 // per-token int8 arithmetic of that format, held in int16 lanes).
-torch::Tensor int8_dynamic_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
-  check_int8(q, scale);
-  check_x(x, q.size(1));
-  const auto a = quantize_rows(x, 0, 127.0f);
-  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
-  RAYPRESS_DISPATCH(int8_gemv, q.data_ptr<int8_t>(), scale.data_ptr<float>(), a.xq.data(), a.sx.data(), x.size(0),
-                    q.size(0), q.size(1), y.data_ptr<float>());
-  return y;
+torch::Tensor int8_dynamic_gemv(const torch::Tensor& x, at::TensorList q, at::TensorList scale) {
+  return int8_product(x, q, scale, 127.0f);
 }
 
-torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                        const torch::Tensor& offset, int64_t gs) {
-  check_int4(q, scale, offset, gs);
-  check_x(x, q.size(1) * 2);
+torch::Tensor int4_gemv(const torch::Tensor& x, at::TensorList q, at::TensorList scale, at::TensorList offset,
+                        int64_t gs) {
+  TORCH_CHECK(!q.empty() && q.size() == scale.size() && q.size() == offset.size(),
+              "give one scale and one offset per weight matrix (and at least one matrix)");
+  std::vector<Int4Mat> mats;
+  for (size_t i = 0; i < q.size(); ++i) {
+    check_int4(q[i], scale[i], offset[i], gs);
+    check_x(x, q[i].size(1) * 2);
+    mats.push_back({q[i].data_ptr<uint8_t>(), scale[i].data_ptr<float>(), offset[i].data_ptr<float>(), q[i].size(0),
+                    q[i].size(1) * 2, scale[i].size(1), gs});
+  }
   const auto a = quantize_rows(x, gs);
-  auto y = torch::empty({x.size(0), q.size(0)}, x.options());
-  RAYPRESS_DISPATCH(int4_gemv, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
-                    scale.size(1), gs, a.xq.data(), a.sx.data(), a.xsum.data(), x.size(0), q.size(0), q.size(1) * 2,
-                    y.data_ptr<float>());
+  auto y = output(x, mats);
+  RAYPRESS_DISPATCH(int4_gemv, mats, a.xq.data(), a.sx.data(), a.xsum.data(), x.size(0), y.data_ptr<float>());
   return y;
 }
 
@@ -291,10 +344,10 @@ std::vector<std::string> cpu_isas() {
 }
 
 TORCH_LIBRARY(raypress, m) {
-  m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
-  m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("int8_dynamic_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("int4_gemv(Tensor x, Tensor q, Tensor scale, Tensor offset, int gs) -> Tensor");
+  m.def("f32_gemv(Tensor x, Tensor[] w) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor[] q, Tensor[] scale) -> Tensor");
+  m.def("int8_dynamic_gemv(Tensor x, Tensor[] q, Tensor[] scale) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor[] q, Tensor[] scale, Tensor[] offset, int gs) -> Tensor");
   m.def("int8_widen_into(Tensor q, Tensor scale, int n0, Tensor(a!) out) -> ()");
   m.def("int4_widen_into(Tensor q, Tensor scale, Tensor offset, int gs, int n0, Tensor(a!) out) -> ()");
   m.def("parallel_threads(int n) -> int", &parallel_threads);

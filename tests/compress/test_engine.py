@@ -269,3 +269,30 @@ def test_the_lean_forward_matches_hf_forward_on_quantized_modules(make_tiny_llam
     assert torch.allclose(first[0], first[1], rtol=tol, atol=tol)
     params = [SamplingParams(max_tokens=6)] * 3
     assert [g.token_ids for g in lean.generate(prompts, params)] == [g.token_ids for g in hf.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("scheme", [None, "int4-g32"])
+def test_the_lean_forward_without_the_extension_still_matches_hf(make_tiny_llama, tok, monkeypatch, scheme):
+    """Where the CPU kernels cannot load (no compiler, a GPU, another CPU), the lean forward's portable path runs:
+    fused products as concatenated module calls, RoPE and the cache write in PyTorch, attention by SDPA."""
+    from compress import kernels, specs
+
+    model = make_tiny_llama(layers=3)
+    with torch.no_grad():  # sharp attention, so that positions (RoPE) and every cached key change the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    if scheme:
+        specs.apply_(model, scheme)
+    model.generation_config.eos_token_id = None
+    monkeypatch.setattr(kernels, "_extension", lambda: None)
+    assert kernels.ops() is None
+    prompts = random_prompts(3, model.config.vocab_size, seed=5)
+    engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16)  # chunked prompts mixed with decodes
+    assert engine.lean is not None and engine.lean.layers[0].qkv.fast is None
+    hf = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16, lean=False)
+    params = [SamplingParams(max_tokens=n, logprobs=0) for n in (7, 3, 9)]
+    ours, theirs = engine.generate(prompts, params), hf.generate(prompts, params)
+    assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert [p.logprob for p in a.logprobs] == pytest.approx([p.logprob for p in b.logprobs], abs=1e-4)

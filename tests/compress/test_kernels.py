@@ -26,7 +26,7 @@ def test_f32_gemv_matches_an_exact_matmul(ext, m, n, k):
     torch.manual_seed(m * n + k)
     w, x = torch.randn(n, k), torch.randn(m, k)
     ref = F.linear(x.double(), w.double())
-    assert torch.allclose(ext.f32_gemv(x, w).double(), ref, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(ext.f32_gemv(x, [w]).double(), ref, rtol=1e-4, atol=1e-3)
     with torch.inference_mode():
         assert torch.allclose(kernels.f32_linear(x[:, None], w, None).double()[:, 0], ref, rtol=1e-4, atol=1e-3)
 
@@ -56,7 +56,7 @@ def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(
     x[:, 3] *= 30  # an outlier channel, as in real models
     xq, sx = int16_rows(x)
     exact_int = (xq.long() @ q.long().T).double() * sx * scale.double()  # integer matmul: no float rounding at all
-    y = ext.int8_gemv(x, q, scale).double()
+    y = ext.int8_gemv(x, [q], [scale]).double()
     assert torch.allclose(y, exact_int, rtol=1e-5, atol=1e-5 * exact_int.abs().max())
     assert_near_float(y, F.linear(x.double(), q.double()) * scale.double(), F.linear(x.double(), w.double()))
 
@@ -70,7 +70,7 @@ def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext,
     packed = kernels.pack_int4(q)
     assert torch.equal(kernels.unpack_int4(packed), q)
     x = torch.randn(m, k)
-    y = ext.int4_gemv(x, packed, scale, offset, gs).double()
+    y = ext.int4_gemv(x, [packed], [scale], [offset], gs).double()
     xq, sx = int16_rows(x)
     groups = torch.arange(k) // gs
     by_group = torch.zeros(m, n, scale.shape[1], dtype=torch.long)  # integer dot products per group
@@ -140,6 +140,27 @@ def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
     assert torch.allclose(kernels.int8_dynamic_linear(x, q, scale, None, None), exact, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_a_stack_of_matrices_is_each_matrix_product_side_by_side(ext, m):
+    """q, k and v (or gate and up) as one call: every column is exactly what the matrix's own product gives."""
+    torch.manual_seed(m)
+    sizes, k, gs = [96, 37, 37], 192, 64
+    x = torch.randn(m, k)
+    ws = [torch.randn(n, k) for n in sizes]
+    assert torch.equal(ext.f32_gemv(x, ws), torch.cat([ext.f32_gemv(x, [w]) for w in ws], 1))
+    q8 = [quantize.quantize_per_channel(w) for w in ws]
+    for product in (ext.int8_gemv, ext.int8_dynamic_gemv):
+        stacked = product(x, [q for q, _ in q8], [s for _, s in q8])
+        assert torch.equal(stacked, torch.cat([product(x, [q], [s]) for q, s in q8], 1))
+    q4 = [quantize.quantize_groupwise(w, gs) for w in ws]
+    packed = [kernels.pack_int4(q) for q, _, _ in q4]
+    stacked = ext.int4_gemv(x, packed, [s for _, s, _ in q4], [o for _, _, o in q4], gs)
+    alone = [ext.int4_gemv(x, [p], [s], [o], gs) for p, (_, s, o) in zip(packed, q4, strict=True)]
+    assert stacked.shape == (m, sum(sizes)) and torch.equal(stacked, torch.cat(alone, 1))
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.f32_gemv(x, [ws[0], torch.randn(4, k + 16)])  # matrices of another K cannot share x
+
+
 def test_kernel_loops_run_on_all_of_torchs_threads(ext):
     """Compiled without OpenMP, ATen's parallel_for inside the extension runs on one thread, silently (that cost
     the decode kernels half their speed on 2 cores before it was noticed)."""
@@ -153,9 +174,9 @@ def test_kernels_refuse_scales_of_the_wrong_shape_instead_of_reading_past_them(e
     q, scale, offset = quantize.quantize_groupwise(torch.randn(8, 128), 32)  # 4 groups per row
     packed, x = kernels.pack_int4(q), torch.randn(1, 128)
     with pytest.raises(RuntimeError, match="ceil"):
-        ext.int4_gemv(x, packed, scale[:, :2].contiguous(), offset[:, :2].contiguous(), 32)
+        ext.int4_gemv(x, [packed], [scale[:, :2].contiguous()], [offset[:, :2].contiguous()], 32)
     with pytest.raises(RuntimeError, match="scale must be contiguous f32"):
-        ext.int8_gemv(x, q.to(torch.int8), torch.ones(7))
+        ext.int8_gemv(x, [q.to(torch.int8)], [torch.ones(7)])
 
 
 def test_the_ops_are_torch_ops_with_shapes_known_without_running_them(ext):
@@ -165,9 +186,10 @@ def test_the_ops_are_torch_ops_with_shapes_known_without_running_them(ext):
     q4, s4, o4 = quantize.quantize_groupwise(torch.randn(48, 64), 32)
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(3, 64)
-        assert torch.ops.raypress.int8_gemv(x, q, scale).shape == (3, 48)
-        assert torch.ops.raypress.int4_gemv(x, kernels.pack_int4(q4), s4, o4, 32).shape == (3, 48)
-        assert torch.ops.raypress.f32_gemv(x, torch.empty(48, 64)).shape == (3, 48)
+        assert torch.ops.raypress.int8_gemv(x, [q, q[:5]], [scale, scale[:5]]).shape == (3, 53)
+        assert torch.ops.raypress.int4_gemv(x, [kernels.pack_int4(q4)], [s4], [o4], 32).shape == (3, 48)
+        assert torch.ops.raypress.f32_gemv(x, [torch.empty(48, 64)]).shape == (3, 48)
+        assert torch.ops.raypress.silu_mul(torch.empty(3, 64)).shape == (3, 32)
 
 
 def test_raypress_isa_in_the_environment_forces_the_avx2_path():
@@ -188,17 +210,50 @@ def ops():
     return ext
 
 
-def test_rms_norm_and_rope_ops_match_their_pytorch_definitions(ops):
+def rms_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5).float() * w
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+
+
+def test_norm_and_mlp_ops_match_their_pytorch_definitions(ops):
     torch.manual_seed(0)
-    x, w = torch.randn(7, 576) * 3, torch.rand(576) + 0.5
-    ref = x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5).float() * w
-    assert torch.allclose(ops.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
-    q, angles = torch.randn(5, 9, 64), torch.randn(5, 32)
+    x, w, delta = torch.randn(7, 576) * 3, torch.rand(576) + 0.5, torch.randn(7, 576)
+    assert torch.allclose(ops.rms_norm(x, w, 1e-5), rms_reference(x, w), rtol=1e-5, atol=1e-5)
+    h = x.clone()
+    y = ops.add_rms_norm_(h, delta, w, 1e-5)
+    assert torch.equal(h, x + delta)  # the residual stream is updated in place
+    assert torch.allclose(y, rms_reference(x + delta, w), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(5, 2 * 1536) * 4
+    assert torch.allclose(ops.silu_mul(gu), F.silu(gu[:, :1536]) * gu[:, 1536:], rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # the portable forms the lean forward uses without the extension
+        assert torch.allclose(kernels.silu_mul(gu), F.silu(gu[:, :1536]) * gu[:, 1536:], rtol=1e-5, atol=1e-6)
+
+
+def test_rope_write_rotates_q_and_k_in_place_and_caches_k_and_v(ops):
+    torch.manual_seed(2)
+    n, heads, kv_heads, d = 5, 9, 3, 64
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
+    angles = torch.randn(n, d // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    rotated = torch.cat((-q[..., 32:], q[..., :32]), dim=-1)
-    ref = q * cos[:, None] + rotated * sin[:, None]
+    keys, values = torch.zeros(4, kv_heads, 16, d), torch.zeros(4, kv_heads, 16, d)
+    slots, positions = torch.tensor([0, 1, 3, 3, 3]), torch.tensor([7, 0, 2, 3, 4])
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], 1)
+    ref_q, ref_k = rope_reference(q.view(n, heads, d), cos, sin), rope_reference(k.view(n, kv_heads, d), cos, sin)
+    ref_keys, ref_values, before = keys.clone(), values.clone(), q.clone()
+    ref_keys[slots, :, positions], ref_values[slots, :, positions] = ref_k, v.reshape(n, kv_heads, d)
+    ops.rope_write_(qkv, cos, sin, keys, values, slots, positions, heads)
+    assert torch.allclose(qkv[:, : heads * d].view(n, heads, d), ref_q, atol=1e-6)
+    assert torch.allclose(keys, ref_keys, atol=1e-6) and torch.equal(values, ref_values)
     with torch.inference_mode():
-        assert torch.allclose(kernels.rope(q.clone(), cos, sin), ref, atol=1e-6)
+        assert torch.allclose(kernels.rope(before.view(n, heads, d), cos, sin), ref_q, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rope_write_(qkv, cos, sin, keys, values, slots, torch.tensor([7, 0, 2, 3, 16]), heads)
+    with pytest.raises(RuntimeError, match="heads"):
+        ops.rope_write_(qkv, cos, sin, keys, values, slots, positions, heads + 1)
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -206,8 +261,10 @@ def test_decode_attention_matches_sdpa_over_each_slots_prefix(ops, window):
     torch.manual_seed(window)
     n, heads, kv_heads, max_len, d = 4, 9, 3, 40, 64
     keys, values = torch.randn(6, kv_heads, max_len, d), torch.randn(6, kv_heads, max_len, d)
-    q, lengths = torch.randn(n, heads, d), torch.tensor([1, 17, 40, 9])
+    qkv, lengths = torch.randn(n, (heads + 2 * kv_heads) * d), torch.tensor([1, 17, 40, 9])
+    q = qkv[:, : heads * d].view(n, heads, d)  # rows strided, as the lean forward passes them
     out = ops.decode_attention(q, keys, values, lengths, 0.125, window)
+    assert torch.equal(out, ops.decode_attention(q.contiguous(), keys, values, lengths, 0.125, window))
     for i, length in enumerate(lengths.tolist()):
         start = max(0, length - window) if window else 0
         k = keys[i, :, start:length].repeat_interleave(heads // kv_heads, 0)
