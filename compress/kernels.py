@@ -204,11 +204,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def decode_attention_applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` can run these tensors (CPU float32 on the extension, head_dim % 8 == 0)."""
+    return on_cpu_kernels(q, keys) and q.shape[-1] % 8 == 0
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
                      scale: float, window: int) -> torch.Tensor:
     """q [n, heads, D], each row attending over the first lengths[i] positions of slot i of keys/values
     [slots, kv heads, max_len, D] (their last ``window`` when window > 0); the extension's op (see
-    ``on_cpu_kernels``)."""
+    ``decode_attention_applies``)."""
     return _extension().decode_attention(q, keys, values, lengths, scale, window)
 
 

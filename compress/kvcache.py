@@ -167,7 +167,7 @@ class SlotKVCache:
         heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[-1]
         out = torch.empty(query.shape[2], heads, dim, dtype=query.dtype, device=query.device)
         n = lay.num_decode
-        if n and kernels.on_cpu_kernels(query, keys):  # one op: each query over its own slot's prefix
+        if n and kernels.decode_attention_applies(query, keys):  # one op: each query over its own slot's prefix
             out[:n] = kernels.decode_attention(query[0, :, :n].transpose(0, 1).contiguous(), keys, values,
                                                lay.decode_lengths, scaling, self.sliding_window or 0)
         elif n:

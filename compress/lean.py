@@ -125,6 +125,7 @@ class LeanForward:
         cos, sin = self.cos[pos], self.sin[pos]  # [N, D]
         h = self.embed(tokens)
         ops = kernels.ops() if kernels.on_cpu_kernels(h) else None
+        direct_attention = ops is not None and not layout.prefill and dim % 8 == 0  # see decode_attention_applies
         delta = None
         for layer in self.layers:
             if delta is None:
@@ -134,7 +135,7 @@ class LeanForward:
             qkv = layer.qkv(x)
             self._rope_write(ops, layer.idx, qkv, cos, sin, layout, cache)
             q = qkv[:, : heads * dim].view(n, heads, dim)
-            if ops is not None and not layout.prefill:  # decode only: straight to the op
+            if direct_attention:  # decode only: straight to the op
                 attn = ops.decode_attention(q, cache.keys[layer.idx], cache.values[layer.idx],
                                             layout.decode_lengths, layer.scaling, cache.sliding_window or 0)
             else:

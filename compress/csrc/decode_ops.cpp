@@ -1,6 +1,8 @@
 // The small operations of a decode step, each one op instead of the several ATen ops (and their dispatch) that
 // PyTorch spends on them: at batch 1 a step of a small model runs each of these 30-60 times on a few hundred
-// floats, so the fixed cost per op, not arithmetic, is what they cost. Plain loops; the compiler vectorizes them.
+// floats, so the fixed cost per op, not arithmetic, is what they cost. Plain loops that the compiler vectorizes, and
+// AVX2 intrinsics where it cannot (e^x, dot products, the attention's weighted sums); the extension loads only on
+// CPUs with AVX2 and FMA.
 //
 //   raypress::rms_norm(x[N,D], weight[D], eps)                 -> x / sqrt(mean(x^2) + eps) * weight
 //   raypress::add_rms_norm_(h[N,D], delta[N,D], weight, eps)   h += delta (the residual), then -> rms_norm(h)
@@ -17,6 +19,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -103,20 +106,6 @@ torch::Tensor add_rms_norm_(torch::Tensor h, const torch::Tensor& delta, const t
   return y;
 }
 
-torch::Tensor silu_mul(const torch::Tensor& gu) {
-  check_f32(gu, 2, "gu");
-  TORCH_CHECK(gu.size(1) % 2 == 0, "gu must hold gate and up side by side (an even number of columns)");
-  const int64_t N = gu.size(0), I = gu.size(1) / 2;
-  auto y = torch::empty({N, I}, gu.options());
-  const float* gp = gu.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) {
-    const float *g = gp + n * 2 * I, *u = g + I;
-    for (int64_t i = 0; i < I; ++i) yp[n * I + i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
-  return y;
-}
-
 void rope_write_(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
                  torch::Tensor values, const torch::Tensor& slots, const torch::Tensor& positions, int64_t heads) {
   check_f32(qkv, 2, "qkv");
@@ -146,6 +135,97 @@ void rope_write_(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tenso
   write_tokens(keys, values, xp + heads * D, xp + (heads + KVH) * D, width, N, slots, positions);
 }
 
+namespace {
+
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative error ~1.2e-7),
+// 2^n from the exponent bits. Inputs are clamped to [-87, 88], where float32 results stay normal.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r stays exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
+
+inline float dot8(const float* a, const float* b, int64_t D) {  // D % 8 == 0
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  if (d < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+  return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+// Softmax of s[0..count) in place, as weights that sum to 1.
+void softmax_(float* s, int64_t count) {
+  float most = -INFINITY;
+  for (int64_t j = 0; j < count; ++j) most = std::max(most, s[j]);
+  const __m256 m = _mm256_set1_ps(most);
+  __m256 total8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = hsum8(total8);
+  for (; j < count; ++j) total += (s[j] = std::exp(s[j] - most));
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (j = 0; j + 8 <= count; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+  for (; j < count; ++j) s[j] /= total;
+}
+
+// o[0..D) = sum over j of p[j] * v[j * D ..], 64 outputs at a time in registers.
+void weighted_rows(const float* p, const float* v, int64_t count, int64_t D, float* o) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int w = static_cast<int>(std::min<int64_t>(64, D - d0)) / 8;
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* row = v + j * D + d0;
+      for (int c = 0; c < w; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
+  }
+}
+
+}  // namespace
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  check_f32(gu, 2, "gu");
+  TORCH_CHECK(gu.size(1) % 2 == 0, "gu must hold gate and up side by side (an even number of columns)");
+  const int64_t N = gu.size(0), I = gu.size(1) / 2;
+  auto y = torch::empty({N, I}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    const float *g = gp + n * 2 * I, *u = g + I;
+    float* out = yp + n * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {  // silu(g) = g / (1 + e^-g)
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < I; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+  return y;
+}
+
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& lengths, double scale, int64_t window) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
@@ -159,38 +239,32 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
   TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(3) == D && keys.size(0) >= n && lengths.size(0) == n &&
                   KVH > 0 && H % KVH == 0,
               "keys/values [slots, kv heads, max_len, head_dim] must match q [n, heads, head_dim]");
+  TORCH_CHECK(D % 8 == 0, "head_dim ", D, " is not a multiple of 8");
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(len[i] >= 1 && len[i] <= L, "length ", len[i], " out of 1..", L);
   auto out = torch::empty({n, H, D}, q.options());
-  const int64_t q_stride = q.stride(0);
+  const int64_t q_stride = q.stride(0), group = H / KVH;
   const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t group = H / KVH;
-  // threads only where there is work to share: waking them costs more than a few short prefixes
+  // One work item per (sequence, kv head): each key and value row is read once for the query heads sharing it.
+  // Threads only where there is work to share: waking them costs more than a few short prefixes.
   int64_t longest = 1;
   for (int64_t i = 0; i < n; ++i) longest = std::max(longest, len[i]);
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (longest * D));
-  at::parallel_for(0, n * H, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores(L);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / (longest * D * group));
+  at::parallel_for(0, n * KVH, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scores(group * L);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b / H, h = b % H, kvh = h / group;
-      const int64_t end = len[i], start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const float* qv = qp + i * q_stride + h * D;
-      const float* kbase = kp + (i * KVH + kvh) * L * D;
-      const float* vbase = vp + (i * KVH + kvh) * L * D;
-      float most = -INFINITY;
-      for (int64_t j = start; j < end; ++j) {
-        const float dot = dot_product(qv, kbase + j * D, D);
-        scores[j] = dot * static_cast<float>(scale);
-        most = std::max(most, scores[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = start; j < end; ++j) total += (scores[j] = std::exp(scores[j] - most));
-      float* o = op + b * D;
-      std::fill(o, o + D, 0.0f);
-      for (int64_t j = start; j < end; ++j) {
-        const float p = scores[j] / total;
-        for (int64_t d = 0; d < D; ++d) o[d] += p * vbase[j * D + d];
+      const int64_t i = b / KVH, kvh = b % KVH;
+      const int64_t end = len[i], start = window > 0 ? std::max<int64_t>(0, end - window) : 0, count = end - start;
+      const float* k = kp + ((i * KVH + kvh) * L + start) * D;
+      const float* v = vp + ((i * KVH + kvh) * L + start) * D;
+      const float* qh = qp + i * q_stride + kvh * group * D;  // the group's query heads, one after another
+      for (int64_t j = 0; j < count; ++j)
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * L + j] = dot8(qh + g * D, k + j * D, D) * static_cast<float>(scale);
+      for (int64_t g = 0; g < group; ++g) {
+        softmax_(scores.data() + g * L, count);
+        weighted_rows(scores.data() + g * L, v, count, D, op + (i * H + kvh * group + g) * D);
       }
     }
   });
