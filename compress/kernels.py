@@ -33,9 +33,25 @@ MAX_INT8_KERNEL_ROWS = 48
 MAX_INT4_KERNEL_ROWS = 32
 
 
-@functools.cache
+_UNSET = object()
+_loaded = _UNSET  # the result of _build(), once it ran
+
+
 def _extension():
-    """``torch.ops.raypress`` once the kernels are built and loaded, else None (the portable path runs)."""
+    """``torch.ops.raypress`` once the kernels are built and loaded, else None (the portable path runs). A plain
+    global read after the first call, so ``torch.compile`` traces through it without a graph break."""
+    global _loaded
+    if _loaded is _UNSET:
+        with _build_lock:
+            if _loaded is _UNSET:
+                _loaded = _build()
+    return _loaded
+
+
+_build_lock = threading.Lock()
+
+
+def _build():
     if os.environ.get("RAYPRESS_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

@@ -296,3 +296,24 @@ def test_the_lean_forward_without_the_extension_still_matches_hf(make_tiny_llama
     assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
     for a, b in zip(ours, theirs, strict=True):
         assert [p.logprob for p in a.logprobs] == pytest.approx([p.logprob for p in b.logprobs], abs=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_the_lean_step_traces_as_one_graph_for_torch_compile(make_tiny_llama, tok, scheme):
+    """The extension's ops are real torch ops with fake implementations: a decode step traces without a graph break
+    (aot_eager runs the ops on fake tensors, then for real), and gives the eager step's logits."""
+    from compress import specs
+
+    model = make_tiny_llama()
+    specs.apply_(model, scheme)
+    engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=64)
+    for prompt in random_prompts(2, model.config.vocab_size, seed=3):
+        engine.submit(prompt, SamplingParams(max_tokens=8))
+    while len(engine.decoding) < 2:
+        engine.step()
+    layout = engine.cache.plan([s.computed + 1 for s in engine.decoding], [])
+    tokens = torch.tensor([s.output[-1] for s in engine.decoding])
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        compiled = torch.compile(engine.lean.__call__, backend="aot_eager", fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(tokens, layout, engine.cache), engine.lean(tokens, layout, engine.cache))
