@@ -114,6 +114,77 @@ inline void row_tile(const F32Rows& rows, int64_t n, const float* x, int64_t K, 
 // The int32 lanes are turned to float once per group (int4) or per kMaxInt8Span weights (int8), which also
 // bounds them: |q| <= 127, |xq| <= 32767 and 2048 / 16 sums of two products stay below 2^31.
 
+// row_tile_int for packed int4 whose groups hold whole 64-weight chunks (Int4Rows::chunked): the common case, with
+// the row's pointers taken once and nothing but the chunk loop and one flush per group inside, since at 64 or 128
+// weights per group the generic loop's bookkeeping per group cost as much as the group's arithmetic. Two float
+// totals per activation row take alternate groups, so that the flushes do not wait on each other; the offsets'
+// share (sum over groups of offset * the group's activation sum) is one dot product after the loop.
+template <int MR>
+inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
+                                  const float* xsum, float* y, int64_t ldy) {
+  const int64_t G = rows.G, gs = rows.gs;
+  const uint8_t* w = rows.q + n * (K / 2);
+  const float* scale = rows.scale + n * G;
+  const float* offset = rows.offset + n * G;
+  const __m256i mask = _mm256_set1_epi16(0xF);
+  __m256 total[MR][2];
+  for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  const int64_t whole = K / gs, chunks = gs / 64;  // groups of whole chunks; a shorter last one may follow
+  const uint8_t* wp = w;
+  const int16_t* xp = xq;
+  for (int64_t g = 0; g < whole; ++g) {
+    __m256i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; ++c, wp += 32, xp += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      const __m256i w0 = _mm256_and_si256(v, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask), w3 = _mm256_srli_epi16(v, 12);
+      for (int m = 0; m < MR; ++m) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xp + m * K);
+        const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)),
+                                           _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1)));
+        const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(x + 2)),
+                                           _mm256_madd_epi16(w3, _mm256_loadu_si256(x + 3)));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(a, b));
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int m = 0; m < MR; ++m) total[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][g & 1]);
+  }
+  if (whole < G) {  // the last, shorter group: its whole chunks were permuted too, so they are read as chunks
+    __m256i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
+    int64_t k = whole * gs;
+    for (; k + 64 <= K; k += 64) {
+      __m256i v[4];
+      rows.load64(n, k, v);
+      for (int m = 0; m < MR; ++m) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * K + k);
+        for (int j = 0; j < 4; ++j)
+          acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(v[j], _mm256_loadu_si256(x + j)));
+      }
+    }
+    for (; k < K; k += 16) {
+      const __m256i wv = rows.load16(n, k);
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm256_add_epi32(
+            acc[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k))));
+    }
+    const __m256 s = _mm256_set1_ps(scale[whole]);
+    for (int m = 0; m < MR; ++m) total[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][0]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m256 t = _mm256_add_ps(total[m][0], total[m][1]);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    float shift = 0.0f;
+    for (int64_t g = 0; g < G; ++g) shift += offset[g] * xsum[m * G + g];
+    y[m * ldy] = _mm_cvtss_f32(lo) * sx[m] + shift;
+  }
+}
+
 template <int MR, typename Rows>
 inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
                          const float* xsum, float* y, int64_t ldy) {
@@ -257,6 +328,13 @@ void int_gemv(const Stack<Rows>& stack, const int16_t* xq, const float* sx, cons
               float* y) {
   const int64_t K = stack.K(), N = stack.rows_total();
   over_rows(stack, M, [&](const Rows& rows, int64_t r, int64_t n, int64_t m0, auto mr) {
+    if constexpr (Rows::kGrouped) {
+      if (rows.chunked()) {
+        row_tile_int4_chunked<decltype(mr)::value>(rows, r, xq + m0 * K, sx + m0, K, xsum + m0 * G, y + m0 * N + n,
+                                                   N);
+        return;
+      }
+    }
     row_tile_int<decltype(mr)::value>(rows, r, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
                                       y + m0 * N + n, N);
   });
