@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import data, evaluate, models, specs  # noqa: E402
-from compress.kernels import cpu_description  # noqa: E402
+from compress.kernels import cpu_description, kernel_isa  # noqa: E402
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -127,7 +127,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(f"\nsmollm2-135m, {args.prompt_tokens}-token prompt, {args.tokens} greedy tokens, {args.threads} threads, "
           f"medians of {args.rounds} rounds (llama.cpp tokenizes the prompt identically: {same})\nCPU: "
-          f"{cpu_description()}")
+          f"{cpu_description()}; raypress kernels: {kernel_isa() or 'portable path'}")
     print(f"{'engine':<26}{'decode b1 tok/s':>16}{'x llama.cpp':>12}{f'decode b{args.batch} tok/s':>17}"
           f"{'x llama.cpp':>12}")
     names = dict.fromkeys(k for k, _ in med)

@@ -218,6 +218,23 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
         }
       }
     }
+    // four blocks per step: one prefetch and one loop branch per 64 weights, two sums per row so that the adds
+    // of consecutive blocks do not wait on each other
+    __m256i acc2[MR];
+    for (int m = 0; m < MR; ++m) acc2[m] = _mm256_setzero_si256();
+    for (; k + 64 <= k1; k += 64) {
+      _mm_prefetch(rows.addr(n, k) + kPrefetchBytes, _MM_HINT_T0);
+      for (int u = 0; u < 4; ++u) {
+        const __m256i w = rows.load16(n, k + 16 * u);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 16 * u));
+          if (u % 2 == 0)
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(w, x));
+          else
+            acc2[m] = _mm256_add_epi32(acc2[m], _mm256_madd_epi16(w, x));
+        }
+      }
+    }
     for (; k < k1; k += 16) {
       if ((k & (kLineWeights - 1)) == 0) _mm_prefetch(rows.addr(n, k) + kPrefetchBytes, _MM_HINT_T0);
       const __m256i w = rows.load16(n, k);
@@ -225,6 +242,7 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
         acc[m] = _mm256_add_epi32(
             acc[m], _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k))));
     }
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_epi32(acc[m], acc2[m]);
     for (int m = 0; m < MR; ++m) {
       const __m256 dot = _mm256_cvtepi32_ps(acc[m]);
       if constexpr (Rows::kGrouped) {
