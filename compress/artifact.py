@@ -114,15 +114,18 @@ def load(
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    file = Path(path) / models.MANIFEST
+    path = Path(path)
+    file = path / models.MANIFEST
     if not file.exists():
-        raise ArtifactError(f"{str(path)!r} is not a raypress artifact: it has no {models.MANIFEST}")
+        raise ArtifactError(models.interrupted_save(path) or
+                            f"{str(path)!r} is not a raypress artifact: it has no {models.MANIFEST}")
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{str(file)!r} is not valid JSON ({e}); the artifact is damaged") from e
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{str(file)!r} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{str(file)!r} is not a {FORMAT} manifest (format={found!r})")
     return manifest
 
 
@@ -220,9 +223,13 @@ def _decode_state_dict(tensors: dict, aliases: dict, sparse: list) -> dict:
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}{models.SET_ASIDE}{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # the previous artifact goes back; a killed process is caught by read_manifest
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 log = logging.getLogger(__name__)
 
 CAUSAL, ENCODER = "causal", "encoder"
+SET_ASIDE = ".old-"  # name of an artifact moved aside while a new one replaces it: .NAME.old-XXXX
 MANIFEST = "raypress.json"
 
 
@@ -123,8 +124,23 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return Path(name).expanduser()
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return _hub_path(name)
+    interrupted = interrupted_save(Path(name).expanduser())
+    if interrupted:
+        raise FileNotFoundError(interrupted)
     raise FileNotFoundError(f"model {name!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing folder "
                             "nor a hub id 'org/name'. Check the spelling or the path.")
+
+
+def interrupted_save(path: Path) -> str | None:
+    """Where ``path`` is missing because a save was killed while replacing the artifact there, what to do about it.
+
+    compress.artifact writes a new artifact beside the old one, moves the old one aside (``.NAME.old-XXXX``), moves
+    the new one in, then deletes the old: a process killed between the two moves leaves only the old one, aside."""
+    aside = sorted(path.parent.glob(f".{path.name}{SET_ASIDE}*")) if not path.exists() else []
+    if not aside:
+        return None
+    return (f"{str(path)!r} is missing: a save was interrupted while replacing it, and the previous artifact is in "
+            f"{str(aside[-1])!r}; rename that back to {path.name!r}")
 
 
 def weights_bytes(name_or_path: str | os.PathLike) -> int:

@@ -110,3 +110,45 @@ def test_mostly_zero_tensors_are_stored_as_mask_and_values(tiny_causal, tmp_path
 def test_not_an_artifact(tmp_path):
     with pytest.raises(artifact.ArtifactError, match="not a raypress artifact"):
         artifact.verify(tmp_path)
+
+
+def test_missing_files_and_damaged_or_foreign_manifests_are_refused(tiny_causal, tmp_path):
+    model, tokenizer, _ = tiny_causal
+    path = artifact.save(model, tokenizer, tmp_path / "a")
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(artifact.ArtifactError, match="missing 'tokenizer.json'"):
+        artifact.verify(path)
+    manifest = path / models.MANIFEST
+    for text, message in [("{not json", "not valid JSON"), ('{"format": "gguf"}', "format='gguf'"),
+                          ("[1, 2]", "format='list'")]:
+        manifest.write_text(text)
+        with pytest.raises(artifact.ArtifactError, match=message):
+            models.load(path)
+
+
+def test_a_failed_or_killed_swap_of_the_two_folders_loses_no_artifact(tiny_causal, tmp_path, monkeypatch):
+    """The old artifact is moved aside, then the new one moved in: a failure of the second rename puts the old one
+    back; a process killed between the two leaves the old one aside, and loading names where it is."""
+    import os
+
+    model, tokenizer, _ = tiny_causal
+    out = artifact.save(model, tokenizer, tmp_path / "a", {"spec": "base"})
+    real, calls = os.rename, []
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    with pytest.raises(OSError, match="power cut"):
+        artifact.save(model, tokenizer, out, {"spec": "int8"})
+    monkeypatch.undo()
+    assert artifact.verify(out)["spec"] == "base" and [p.name for p in tmp_path.iterdir()] == ["a"]
+    aside = tmp_path / ".a.old-killed"
+    os.rename(out, aside)  # what a kill between the two renames leaves
+    with pytest.raises(artifact.ArtifactError, match=r"interrupted.*\.a\.old-killed"):
+        artifact.verify(out)
+    with pytest.raises(FileNotFoundError, match=r"interrupted.*\.a\.old-killed"):  # what serve and jobs call
+        models.load(out)
