@@ -53,14 +53,16 @@ def test_gptq_beats_round_to_nearest_int4(smol):
     _, _, _, variant, _ = smol
     gptq, rtn = variant("gptq-int4-g128")[1]["ppl"], variant("int4-g128")[1]["ppl"]
     print(f"int4-g128 ppl {rtn:.3f}, gptq-int4-g128 ppl {gptq:.3f}")
-    assert gptq < rtn
+    assert gptq <= 0.8 * rtn  # measured 35.6 against 51.2: error feedback must win by a clear margin
 
 
 def test_wanda_beats_magnitude_pruning(smol):
-    _, _, _, variant, _ = smol
+    _, _, ref, variant, _ = smol
     wanda, magnitude = variant("wanda-50%")[1]["ppl"], variant("prune-50%")[1]["ppl"]
-    print(f"prune-50% ppl {magnitude:.3f}, wanda-50% ppl {wanda:.3f}")
-    assert wanda < magnitude
+    print(f"base ppl {ref.ppl:.3f}, prune-50% ppl {magnitude:.3f}, wanda-50% ppl {wanda:.3f}")
+    # measured 50.4 against 477 (base 26.2): half the weights gone by activation-aware scores stays usable, by
+    # magnitude alone it does not, and each bound fails the other method
+    assert wanda <= 2.5 * ref.ppl < magnitude and wanda <= 0.25 * magnitude
 
 
 def test_artifact_sizes_and_bit_identical_reloads(smol, tmp_path):
@@ -86,14 +88,19 @@ def test_artifact_sizes_and_bit_identical_reloads(smol, tmp_path):
     assert sizes["prune-2:4+int8"] < sizes["int8"] and sizes["wanda-50%"] < sizes["base"]
 
 
-def test_distilled_student_halves_its_kl_after_training(smol, tmp_path):
-    model, tokenizer, _, _, calib = smol
-    student = copy.deepcopy(model)
+def test_distilled_student_is_closer_to_its_teacher_on_text_it_never_saw(smol, tmp_path):
+    """Measured apart from the loss distillation reports about itself: KL to the teacher on the evaluation blocks
+    (the first half of the text; training used the second), against the same cut student untrained."""
+    model, tokenizer, ref, _, calib = smol
     blocks = calib.reshape(-1, 128)  # shorter blocks: cheaper steps on 2 cores
+    untrained, student = copy.deepcopy(model), copy.deepcopy(model)
+    distill.distill_(untrained, distill.DistillConfig(layers=15, tokens=0), blocks=blocks)
     report = distill.distill_(student, distill.DistillConfig(layers=15, tokens=8192), blocks=blocks)
-    print("distill-L15:", report)
+    before = evaluate.causal_quality(untrained, tokenizer, ref)["kl_to_base"]
+    after = evaluate.causal_quality(student, tokenizer, ref)["kl_to_base"]
+    print(f"distill-L15: {report}; held-out KL to the teacher {before:.3f} -> {after:.3f}")
     assert student.config.num_hidden_layers == 15
-    assert report["loss_after"] <= 0.7 * report["loss_before"]
+    assert after <= 0.7 * before
     loaded = models.load(artifact.save(student, tokenizer, tmp_path / "student", {"spec": "distill-L15"})).model
     ids = blocks[:1, :32]
     with torch.inference_mode():
@@ -117,8 +124,13 @@ def test_minilm_int8_dynamic_keeps_cosine_above_099(mini):
     assert q["cosine_to_base"] >= 0.99 and q["neighbour_overlap"] >= 0.8
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4-g32", "gptq-int4-g64", "prune-2:4+int8", "wanda-50%", "distill-L3",
-                                  "bf16"])
+# Measured on 100 wikitext sentences: int8 0.9994, int4-g32 0.969, gptq-int4-g64 0.978, prune-2:4+int8 0.571,
+# wanda-50% 0.858, distill-L3 (2048 tokens of training) 0.709, bf16 0.99996.
+MINILM_MIN_COSINE = {"int8": 0.99, "int4-g32": 0.95, "gptq-int4-g64": 0.95, "prune-2:4+int8": 0.5,
+                     "wanda-50%": 0.8, "distill-L3": 0.6, "bf16": 0.999}
+
+
+@pytest.mark.parametrize("spec", list(MINILM_MIN_COSINE))
 def test_every_method_runs_on_minilm_and_reloads_bit_identically(mini, tmp_path, spec):
     model, tokenizer, ref, calib = mini
     v = copy.deepcopy(model)
@@ -128,7 +140,7 @@ def test_every_method_runs_on_minilm_and_reloads_bit_identically(mini, tmp_path,
     specs.apply_(v, parsed, blocks=calib)
     q = evaluate.encoder_quality(v, tokenizer, ref)
     print(spec, q)
-    assert q["cosine_to_base"] > 0.5
+    assert q["cosine_to_base"] >= MINILM_MIN_COSINE[spec], q
     loaded, tok, _ = models.load(artifact.save(v, tokenizer, tmp_path / "a", {"spec": str(parsed)}))
     texts = ref.texts[:8]
     assert torch.equal(models.encode(v, tokenizer, texts), models.encode(loaded, tok, texts))
