@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,9 +135,12 @@ def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
     x[:, 5] *= 40  # an outlier channel, as in real models
     q, scale = quantize.quantize_per_channel(w)
     packed = kernels.fbgemm_prepack(q, scale)
+    assert packed is not None, "fbgemm ships in torch's x86 CPU builds"
     xq, sx = kernels.quantize_per_token(x)
     exact = F.linear(xq, q.float()) * scale * sx
-    fast = kernels.int8_dynamic_linear(x, q, scale, None, packed)
+    with torch.profiler.profile() as prof:
+        fast = kernels.int8_dynamic_linear(x, q, scale, None, packed)
+    assert "quantized::linear_dynamic" in {e.name for e in prof.events()}  # fbgemm's GEMM really ran
     assert (fast - exact).norm() / exact.norm() < 0.02
     assert torch.allclose(kernels.int8_dynamic_linear(x, q, scale, None, None), exact, atol=1e-4)
 
@@ -299,3 +304,43 @@ def test_dynamic_int8_decode_rows_are_exact_per_token_int8_on_the_kernel(ext, m)
     with torch.inference_mode():
         y = kernels.int8_dynamic_linear(x, q, scale, None, None).double()
     assert torch.allclose(y, exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+
+
+PORTABLE_LOGITS = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from compress import kernels, specs
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+model = LlamaForCausalLM(config).eval()
+specs.apply_(model, sys.argv[1])
+ids = torch.arange(3, 3 + 40).remainder(320)[None]
+with torch.inference_mode():
+    one, many = model(ids[:, :1]).logits, model(ids).logits  # a decode-sized product and a GEMM-sized one
+torch.save({"available": kernels.kernels_available(), "one": one, "many": many}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int8-dynamic"])
+def test_the_portable_path_gives_the_kernels_logits_under_a_model(ops, tmp_path, scheme):
+    """RAYPRESS_KERNELS=0 (what runs where the extension cannot build): the same model's logits, decode- and
+    prefill-sized, agree with the kernel path's."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for env in ("0", "1"):
+        out = tmp_path / f"{env}.pt"
+        run = subprocess.run([sys.executable, "-c", PORTABLE_LOGITS, scheme, str(out)], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "RAYPRESS_KERNELS": env},
+                             cwd=Path(kernels.__file__).parents[1])
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[env] = torch.load(out)
+    assert results["0"]["available"] is False and results["1"]["available"] is True
+    for key in ("one", "many"):
+        portable, fast = results["0"][key], results["1"][key]
+        # 15-bit activations on the kernels (8-bit for int8-dynamic on both paths: rounding may land apart)
+        tol = 5e-2 if scheme == "int8-dynamic" else 1e-3
+        assert (fast - portable).norm() / portable.norm() < tol, (key, (fast - portable).norm() / portable.norm())
