@@ -406,6 +406,10 @@ def _with_ids(table: pa.Table, id_column: str | None) -> str:
         return ROW_INDEX
     if id_column not in table.column_names:
         raise ValueError(f"--id-column {id_column!r} is not an input column; columns: {table.column_names}")
+    missing = table.column(id_column).null_count
+    if missing:
+        raise ValueError(f"--id-column {id_column!r} is empty on {missing} row(s) (malformed lines have no id "
+                         "either); resuming needs an id on every row")
     if pa.compute.count_distinct(table.column(id_column)).as_py() != table.num_rows:
         raise ValueError(f"--id-column {id_column!r} has repeated values; resuming needs one id per row")
     return id_column

@@ -49,14 +49,34 @@ def read_input(path: str) -> pa.Table:
         rows = []
         for f in files:
             with fs.open_input_stream(f) as stream:
-                for n, line in enumerate(stream.read().decode("utf-8").splitlines(), 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            rows.append({TYPE_ERRORS: f"line {n} of {f} is not JSON: {e}"})
+                rows += json_rows(stream.read().decode("utf-8"), f)
         return rows_to_table(rows)
     return pads.dataset(files, filesystem=fs, format=fmt).to_table()
+
+
+def json_rows(text: str, name: str) -> list[dict]:
+    """The rows of a JSON file: JSON lines (one object per line), or one JSON array of objects. A line or element
+    that is not a JSON object becomes a row holding only the reason, so that it is reported, not lost."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            return [{TYPE_ERRORS: f"{name} is not a valid JSON array: {e}"}]
+        return [_object(item, f"element {k} of {name}") for k, item in enumerate(items)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(_object(json.loads(line), f"line {n} of {name}"))
+            except json.JSONDecodeError as e:
+                rows.append({TYPE_ERRORS: f"line {n} of {name} is not JSON: {e}"})
+    return rows
+
+
+def _object(value, where: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    return {TYPE_ERRORS: f"{where} is a JSON {type(value).__name__}, not an object"}
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:

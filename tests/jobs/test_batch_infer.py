@@ -43,6 +43,8 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
         {"messages": [{"role": "user", "content": "What is the capital of Japan?"}], "max_tokens": 12},
         {"prompt": "Count: one, two, three,", "stop": [","], "max_tokens": 12},
         {"prompt": "Count: one, two, three,", "stop": [",", "."], "max_tokens": 12},
+        {"prompt": "Write the numbers from 1 to 100, separated by spaces.", "max_tokens": 12},  # a row's own limit
+        {"prompt": "Write the numbers from 1 to 100, separated by spaces."},  # the flag's limit (8)
     ]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     assert batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "out"), chat=True,
@@ -56,8 +58,12 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
     assert "empty" in out[4]["error"]
     assert "exceed the limit of 2048 tokens" in out[5]["error"]
     assert "Tokyo" in out[6]["generated_text"] and out[6]["finish_reason"] in ("stop", "length")
-    assert "," not in out[7]["generated_text"]  # cut at the stop string
-    assert out[8]["error"] is None and not {",", "."} & set(out[8]["generated_text"])  # several stop strings
+    for r in out[7:9]:  # cut at a stop string: something was generated before it, and the reason says so
+        assert r["error"] is None and r["generated_text"].strip() and r["finish_reason"] == "stop"
+    assert "," not in out[7]["generated_text"]
+    assert not {",", "."} & set(out[8]["generated_text"])  # several stop strings
+    assert (out[9]["num_generated_tokens"], out[9]["finish_reason"]) == (12, "length")
+    assert (out[10]["num_generated_tokens"], out[10]["finish_reason"]) == (8, "length")
     for r in out:
         assert set(r) >= {"prompt", "generated_text", "num_prompt_tokens", "num_generated_tokens", "finish_reason",
                           "error"}
@@ -115,8 +121,9 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, 
     batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=4,
                      batch_size=2, cpus_per_actor=0.5)
     assert marker.exists(), "the fault was not injected"
-    ids = [r["row_index"] for r in read_out(tmp_path / "out")]
-    assert sorted(ids) == list(range(40))
+    out = read_out(tmp_path / "out")
+    assert sorted(r["row_index"] for r in out) == list(range(40))
+    assert all(r["error"] is None and r["generated_text"] is not None for r in out)  # replayed, not failed
 
 
 @pytest.mark.timeout(420)
@@ -144,6 +151,71 @@ def test_resume_after_a_run_killed_halfway(ray_local, tmp_path):
                      batch_size=4, cpus_per_actor=0.5)
     ids = [r["row_index"] for r in read_out(out)]
     assert sorted(ids) == list(range(48))  # the union of both runs: every row exactly once
+
+
+@pytest.mark.timeout(300)
+def test_lines_that_are_not_json_objects_become_error_rows(ray_local, tmp_path, tiny_causal_dir):
+    good = [json.dumps({"prompt": f"Tell me about the number {i}."}) for i in range(3)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(good[:2] + ["{not json", "[1, 2]", "7", good[2]]) + "\n")
+    assert batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=3,
+                            cpus_per_actor=0.5) == 0
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["row_index"])
+    assert [r["row_index"] for r in out] == list(range(6))
+    assert "line 3 of" in out[2]["error"] and "is not JSON" in out[2]["error"]
+    assert "line 4 of" in out[3]["error"] and "a JSON list, not an object" in out[3]["error"]
+    assert "line 5 of" in out[4]["error"] and "a JSON int, not an object" in out[4]["error"]
+    for r in (out[0], out[1], out[5]):
+        assert r["error"] is None and r["num_generated_tokens"] > 0
+    array = tmp_path / "in.json"  # a JSON array of objects works as well as JSON lines
+    array.write_text(json.dumps([{"prompt": "One."}, {"prompt": "Two."}, "three"]))
+    batch_infer.main(model=str(tiny_causal_dir), input=str(array), output=str(tmp_path / "out2"), max_tokens=3,
+                     cpus_per_actor=0.5)
+    out2 = sorted(read_out(tmp_path / "out2"), key=lambda r: r["row_index"])
+    assert [r["error"] is None for r in out2] == [True, True, False] and "element 2" in out2[2]["error"]
+
+
+@pytest.mark.timeout(300)
+def test_resume_by_id_column_generates_only_the_missing_ids(ray_local, tmp_path, tiny_causal_dir):
+    ids = [f"doc-{i:02d}" for i in range(10)]
+    rows = pa.table({"id": ids, "prompt": [f"Say something about {i}." for i in ids]})
+    out = tmp_path / "out"
+    pq.write_table(rows.slice(0, 4), tmp_path / "first.parquet")  # a run that got through the first four
+    batch_infer.main(model=str(tiny_causal_dir), input=str(tmp_path / "first.parquet"), output=str(out),
+                     id_column="id", max_tokens=3, cpus_per_actor=0.5)
+    first = {r["id"]: r["generated_text"] for r in read_out(out)}
+    pq.write_table(rows.take([7, 2, 9, 0, 5, 1, 3, 8, 6, 4]), tmp_path / "all.parquet")  # another order
+    batch_infer.main(model=str(tiny_causal_dir), input=str(tmp_path / "all.parquet"), output=str(out),
+                     id_column="id", resume=True, max_tokens=3, cpus_per_actor=0.5)
+    final = read_out(out)
+    assert sorted(r["id"] for r in final) == ids  # every id once: the first four were not generated again
+    assert {r["id"]: r["generated_text"] for r in final if r["id"] in first} == first
+    dup = tmp_path / "dup.jsonl"
+    write_jsonl(dup, [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
+    with pytest.raises(ValueError, match="repeated values"):
+        batch_infer.main(model=str(tiny_causal_dir), input=str(dup), output=str(tmp_path / "o"), id_column="id")
+    holes = tmp_path / "holes.jsonl"
+    holes.write_text(json.dumps({"id": "a", "prompt": "x"}) + "\n{broken\n")
+    with pytest.raises(ValueError, match="empty on 1 row"):
+        batch_infer.main(model=str(tiny_causal_dir), input=str(holes), output=str(tmp_path / "o"), id_column="id")
+
+
+@pytest.mark.timeout(300)
+def test_a_model_that_fails_gives_every_row_its_error(ray_local, tmp_path, smollm2_loaded, make_tiny_llama):
+    """The model itself fails (its embedding table is smaller than the tokenizer's ids): each row records the
+    model's error, none is lost, and the job still ends."""
+    from compress import artifact
+
+    tokenizer = smollm2_loaded.tokenizer
+    model = make_tiny_llama()
+    model.resize_token_embeddings(64)
+    path = artifact.save(model, tokenizer, tmp_path / "small-vocab")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Words about {w}."} for w in ("cats", "rain", "maps")])
+    batch_infer.main(model=str(path), input=str(src), output=str(tmp_path / "out"), max_tokens=3, cpus_per_actor=0.5)
+    out = read_out(tmp_path / "out")
+    assert sorted(r["row_index"] for r in out) == [0, 1, 2]
+    for r in out:
+        assert r["error"].startswith("model error: ") and "index" in r["error"].lower() and r["generated_text"] is None
 
 
 def test_bad_invocations_are_refused_with_the_reason(tmp_path):
