@@ -137,6 +137,11 @@ def test_embeddings_with_the_openai_client(deploy, minilm_loaded):
         assert r.status_code == 200, r.text
         got = torch.tensor([d["embedding"] for d in r.json()["data"]])
         assert torch.allclose(got, models.encode(model, tokenizer, inputs), atol=1e-5)
+    for body, message in [({"input": ""}, "non-empty"), ({"input": []}, "non-empty"),
+                          ({"input": ["ok", ""]}, "non-empty"), ({"input": "word " * 600}, "the model takes at most")]:
+        r = requests.post(f"{url}/v1/embeddings", json=body, timeout=60)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+        assert r.json()["error"]["param"] == "input"
     serve.delete("mini")
 
 
@@ -294,3 +299,75 @@ def test_metrics_page_in_prometheus_text(smol_url):
         assert name in text
     total = next(line for line in text.splitlines() if line.startswith("raypress_generation_tokens_total"))
     assert float(total.split()[-1]) > 0
+
+
+@pytest.mark.timeout(300)
+def test_models_list_and_a_list_of_prompts(client):
+    assert [m.id for m in client.models.list().data] == ["smol"]
+    prompts = ["The capital of France is", "Two plus two equals"]
+    both = client.completions.create(model="smol", prompt=prompts, max_tokens=6, temperature=0)
+    alone = [client.completions.create(model="smol", prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone]
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+
+@pytest.mark.timeout(300)
+def test_streamed_plain_completion_ends_with_usage(client):
+    prompt = "Here is a list of fruits: apple, banana,"
+    whole = client.completions.create(model="smol", prompt=prompt, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=10, temperature=0, stream=True))
+    assert len(chunks) >= 3 and "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])  # usage comes once, with the finish reason
+    chat = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi!"}],
+                                               max_tokens=5, temperature=0, stream=True))
+    assert chat[-1].usage.completion_tokens == 5 and chat[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.timeout(300)
+def test_max_completion_tokens_stop_and_top_p_are_applied(client):
+    messages = [{"role": "user", "content": "Write the numbers from 1 to 100, separated by spaces."}]
+    r = client.chat.completions.create(model="smol", messages=messages, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    counting = "Count: one, two, three,"
+    free = client.completions.create(model="smol", prompt=counting, max_tokens=12, temperature=0)
+    cut = client.completions.create(model="smol", prompt=counting, max_tokens=12, temperature=0, stop=[","])
+    assert "," in free.choices[0].text  # without the stop string the text goes on past a comma
+    assert cut.choices[0].text == free.choices[0].text.split(",")[0] and cut.choices[0].finish_reason == "stop"
+    greedy = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8, temperature=0)
+    nucleus = [client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                         top_p=1e-9, seed=s).choices[0].text for s in range(3)]
+    assert nucleus == [greedy.choices[0].text] * 3  # a nucleus of one token is greedy, whatever the seed
+    hot = {client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                     seed=s).choices[0].text for s in range(3)}
+    assert len(hot) > 1  # ... while the same seeds without top_p sample
+
+
+STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+                   "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant: ")
+
+
+@pytest.mark.timeout(300)
+def test_a_chat_template_that_rejects_the_messages_gives_400(deploy, tiny_causal_dir, tmp_path):
+    import shutil
+
+    from compress import artifact
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_causal_dir, strict)
+    loaded = models.load(strict)
+    loaded.tokenizer.chat_template = STRICT_TEMPLATE
+    artifact.save(loaded.model, loaded.tokenizer, strict)
+    url = deploy("strict", {"model": str(strict), "model_name": "strict", "num_threads": 1},
+                 ray_actor_options={"num_cpus": 0.25})
+    ok = requests.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    bad = requests.post(f"{url}/v1/chat/completions", timeout=60,
+                        json={"messages": [{"role": "assistant", "content": "hi"}], "max_tokens": 2})
+    error = bad.json()["error"]
+    assert bad.status_code == 400 and error["param"] == "messages" and "must alternate" in error["message"]
+    serve.delete("strict")

@@ -53,10 +53,15 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(deploy, tiny_ca
     t = threading.Thread(target=load)
     t.start()
     time.sleep(1)
+    before = len(results)
     ray.kill(handle, no_restart=True)  # mid-load
     time.sleep(2)
     stop.set()
     t.join()
+    print("statuses around the kill:", results)
+    assert before > 0 and set(results[:before]) == {200}  # the load was real, and answered, until the kill
+    # a request caught by the kill gets an HTTP error, never a dropped connection or a hang (timeout=60 above)
+    assert -1 not in results and set(results) <= {200, 500, 502, 503}
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
