@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_smollm2_answers_a_factual_question_greedily(smollm2_loaded):
     model, tokenizer, kind = smollm2_loaded
     assert kind == models.CAUSAL
-    assert next(model.parameters()).dtype == torch.float32
-    enc = tokenizer(chat_prompt(tokenizer, "What is the capital of France?"), return_tensors="pt")
+    device = models.default_device()  # float32 on CPUs, bf16 on a GPU
+    assert next(model.parameters()).dtype == models.default_dtype(device) and model.device.type == device.type
+    enc = tokenizer(chat_prompt(tokenizer, "What is the capital of France?"), return_tensors="pt").to(device)
     out = model.generate(**enc, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
@@ -118,3 +119,17 @@ def test_sharding_plan_uses_the_fewest_devices_that_fit():
     assert len(models.plan_sharding(60 * gb, [24 * gb] * 4)) == 3
     with pytest.raises(ValueError, match="does not fit"):
         models.plan_sharding(100 * gb, [24 * gb] * 4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sharding across GPUs needs two of them")
+def test_a_model_sharded_over_two_gpus_answers_as_on_one():
+    """Runs where two GPUs are present (on CPU-only machines only the plan above is tested)."""
+    whole = models.load("smollm2-135m", device="cuda:0")
+    size = sum(p.numel() * p.element_size() for p in whole.model.parameters())
+    sharded = models.load("smollm2-135m", max_memory={0: size // 2, 1: 2 * size})  # half fits on the first
+    assert {p.device.index for p in sharded.model.parameters()} == {0, 1}
+    ids = torch.tensor([whole.tokenizer("The capital of France is")["input_ids"]], device="cuda:0")
+    with torch.inference_mode():
+        a = whole.model.generate(ids, max_new_tokens=8, do_sample=False)
+        b = sharded.model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a.cpu(), b.cpu())

@@ -1,6 +1,7 @@
 import copy
 import logging
 
+import pytest
 import torch
 
 from compress import calibrate, prune, specs
@@ -49,6 +50,7 @@ def test_wanda_on_a_random_model_changes_weights_within_bounds(tiny_causal):
     assert 0 < (a - b).norm() / b.norm() < 0.6
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the conversion itself is tested below")
 def test_2to4_detection_and_sparse_kernels_stay_off_where_the_hardware_lacks_them(tiny_causal, caplog):
     model = tiny_causal.model
     dense_up = model.model.layers[0].mlp.up_proj.weight.clone()
@@ -60,3 +62,19 @@ def test_2to4_detection_and_sparse_kernels_stay_off_where_the_hardware_lacks_the
         assert prune.semi_structured_(model) == 0  # this machine has no GPU: the weights stay dense, and it says why
     assert "compute capability 8.0+" in caplog.text
     assert all(type(m.weight) is torch.nn.Parameter for m in layers.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 sparse kernels need a CUDA GPU of compute capability 8.0+")
+def test_2to4_weights_go_to_the_sparse_kernels_on_a_gpu(make_tiny_llama):
+    model = make_tiny_llama(hidden=128).to("cuda", torch.float16)  # kernel shapes: multiples of 32 x 64
+    specs.apply_(model, "prune-2:4")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
+    with torch.inference_mode():
+        dense = model(ids).logits
+        converted = prune.semi_structured_(model)
+        sparse = model(ids).logits
+    layers = calibrate.block_linears(model)
+    assert converted == len(layers) > 0
+    assert all(type(m.weight.data).__name__.startswith("SparseSemiStructured") for m in layers.values())
+    assert torch.allclose(sparse.float(), dense.float(), rtol=5e-2, atol=5e-2)
