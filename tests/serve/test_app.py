@@ -371,3 +371,26 @@ def test_a_chat_template_that_rejects_the_messages_gives_400(deploy, tiny_causal
     error = bad.json()["error"]
     assert bad.status_code == 400 and error["param"] == "messages" and "must alternate" in error["message"]
     serve.delete("strict")
+
+
+@pytest.mark.timeout(300)
+def test_a_model_failure_mid_stream_ends_the_stream_with_an_error_event(deploy, make_tiny_llama, smollm2_loaded,
+                                                                         tmp_path):
+    """The model itself fails (its embedding table is smaller than the tokenizer's ids): a stream ends with an
+    OpenAI error event instead of hanging or cutting the connection, and a plain request gets a 500 body."""
+    from compress import artifact
+
+    model = make_tiny_llama()
+    model.resize_token_embeddings(64)
+    path = artifact.save(model, smollm2_loaded.tokenizer, tmp_path / "broken")
+    url = deploy("broken", {"model": str(path), "model_name": "broken", "num_threads": 1},
+                 ray_actor_options={"num_cpus": 0.25})
+    body = {"prompt": "Tell me a story about a dragon.", "max_tokens": 4}
+    plain = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+    with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60, stream=True) as r:
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "index" in error["message"].lower()
+    serve.delete("broken")
