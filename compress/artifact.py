@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress import models, prune, specs
+from compress import encoders, hf, locate, prune, specs
 
 FORMAT = "raypress-artifact"
+MANIFEST = "raypress.json"  # the file that makes a folder an artifact
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 SPARSE_MIN_ZERO_FRACTION = 0.4  # below this, mask + values would not save enough to be worth it
@@ -56,11 +57,11 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, manifest
         tokenizer.save_pretrained(tmp)
         source = getattr(model.config, "_name_or_path", "")
         if source and Path(source).is_dir():
-            models.copy_sentence_transformers_files(Path(source), tmp)
+            encoders.copy_sentence_transformers_files(Path(source), tmp)
         manifest.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
-            kind=models.model_kind(model.config),
+            kind=hf.model_kind(model.config),
             dtype=str(_float_dtype(model)).removeprefix("torch."),
             aliases=aliases,
             sparse=sparse,
@@ -68,7 +69,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, manifest
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_json(tmp / models.MANIFEST, manifest)
+        _write_json(tmp / MANIFEST, manifest)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,20 +81,20 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> models.LoadedModel:
+) -> hf.LoadedModel:
     """Rebuild the compressed model from an artifact, after checking every file's digest.
 
     ``dtype`` defaults to the dtype the artifact was saved in; quantized tensors keep their storage type.
     """
     path = Path(path)
     manifest = verify(path)
-    device = torch.device(device) if device is not None else models.default_device()
+    device = torch.device(device) if device is not None else hf.default_device()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path)
     kind = manifest["kind"]
-    cls = AutoModelForCausalLM if kind == models.CAUSAL else AutoModel
+    cls = AutoModelForCausalLM if kind == hf.CAUSAL else AutoModel
     saved_dtype = getattr(torch, manifest["dtype"])
     with no_init_weights():
         model = cls.from_config(config, dtype=saved_dtype)
@@ -107,18 +108,18 @@ def load(
     if any(getattr(step, "pattern", None) == "2:4" for step in specs.parse(manifest["spec"]).steps):
         prune.semi_structured_(model)  # sparse tensor cores on GPUs that have them; a no-op elsewhere
     model.config.raypress_manifest = {k: manifest[k] for k in ("spec", "base_model") if k in manifest}
-    tokenizer = models.load_tokenizer(path, kind)
-    if kind == models.ENCODER:
-        model.config.raypress_pooling = models.read_pooling(path)
-    return models.LoadedModel(model, tokenizer, kind)
+    tokenizer = hf.load_tokenizer(path, kind)
+    if kind == hf.ENCODER:
+        model.config.raypress_pooling = encoders.read_pooling(path)
+    return hf.LoadedModel(model, tokenizer, kind)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
-    file = path / models.MANIFEST
+    file = path / MANIFEST
     if not file.exists():
-        raise ArtifactError(models.interrupted_save(path) or
-                            f"{str(path)!r} is not a raypress artifact: it has no {models.MANIFEST}")
+        raise ArtifactError(locate.interrupted_save(path) or
+                            f"{str(path)!r} is not a raypress artifact: it has no {MANIFEST}")
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -139,7 +140,7 @@ def verify(path: str | os.PathLike) -> dict:
             raise ArtifactError(f"artifact {str(path)!r} is missing {rel!r}; re-create it")
         if _sha256(file) != digest:
             raise ArtifactError(
-                f"artifact {str(path)!r}: {rel!r} does not match its sha256 in {models.MANIFEST} "
+                f"artifact {str(path)!r}: {rel!r} does not match its sha256 in {MANIFEST} "
                 "(changed or truncated after saving); re-create the artifact"
             )
     return manifest
@@ -172,7 +173,7 @@ def update_metrics(path: str | os.PathLike, metrics: dict) -> None:
     """Record measured metrics in the manifest (the manifest is not among the digested files)."""
     manifest = read_manifest(path)
     manifest["metrics"] = metrics
-    _write_json(Path(path) / models.MANIFEST, manifest)
+    _write_json(Path(path) / MANIFEST, manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def _decode_state_dict(tensors: dict, aliases: dict, sparse: list) -> dict:
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
     if out.exists():
-        old = out.parent / f".{out.name}{models.SET_ASIDE}{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}{locate.SET_ASIDE}{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         try:
             os.rename(tmp, out)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from compress.hf import CAUSAL
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PROMPTS = [
@@ -124,3 +126,12 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int, n_blocks: int) -> to
         log.warning("text gives %d blocks of %d tokens, fewer than the %d asked for", available, seq_len, n_blocks)
     n = min(n_blocks, available)
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def calibration_blocks(model, tokenizer, kind: str, texts: list[str] | None = None, n_blocks: int = 32) -> torch.Tensor:
+    """Token blocks for calibration: from ``texts``, or by default text the causal model writes itself from
+    built-in prompts (encoders: the built-in prompts), so nothing has to be downloaded."""
+    if texts is None:
+        texts = generated_texts(model, tokenizer, n=32) if kind == CAUSAL else list(BUILTIN_PROMPTS) * 4
+    seq_len = 256 if kind == CAUSAL else 64
+    return token_blocks(tokenizer, texts, seq_len, n_blocks)

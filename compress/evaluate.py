@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from compress import data
 from compress.data import BUILTIN_PROMPTS, chat_prompt
-from compress.models import CAUSAL, encode
+from compress.encoders import encode
+from compress.hf import CAUSAL
 
 GREEDY_PROMPTS = BUILTIN_PROMPTS[:8]
 

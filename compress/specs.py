@@ -117,13 +117,14 @@ def apply_(model, spec: str | Spec, *, blocks: torch.Tensor | None = None) -> di
 
     Args:
         blocks: calibration token ids [n, seq_len], for the steps that look at activations (GPTQ, Wanda,
-            distillation); see ``calibration_blocks``.
+            distillation); see ``compress.data.calibration_blocks``.
     Returns:
         what the steps reported (e.g. distillation's loss before and after training), by step name.
     """
     spec = parse(spec)
     if needs_calibration(spec) and blocks is None:
-        raise ValueError(f"spec {str(spec)!r} needs calibration text; pass blocks= (see calibration_blocks)")
+        raise ValueError(f"spec {str(spec)!r} needs calibration text; pass blocks= "
+                         "(see compress.data.calibration_blocks)")
     notes = {}
     for config in spec.steps:
         fn = _APPLY[type(config)]
@@ -138,15 +139,3 @@ def restore_(model, spec: str | Spec):
     for config in parse(spec).steps:
         _APPLY[type(config)](model, config, restore=True)
     return model
-
-
-def calibration_blocks(model, tokenizer, kind: str, texts: list[str] | None = None, n_blocks: int = 32) -> torch.Tensor:
-    """Token blocks for calibration: from ``texts``, or by default text the causal model writes itself from
-    built-in prompts (encoders: the built-in prompts), so nothing has to be downloaded."""
-    from compress import data
-    from compress.models import CAUSAL
-
-    if texts is None:
-        texts = data.generated_texts(model, tokenizer, n=32) if kind == CAUSAL else list(data.BUILTIN_PROMPTS) * 4
-    seq_len = 256 if kind == CAUSAL else 64
-    return data.token_blocks(tokenizer, texts, seq_len, n_blocks)

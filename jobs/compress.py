@@ -87,7 +87,7 @@ def main(
     blocks = None
     if specs.needs_calibration(parsed):
         calib = data.read_texts(calib_data, column=eval_column) if calib_data else None
-        blocks = specs.calibration_blocks(base, tokenizer, kind, calib)
+        blocks = data.calibration_blocks(base, tokenizer, kind, calib)
     t0 = time.perf_counter()
     variant = copy.deepcopy(base)
     notes = specs.apply_(variant, parsed, blocks=blocks)
