@@ -65,6 +65,8 @@ def _decode_product(modules: list[nn.Module]) -> tuple[Callable | None, int]:
     kind = type(modules[0])
     if ops is None or any(type(m) is not kind for m in modules) or modules[0].in_features % 16:
         return None, 0
+    if any(t.device.type != "cpu" for m in modules for t in (*m.parameters(), *m.buffers())):
+        return None, 0  # the extension's ops are CPU ops: on a GPU the modules' own forward runs
     if kind is nn.Linear and all(m.weight.dtype == torch.float32 for m in modules):
         weights = [m.weight.detach().contiguous() for m in modules]
         return (lambda x: ops.f32_gemv(x, weights)), kernels.MAX_F32_KERNEL_ROWS
