@@ -35,6 +35,7 @@ MAX_INT4_KERNEL_ROWS = 32
 
 _UNSET = object()
 _loaded = _UNSET  # the result of _build(), once it ran
+_build_lock = threading.Lock()
 
 
 def _extension():
@@ -46,9 +47,6 @@ def _extension():
             if _loaded is _UNSET:
                 _loaded = _build()
     return _loaded
-
-
-_build_lock = threading.Lock()
 
 
 def _build():
@@ -220,9 +218,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+ATTENTION_HEAD_DIM_MULTIPLE = 8  # decode_attention works in vectors of 8 floats
+
+
 def decode_attention_applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` can run these tensors (CPU float32 on the extension, head_dim % 8 == 0)."""
-    return on_cpu_kernels(q, keys) and q.shape[-1] % 8 == 0
+    """Whether ``decode_attention`` can run these tensors (CPU float32 on the extension, head_dim a multiple of
+    ATTENTION_HEAD_DIM_MULTIPLE)."""
+    return on_cpu_kernels(q, keys) and q.shape[-1] % ATTENTION_HEAD_DIM_MULTIPLE == 0
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,

@@ -127,7 +127,8 @@ class LeanForward:
         cos, sin = self.cos[pos], self.sin[pos]  # [N, D]
         h = self.embed(tokens)
         ops = kernels.ops() if kernels.on_cpu_kernels(h) else None
-        direct_attention = ops is not None and not layout.prefill and dim % 8 == 0  # see decode_attention_applies
+        # decode_attention_applies, decided once per step (h is on the extension, so the cache is too)
+        direct_attention = ops is not None and not layout.prefill and dim % kernels.ATTENTION_HEAD_DIM_MULTIPLE == 0
         delta = None
         for layer in self.layers:
             if delta is None:

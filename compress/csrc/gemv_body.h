@@ -61,8 +61,9 @@ struct Int4Rows {
   // masks alone: vector s holds nibble s of each 16-bit lane. That is not the weights' order, so the activations
   // of each such chunk are stored in the same order instead (chunk64_order, applied by qgemv.cpp once per call).
   bool chunked() const { return gs % 64 == 0; }
-  void load64(int64_t n, int64_t k, __m256i* out) const {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * (K / 2) + k / 2));
+  void load64(int64_t n, int64_t k, __m256i* out) const { split64(q + n * (K / 2) + k / 2, out); }
+  static void split64(const uint8_t* p, __m256i* out) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i mask = _mm256_set1_epi16(0xF);
     out[0] = _mm256_and_si256(v, mask);
     out[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
@@ -114,6 +115,17 @@ inline void row_tile(const F32Rows& rows, int64_t n, const float* x, int64_t K, 
 // The int32 lanes are turned to float once per group (int4) or per kMaxInt8Span weights (int8), which also
 // bounds them: |q| <= 127, |xq| <= 32767 and 2048 / 16 sums of two products stay below 2^31.
 
+// The int32 dot products (8 lanes) of one 64-weight chunk split by Int4Rows::split64 with its 64 activations, which
+// quantize_rows stored in the same order.
+inline __m256i dot64(const __m256i* w, const int16_t* xq) {
+  const __m256i* x = reinterpret_cast<const __m256i*>(xq);
+  const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+                                     _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1)));
+  const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)),
+                                     _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3)));
+  return _mm256_add_epi32(a, b);
+}
+
 // row_tile_int for packed int4 whose groups hold whole 64-weight chunks (Int4Rows::chunked): the common case, with
 // the row's pointers taken once and nothing but the chunk loop and one flush per group inside, since at 64 or 128
 // weights per group the generic loop's bookkeeping per group cost as much as the group's arithmetic. Two float
@@ -126,7 +138,6 @@ inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t
   const uint8_t* w = rows.q + n * (K / 2);
   const float* scale = rows.scale + n * G;
   const float* offset = rows.offset + n * G;
-  const __m256i mask = _mm256_set1_epi16(0xF);
   __m256 total[MR][2];
   for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
   const int64_t whole = K / gs, chunks = gs / 64;  // groups of whole chunks; a shorter last one may follow
@@ -137,17 +148,9 @@ inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
     for (int64_t c = 0; c < chunks; ++c, wp += 32, xp += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
-      const __m256i w0 = _mm256_and_si256(v, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask), w3 = _mm256_srli_epi16(v, 12);
-      for (int m = 0; m < MR; ++m) {
-        const __m256i* x = reinterpret_cast<const __m256i*>(xp + m * K);
-        const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)),
-                                           _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1)));
-        const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(x + 2)),
-                                           _mm256_madd_epi16(w3, _mm256_loadu_si256(x + 3)));
-        acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(a, b));
-      }
+      __m256i v[4];
+      Int4Rows::split64(wp, v);
+      for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_epi32(acc[m], dot64(v, xp + m * K));
     }
     const __m256 s = _mm256_set1_ps(scale[g]);
     for (int m = 0; m < MR; ++m) total[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][g & 1]);
@@ -159,11 +162,7 @@ inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t
     for (; k + 64 <= K; k += 64) {
       __m256i v[4];
       rows.load64(n, k, v);
-      for (int m = 0; m < MR; ++m) {
-        const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * K + k);
-        for (int j = 0; j < 4; ++j)
-          acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(v[j], _mm256_loadu_si256(x + j)));
-      }
+      for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_epi32(acc[m], dot64(v, xq + m * K + k));
     }
     for (; k < K; k += 16) {
       const __m256i wv = rows.load16(n, k);
@@ -200,24 +199,7 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
     const int64_t k1 = std::min(K, k0 + gs);
     __m256i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-    int64_t k = k0;
-    if constexpr (Rows::kGrouped) {
-      if (rows.chunked()) {  // 64 weights (32 bytes) per step: see Int4Rows::load64
-        for (; k + 64 <= k1; k += 64) {
-          if ((k & (kLineWeights - 1)) == 0) _mm_prefetch(rows.addr(n, k) + kPrefetchBytes, _MM_HINT_T0);
-          __m256i w[4];
-          rows.load64(n, k, w);
-          for (int m = 0; m < MR; ++m) {
-            const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * K + k);
-            const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
-                                               _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1)));
-            const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)),
-                                               _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3)));
-            acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(a, b));
-          }
-        }
-      }
-    }
+    int64_t k = k0;  // (int4 in whole 64-weight chunks never comes here: row_tile_int4_chunked)
     // four blocks per step: one prefetch and one loop branch per 64 weights, two sums per row so that the adds
     // of consecutive blocks do not wait on each other
     __m256i acc2[MR];
