@@ -8,11 +8,12 @@ Pipeline: read (parquet, jsonl or csv; a file, folder or glob; any filesystem py
 tokenize (CPU tasks) -> model actors (--num-actors, --num-gpus-per-actor; each batch sorted by length so padding
 wastes little) -> decode and format (CPU tasks) -> parquet files in OUTPUT.
 
-Columns: generate adds generated_text, num_prompt_tokens, num_generated_tokens, finish_reason (per-row max_tokens,
-temperature, top_p, seed, stop columns override the flags); embed adds embedding (list<float32>, pooled as the
-model's sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every task adds
-error: null, or why that row got no answer. Output rows = input rows. --resume skips rows already in OUTPUT (by
---id-column, or by the row_index this job adds in input order).
+Columns: generate adds generated_text, num_generated_tokens, finish_reason (per-row max_tokens, temperature, top_p,
+seed, stop columns override the flags); embed adds embedding (list<float32>, pooled as the model's
+sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every task adds
+num_prompt_tokens, and error: null or why that row got no answer. Output rows = input rows. --resume skips rows
+already in OUTPUT (by --id-column, or by the row_index this job adds in input order). OUTPUT and INPUT are local
+paths or URIs of any filesystem pyarrow knows.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from compress import models
 from compress.engine import Engine
 from compress.sampling import SamplingParams
+from jobs import storage
 from jobs.inputs import TYPE_ERRORS, read_input
 
 log = logging.getLogger("jobs.batch_infer")
@@ -215,7 +217,8 @@ def _maybe_fail(fail_after: int, batches: int, marker: str) -> None:
     """Test hook (RAYPRESS_FAULT_AFTER_BATCHES and RAYPRESS_FAULT_MARKER where the job starts): the first actor
     to reach batch ``fail_after`` dies, once; the marker file records that it happened."""
     if fail_after and batches == fail_after and marker and not os.path.exists(marker):
-        Path(marker).write_text(str(os.getpid()))
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
         os._exit(1)
 
 
@@ -231,8 +234,6 @@ def postprocess(batch: dict, model: str, task: str) -> dict:
                 continue
             texts.append(o["text"]), n_gen.append(len(o["ids"])), finish.append(o["finish_reason"])
         batch["generated_text"] = np.array(texts, dtype=object)
-        batch["num_prompt_tokens"] = np.array([len(json.loads(i)) if not e else None
-                                               for i, e in zip(batch["_ids"], errors, strict=True)], dtype=object)
         batch["num_generated_tokens"] = np.array(n_gen, dtype=object)
         batch["finish_reason"] = np.array(finish, dtype=object)
     elif task == "embed":
@@ -241,6 +242,8 @@ def postprocess(batch: dict, model: str, task: str) -> dict:
         batch["logprob_sum"] = np.array([o["sum"] if o else None for o in outs], dtype=object)
         batch["logprob_mean"] = np.array([o["mean"] if o else None for o in outs], dtype=object)
         batch["perplexity"] = np.array([math.exp(-o["mean"]) if o else None for o in outs], dtype=object)
+    batch["num_prompt_tokens"] = np.array([len(json.loads(i)) if not e else None
+                                           for i, e in zip(batch["_ids"], errors, strict=True)], dtype=object)
     batch["error"] = np.array(errors, dtype=object)
     for key in ("_ids", "_params", "_error", "_out", TYPE_ERRORS):
         batch.pop(key, None)
@@ -254,20 +257,23 @@ def postprocess(batch: dict, model: str, task: str) -> dict:
 # Resume and summary
 
 
-def done_ids(output: Path, id_column: str) -> set:
+def done_ids(output: str, id_column: str) -> set:
     """Ids already written by earlier runs; an unreadable (half-written) file is removed so its rows are redone."""
+    fs, root = storage.resolve(output)
     ids = set()
-    for f in sorted(output.glob("*.parquet")) if output.exists() else []:
+    for f in storage.files(fs, root, ".parquet"):
         try:
-            ids.update(pq.read_table(f, columns=[id_column]).column(id_column).to_pylist())
+            ids.update(pq.read_table(f, columns=[id_column], filesystem=fs).column(id_column).to_pylist())
         except (pa.ArrowInvalid, OSError) as e:
-            log.warning("removing unreadable output %s (%s); its rows will be redone", f.name, e)
-            f.unlink()
+            log.warning("removing unreadable output %s (%s); its rows will be redone", f, e)
+            fs.delete_file(f)
     return ids
 
 
-def summarize(output: Path, task: str, seconds: float) -> str:
-    table = pq.read_table(sorted(output.glob("*.parquet")))
+def summarize(output: str, task: str, seconds: float) -> str:
+    fs, root = storage.resolve(output)
+    columns = ["error"] + (["num_prompt_tokens", "num_generated_tokens"] if task == "generate" else [])
+    table = pads.dataset(storage.files(fs, root, ".parquet"), filesystem=fs, format="parquet").to_table(columns)
     errors = table.column("error").to_pylist()
     n, bad = table.num_rows, sum(e is not None for e in errors)
     tin = sum(x or 0 for x in table.column("num_prompt_tokens").to_pylist()) if task == "generate" else 0
@@ -308,7 +314,7 @@ def main(
     Args:
         model: built-in name, model folder, raypress artifact (e.g. a sweep's chosen/), or hub id.
         input: parquet, jsonl or csv: a file, a folder, or a glob; local or any pyarrow filesystem (s3://...).
-        output: folder for the output parquet files.
+        output: folder for the output parquet files: a local path or a URI (s3://, gs://, file://).
         task: generate (text), embed (sentence embeddings) or score (log-probability and perplexity of the text).
         column: input column: default prompt (or messages, in OpenAI chat form) for generate, text otherwise.
         id_column: column that identifies rows, for --resume; default: a row_index added in input order.
@@ -333,7 +339,7 @@ def main(
     start = time.perf_counter()
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {TASKS}")
-    out_dir = Path(output)
+    out_fs, out_dir = storage.resolve(output)
     table = read_input(input)
     column = column or _default_column(task, table.column_names)
     if column not in table.column_names:
@@ -345,12 +351,12 @@ def main(
     id_column = _with_ids(table, id_column)
     if id_column == ROW_INDEX and ROW_INDEX not in table.column_names:
         table = table.append_column(ROW_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    existing = list(out_dir.glob("*.parquet")) if out_dir.exists() else []
+    existing = storage.files(out_fs, out_dir, ".parquet")
     if existing and not resume:
-        raise ValueError(f"output {str(out_dir)!r} already holds {len(existing)} parquet file(s); pass --resume to "
+        raise ValueError(f"output {output!r} already holds {len(existing)} parquet file(s); pass --resume to "
                          "continue that run, or choose another folder")
     if resume:
-        done = done_ids(out_dir, id_column)
+        done = done_ids(output, id_column)
         if done:
             keep = pa.compute.invert(pa.compute.is_in(table.column(id_column), value_set=pa.array(list(done))))
             todo = sum(keep.to_pylist())
@@ -362,13 +368,13 @@ def main(
         defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                     "stop": tuple(stop or ()), "chat": chat}
         resources = json.loads(actor_resources) if actor_resources else {}
-        _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus_per_actor,
+        _run_pipeline(ray, table, model, task, column, defaults, (out_fs, out_dir), num_actors, num_gpus_per_actor,
                       cpus_per_actor, threads_per_actor, resources, batch_size, max_model_len)
-    print(summarize(out_dir, task, time.perf_counter() - start))
+    print(summarize(output, task, time.perf_counter() - start))
     return 0
 
 
-def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors, num_gpus, num_cpus, threads,
+def _run_pipeline(ray, table, model, task, column, defaults, out, num_actors, num_gpus, num_cpus, threads,
                   resources, batch_size, max_model_len) -> None:
     context = _context_length(model)
     if task == "generate":
@@ -392,7 +398,7 @@ def _run_pipeline(ray, table, model, task, column, defaults, out_dir, num_actors
                         max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"model": model, "task": task})
-    ds.write_parquet(str(out_dir))
+    ds.write_parquet(out[1], filesystem=out[0])
 
 
 def _default_column(task: str, columns: list[str]) -> str:

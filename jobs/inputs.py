@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from jobs import storage
+
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 TYPE_ERRORS = "_input_error"  # set by the reader for rows it could not type; dropped from the output
 
@@ -23,7 +25,7 @@ def list_input_files(path: str) -> tuple[list[str], pafs.FileSystem, str]:
     if any(c in path for c in "*?["):
         cut = min(path.index(c) for c in "*?[" if c in path)
         path, pattern = path[: path.rfind("/", 0, cut) + 1] or ".", path
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    fs, root = storage.resolve(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {path!r} does not exist")

@@ -169,10 +169,16 @@ def test_lines_that_are_not_json_objects_become_error_rows(ray_local, tmp_path, 
         assert r["error"] is None and r["num_generated_tokens"] > 0
     array = tmp_path / "in.json"  # a JSON array of objects works as well as JSON lines
     array.write_text(json.dumps([{"prompt": "One."}, {"prompt": "Two."}, "three"]))
-    batch_infer.main(model=str(tiny_causal_dir), input=str(array), output=str(tmp_path / "out2"), max_tokens=3,
+    # input and output as URIs (file:// here; s3:// on a cluster) go through pyarrow's filesystems end to end
+    out_uri = f"file://{tmp_path}/out2"
+    batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri, max_tokens=3,
                      cpus_per_actor=0.5)
     out2 = sorted(read_out(tmp_path / "out2"), key=lambda r: r["row_index"])
     assert [r["error"] is None for r in out2] == [True, True, False] and "element 2" in out2[2]["error"]
+    assert batch_infer.done_ids(out_uri, "row_index") == {0, 1, 2}
+    with pytest.raises(ValueError, match="already holds"):
+        batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri)
+    assert batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri, resume=True) == 0
 
 
 @pytest.mark.timeout(300)
