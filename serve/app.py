@@ -13,17 +13,17 @@ queue (``max_queued_requests`` in the YAML) gets 503 from Serve.
 """
 
 import asyncio
-import base64
 import copy
+import hmac
 import json
 import logging
 import os
 import time
+from typing import Annotated
 
-import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -32,8 +32,10 @@ from compress.engine import Engine
 from compress.request import Generation
 from compress.sampling import SamplingParams
 from serve import protocol as oa
+from serve.batch_store import BatchStore
+from serve.batches import Batches, file_object
 from serve.metrics import prometheus_text
-from serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
+from serve.protocol import APIError, BatchRequest, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="raypress")
@@ -46,15 +48,21 @@ async def _api_error(request: Request, e: APIError):
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, e: RequestValidationError):
-    first = e.errors()[0] if e.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                                   "invalid_request_error", where or None), status_code=400)
+    return await _api_error(request, oa.validation_error(e.errors()))
 
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, e: HTTPException):
     return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+
+async def _authorized(request: Request) -> None:
+    """The API key check of every route but /health, run before FastAPI reads and validates the body, so that a
+    caller without the key learns nothing about what the route accepts."""
+    serve.get_replica_context().servable_object._authorize(request)
+
+
+KEY = [Depends(_authorized)]
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -72,6 +80,12 @@ class ModelServer:
         default_max_tokens: int = 64,
         num_threads: int | None = None,
         api_key: str | None = None,
+        batch_storage: str = "~/.raypress/batches",
+        batch_db: str | None = None,
+        batch_actors: int = 1,
+        batch_cpus_per_actor: float = 1.0,
+        batch_max_requests: int = 50_000,
+        batch_jobs_address: str | None = None,
     ):
         start = time.perf_counter()
         self.model, self.tokenizer, self.kind = models.load(model)
@@ -89,6 +103,10 @@ class ModelServer:
             self.context = 512
             self._embed_batch.set_max_batch_size(max_batch_size)
             self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batches, self._batch_settings = None, {
+            "storage": batch_storage, "db": batch_db, "model": str(model), "actors": batch_actors,
+            "cpus_per_actor": batch_cpus_per_actor, "max_requests": batch_max_requests, "jobs": batch_jobs_address,
+            "max_num_seqs": max_num_seqs, "default_max_tokens": default_max_tokens}
         log.info("raypress: serving %s (%s) as %r in %.1f s", model, self.kind, self.name, time.perf_counter() - start)
 
     def __del__(self):
@@ -101,48 +119,39 @@ class ModelServer:
     async def health(self) -> dict:
         return {"status": "ok", "model": self.name}
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
-        self._authorize(request)
+    @api.get("/v1/models", dependencies=KEY)
+    async def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "raypress"}]}
 
-    @api.get("/stats")
-    async def stats(self, request: Request) -> dict:
-        self._authorize(request)
+    @api.get("/stats", dependencies=KEY)
+    async def stats(self) -> dict:
         if self.engine is None:
             return {"model": self.name}
         e = self.engine
         return {"model": self.name, "running": e.num_running, "waiting": e.num_waiting, **e.stats,
                 "max_num_seqs": e.max_num_seqs, "generation_tokens_per_s": e.tokens_per_s()}
 
-    @api.get("/metrics")
-    async def metrics(self, request: Request) -> PlainTextResponse:
-        self._authorize(request)
+    @api.get("/metrics", dependencies=KEY)
+    async def metrics(self) -> PlainTextResponse:
         text = prometheus_text(self.engine, self.name) if self.engine is not None else ""
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
+    @api.post("/v1/completions", dependencies=KEY)
+    async def completions(self, body: CompletionRequest):
         self._check_model(body.model, causal=True)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or any(not p for p in prompts):
-            raise APIError(400, "prompt must be a non-empty string or a list of non-empty strings", "prompt")
-        ids = [self._encode(p) for p in prompts]
+        ids = [self._encode(p) for p in oa.prompts_of(body)]
         params = self._params(body, max(len(i) for i in ids), body.logprobs)
         if body.stream:
             if len(ids) > 1:
                 raise APIError(400, "stream: true takes a single prompt", "prompt")
             return self._sse(ids[0], params, chat=False)
         results = await self._generate(ids, params)
-        choices = [{"index": k, "text": r.text, "finish_reason": r.finish_reason,
-                    "logprobs": oa.completion_logprobs(r.logprobs, self._token_text)} for k, r in enumerate(results)]
-        return oa.response("text_completion", oa.new_id("cmpl"), self.name, choices, sum(map(len, ids)),
-                           sum(len(r.token_ids) for r in results))
+        logprobs = [oa.completion_logprobs(r.logprobs, self._token_text) for r in results]
+        return oa.completion(self.name, [r.text for r in results], [r.finish_reason for r in results],
+                             sum(map(len, ids)), sum(len(r.token_ids) for r in results), logprobs)
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, request: Request):
-        self._authorize(request)
+    @api.post("/v1/chat/completions", dependencies=KEY)
+    async def chat_completions(self, body: ChatRequest):
         self._check_model(body.model, causal=True)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -157,28 +166,71 @@ class ModelServer:
         if body.stream:
             return self._sse(ids, params, chat=True)
         (r,) = await self._generate([ids], params)
-        choices = [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                    "logprobs": oa.chat_logprobs(r.logprobs, self._token_text)}]
-        return oa.response("chat.completion", oa.new_id("chatcmpl"), self.name, choices, len(ids), len(r.token_ids))
+        return oa.chat_completion(self.name, r.text, r.finish_reason, len(ids), len(r.token_ids),
+                                  oa.chat_logprobs(r.logprobs, self._token_text))
 
-    @api.post("/v1/embeddings")
-    async def embeddings(self, body: EmbeddingRequest, request: Request):
-        self._authorize(request)
+    @api.post("/v1/embeddings", dependencies=KEY)
+    async def embeddings(self, body: EmbeddingRequest):
         self._check_model(body.model, causal=False)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts or any(not isinstance(t, str) or not t for t in texts):
-            raise APIError(400, "input must be a non-empty string or a list of non-empty strings", "input")
+        texts = oa.texts_of(body)
         counts = [len(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
         too_long = [k for k, c in enumerate(counts) if c > self.context]
         if too_long:
             raise APIError(400, f"input {too_long[0]} has {counts[too_long[0]]} tokens; the model takes at most "
                                 f"{self.context}", "input")
         vectors = await asyncio.gather(*(self._embed_batch(t) for t in texts))
-        if body.encoding_format == "base64":  # little-endian float32 bytes, as OpenAI sends them
-            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
-        data = [{"object": "embedding", "index": k, "embedding": v} for k, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": self.name,
-                "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}}
+        return oa.embeddings(self.name, vectors, sum(counts), body.encoding_format)
+
+    # -- the Batch API (serve/batches.py): files and batches, each batch a Ray job -----------------------------------
+
+    @api.post("/v1/files", dependencies=KEY)
+    async def create_file(self, file: Annotated[UploadFile, File()],
+                          purpose: Annotated[str, Form()]) -> dict:
+        chunks = iter(lambda: file.file.read(1 << 20), b"")
+        return await asyncio.to_thread(self.batches.add_file, chunks, file.filename, purpose)
+
+    @api.get("/v1/files/{file_id}", dependencies=KEY)
+    async def get_file(self, file_id: str) -> dict:
+        return file_object(await asyncio.to_thread(self.batches.file, file_id))
+
+    @api.get("/v1/files/{file_id}/content", dependencies=KEY)
+    async def get_file_content(self, file_id: str) -> Response:
+        await asyncio.to_thread(self.batches.file, file_id)
+        data = await asyncio.to_thread(self.batches.store.read_file, file_id)
+        return Response(data, media_type="application/octet-stream")
+
+    @api.delete("/v1/files/{file_id}", dependencies=KEY)
+    async def delete_file(self, file_id: str) -> dict:
+        return await asyncio.to_thread(self.batches.delete_file, file_id)
+
+    @api.post("/v1/batches", dependencies=KEY)
+    async def create_batch(self, body: BatchRequest) -> dict:
+        return await asyncio.to_thread(self.batches.create, body.input_file_id, body.endpoint,
+                                       body.completion_window, body.metadata)
+
+    @api.get("/v1/batches/{batch_id}", dependencies=KEY)
+    async def get_batch(self, batch_id: str) -> dict:
+        return await asyncio.to_thread(self.batches.retrieve, batch_id)
+
+    @api.get("/v1/batches", dependencies=KEY)
+    async def list_batches(self, limit: int = 20, after: str | None = None) -> dict:
+        return await asyncio.to_thread(self.batches.list, limit, after)
+
+    @api.post("/v1/batches/{batch_id}/cancel", dependencies=KEY)
+    async def cancel_batch(self, batch_id: str) -> dict:
+        return await asyncio.to_thread(self.batches.cancel, batch_id)
+
+    @property
+    def batches(self) -> Batches:
+        """Made at the first Batch API call, so that a server that never sees one touches no storage."""
+        if self._batches is None:
+            b = self._batch_settings
+            self._batches = Batches(
+                BatchStore(b["storage"], b["db"]), model=b["model"], served_name=self.name,
+                causal=self.kind == models.CAUSAL, default_max_tokens=b["default_max_tokens"],
+                max_model_len=self.context, max_requests=b["max_requests"], num_actors=b["actors"],
+                cpus_per_actor=b["cpus_per_actor"], batch_size=b["max_num_seqs"], jobs_address=b["jobs"])
+        return self._batches
 
     # -- the work -------------------------------------------------------------------------------------------------
 
@@ -250,19 +302,12 @@ class ModelServer:
         if not self.api_key:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):  # constant time
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error")
 
     def _check_model(self, requested: str | None, causal: bool) -> None:
-        if requested is not None and requested != self.name:
-            raise APIError(400, f"unknown model {requested!r}; this server serves {self.name!r}", "model",
-                           kind="invalid_request_error")
-        if causal and self.kind != models.CAUSAL:
-            raise APIError(400, f"model {self.name!r} is an encoder: it serves /v1/embeddings, not text generation",
-                           "model")
-        if not causal and self.kind != models.ENCODER:
-            raise APIError(400, f"model {self.name!r} is a causal LM: embeddings need an encoder model", "model")
+        oa.check_model(requested, self.name, self.kind == models.CAUSAL, causal)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -271,20 +316,19 @@ class ModelServer:
         return self.tokenizer.decode([token_id])
 
     def _params(self, body, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
-        max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
-        if prompt_tokens + max_tokens > self.context:
-            raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the server's "
-                                f"limit of {self.context} tokens (max_model_len)", "max_tokens")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty", "stop")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                              stop=stop, logprobs=logprobs)
+        settings = oa.generation_settings(body, self.default_max_tokens)
+        if prompt_tokens + settings["max_tokens"] > self.context:
+            raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {settings['max_tokens']} exceeds the "
+                                f"server's limit of {self.context} tokens (max_model_len)", "max_tokens")
+        return SamplingParams(**settings, logprobs=logprobs)
 
 
 BUILD_ARGS = {"model", "model_name", "max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size",
-              "batch_wait_timeout_s", "default_max_tokens", "num_threads", "api_key"}
-INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size", "default_max_tokens", "num_threads")
+              "batch_wait_timeout_s", "default_max_tokens", "num_threads", "api_key", "batch_storage", "batch_db",
+              "batch_actors", "batch_cpus_per_actor", "batch_max_requests", "batch_jobs_address"}
+INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size", "default_max_tokens", "num_threads",
+            "batch_actors", "batch_max_requests")
+FLOAT_ARGS = ("batch_wait_timeout_s", "batch_cpus_per_actor")
 
 
 def server_args(args: dict | None) -> dict:
@@ -298,8 +342,9 @@ def server_args(args: dict | None) -> dict:
     for key in INT_ARGS:
         if args.get(key) is not None:
             args[key] = int(args[key])
-    if "batch_wait_timeout_s" in args:
-        args["batch_wait_timeout_s"] = float(args["batch_wait_timeout_s"])
+    for key in FLOAT_ARGS:
+        if args.get(key) is not None:
+            args[key] = float(args[key])
     return args
 
 

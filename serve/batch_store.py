@@ -1,0 +1,159 @@
+"""Where the Batch API keeps its state: file bytes under a storage URI, file and batch records in SQLite.
+
+Both outlive the serving replica: a restarted replica opens the same database and storage and reports the same
+files and batches. Storage is a local folder by default and any pyarrow filesystem on a cluster (``s3://...``), so
+that the batch job, wherever Ray places it, reads its input and writes its output there. The database is one
+SQLite file: replicas on one node share it safely (SQLite locks it); replicas on several nodes need it on a
+filesystem they all mount, or one replica.
+
+Layout under the storage root::
+
+    files/<file id>                       uploaded files, and the output and error files of finished batches
+    batches/<batch id>/rows.parquet       the batch job's input: one row per prompt or input text
+    batches/<batch id>/rejected.jsonl     lines refused before the model (with the error a request would get)
+    batches/<batch id>/results/*.parquet  jobs.batch_infer's output, written as rows finish
+    batches/<batch id>/summary.json       the finished batch: counts and its output and error files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+
+from jobs import storage
+
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, status TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS batches_by_time ON batches (created_at, id);
+"""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}" if prefix == "file" else f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class BatchStore:
+    def __init__(self, storage_uri: str, db_path: str | None = None):
+        self.uri = storage_uri
+        self.fs, self.root = storage.resolve(storage_uri)
+        self.fs.create_dir(f"{self.root}/files", recursive=True)
+        if db_path is None:
+            if "://" in storage_uri:
+                raise ValueError(f"batch storage {storage_uri!r} is not a local folder: give batch_db, the path of "
+                                 "the SQLite database, on a local or shared disk")
+            db_path = os.path.join(self.root, "batches.sqlite")
+        self.db_path = os.path.abspath(os.path.expanduser(db_path))
+        os.makedirs(os.path.dirname(self.db_path), exist_ok=True)
+        with closing(self._connect()) as db, db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        return db
+
+    # -- paths ----------------------------------------------------------------------------------------------------
+
+    def file_path(self, file_id: str) -> str:
+        return f"{self.root}/files/{file_id}"
+
+    def batch_dir(self, batch_id: str) -> str:
+        return f"{self.root}/batches/{batch_id}"
+
+    def batch_uri(self, batch_id: str) -> str:
+        """The batch folder as a URI a job on another node can open."""
+        return f"{self.uri.rstrip('/')}/batches/{batch_id}" if "://" in self.uri else self.batch_dir(batch_id)
+
+    # -- files ----------------------------------------------------------------------------------------------------
+
+    def add_file(self, chunks, filename: str, purpose: str, max_bytes: int, file_id: str | None = None) -> dict:
+        """Store an upload given as an iterable of byte chunks; more than ``max_bytes`` raises ValueError and
+        leaves nothing behind."""
+        file_id = file_id or new_id("file")
+        path, size = self.file_path(file_id), 0
+        try:
+            with self.fs.open_output_stream(path) as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ValueError(f"file is larger than the limit of {max_bytes} bytes")
+                    out.write(chunk)
+        except BaseException:
+            self.fs.delete_file(path)
+            raise
+        return self.register_file(file_id, filename, purpose, size)
+
+    def register_file(self, file_id: str, filename: str, purpose: str, size: int) -> dict:
+        record = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": size,
+                  "created_at": int(time.time())}
+        with closing(self._connect()) as db:
+            db.execute("INSERT OR REPLACE INTO files VALUES (:id, :filename, :purpose, :bytes, :created_at)", record)
+        return record
+
+    def get_file(self, file_id: str) -> dict | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return dict(row) if row else None
+
+    def read_file(self, file_id: str) -> bytes:
+        return storage.read_bytes(self.fs, self.file_path(file_id))
+
+    def delete_file(self, file_id: str) -> bool:
+        with closing(self._connect()) as db:
+            deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        if deleted and storage.exists(self.fs, self.file_path(file_id)):
+            self.fs.delete_file(self.file_path(file_id))
+        return bool(deleted)
+
+    # -- batches --------------------------------------------------------------------------------------------------
+
+    def add_batch(self, batch: dict) -> None:
+        with closing(self._connect()) as db:
+            db.execute("INSERT INTO batches VALUES (?, ?, ?, ?)",
+                       (batch["id"], batch["created_at"], batch["status"], json.dumps(batch)))
+
+    def get_batch(self, batch_id: str) -> dict | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return json.loads(row["body"]) if row else None
+
+    def update_batch(self, batch: dict, expect_status: str | None = None) -> bool:
+        """Write ``batch`` back; with ``expect_status``, only if the stored status still is that one (so that of two
+        replicas refreshing one batch, one makes each move). Returns whether it was written."""
+        query, args = "UPDATE batches SET status = ?, body = ? WHERE id = ?", [batch["status"], json.dumps(batch),
+                                                                               batch["id"]]
+        if expect_status is not None:
+            query, args = query + " AND status = ?", args + [expect_status]
+        with closing(self._connect()) as db:
+            return db.execute(query, args).rowcount == 1
+
+    def list_batches(self, limit: int, after: str | None = None) -> tuple[list[dict], bool]:
+        """Newest first, as OpenAI lists them; ``after`` is the id of the last batch of the previous page."""
+        with closing(self._connect()) as db:
+            if after is None:
+                rows = db.execute("SELECT body FROM batches ORDER BY created_at DESC, id DESC LIMIT ?", (limit + 1,))
+            else:
+                cursor = db.execute("SELECT created_at, id FROM batches WHERE id = ?", (after,)).fetchone()
+                if cursor is None:
+                    raise KeyError(after)
+                rows = db.execute("SELECT body FROM batches WHERE (created_at, id) < (?, ?) "
+                                  "ORDER BY created_at DESC, id DESC LIMIT ?", (cursor[0], cursor[1], limit + 1))
+            found = [json.loads(r["body"]) for r in rows.fetchall()]
+        return found[:limit], len(found) > limit
+
+    def active_batches(self) -> list[dict]:
+        with closing(self._connect()) as db:
+            rows = db.execute(f"SELECT body FROM batches WHERE status IN ({','.join('?' * len(ACTIVE))})", ACTIVE)
+            return [json.loads(r["body"]) for r in rows.fetchall()]
