@@ -13,7 +13,6 @@ tokens/s of each way (medians over rounds) and the ratio, with the CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,8 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,35 +56,23 @@ def as_batch(client, load: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "serve" / "config.yaml"))
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"))
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bench.serve_load import application, parser_for
+
+    args = parser_for(__doc__, requests=256, rounds=1).parse_args()
     import openai
     import ray
     from ray import serve
 
-    from bench.serve_load import workload
-    from compress import models
-    from compress.kernels import cpu_description
+    from compress.cpu import cpu_description
     from serve.app import ModelServer, server_args
 
-    app_config = yaml.safe_load(Path(args.config).read_text())["applications"][0]
-    app_args = dict(app_config.get("args") or {})
-    deployment = dict((app_config.get("deployments") or [{}])[0])
-    for key in ("name", "autoscaling_config"):
-        deployment.pop(key, None)
-    tokenizer = models.tokenizer_for(app_args.get("model", models.DEFAULT_MODEL))[0]
-    load = workload(tokenizer, args.requests, args.seed, Path(args.text))
+    app_args, deployment, load = application(args)
     storage = tempfile.mkdtemp(prefix="raypress-bench-batches-")
-    ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)  # 4 logical CPUs: the replica and the job
+    # 4 logical CPUs on 2 cores: the replica (1) and the batch job's actor (2, so 2 torch threads as the replica has)
+    ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    app = ModelServer.options(**{**deployment, "num_replicas": 1}).bind(**server_args(
-        {**app_args, "model_name": "bench", "batch_storage": storage, "batch_cpus_per_actor": 1}))
+    app = ModelServer.options(**deployment).bind(**server_args(
+        {**app_args, "model_name": "bench", "batch_storage": storage, "batch_cpus_per_actor": 2}))
     serve.run(app, name="bench", route_prefix="/bench")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/bench/v1", api_key=os.environ.get(
         "RAYPRESS_API_KEY", "unused"), max_retries=0, timeout=3600)

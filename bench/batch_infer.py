@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress import data, models  # noqa: E402
+from compress.cpu import cpu_description  # noqa: E402
 from compress.engine import Engine, eos_ids  # noqa: E402
-from compress.kernels import cpu_description  # noqa: E402
 from compress.sampling import SamplingParams  # noqa: E402
 
 

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import data, evaluate, models, specs  # noqa: E402
-from compress.kernels import cpu_description, kernel_isa  # noqa: E402
+from compress.cpu import cpu_description  # noqa: E402
+from compress.kernels import kernel_isa  # noqa: E402
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import kernels  # noqa: E402
+from compress.cpu import cpu_description  # noqa: E402
 from compress.quantize import quantize_groupwise, quantize_per_channel  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # N, K per layer
@@ -110,7 +111,7 @@ def main() -> None:
     what = "4 copies of SmolLM2-135M's output head" if args.head else f"{args.layers} layers of SmolLM2-135M's shapes"
     print(f"{what}, medians of {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, raypress kernels: {kernels.kernels_available()}\n"
-          f"CPU: {kernels.cpu_description()}\nmemory read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
+          f"CPU: {cpu_description()}\nmemory read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
     kernels.use_isa("")
     print("GB/s of weights read (share of the read bandwidth)")
     print(f"{'product':<18}" + "".join(f"{'M=' + str(m):>14}" for m in args.rows))

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import models, specs  # noqa: E402
+from compress.cpu import cpu_description  # noqa: E402
 from compress.engine import Engine  # noqa: E402
-from compress.kernels import cpu_description  # noqa: E402
 from compress.sampling import SamplingParams  # noqa: E402
 
 

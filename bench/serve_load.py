@@ -99,29 +99,41 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser_for(doc: str, requests: int, rounds: int) -> argparse.ArgumentParser:
+    """The flags both serving benchmarks take: the Serve config, the workload's size and seed, rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "serve" / "config.yaml"))
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=requests)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"))
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import ray
-    from ray import serve
+    return parser
 
+
+def application(args) -> tuple[dict, dict, list[dict]]:
+    """serve config's first application -> (its args, its deployment options for one replica, the workload)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from compress import models
-    from serve.app import ModelServer, server_args
 
     app_config = yaml.safe_load(Path(args.config).read_text())["applications"][0]
     app_args = dict(app_config.get("args") or {})
     deployment = dict((app_config.get("deployments") or [{}])[0])
     deployment.pop("name", None)
-    deployment.pop("autoscaling_config", None)  # one replica per setting: the comparison is the engine's
+    deployment.pop("autoscaling_config", None)  # one replica: the comparison is the engine's
     tokenizer = models.tokenizer_for(app_args.get("model", models.DEFAULT_MODEL))[0]
-    load = workload(tokenizer, args.requests, args.seed, Path(args.text))
+    return app_args, {**deployment, "num_replicas": 1}, workload(tokenizer, args.requests, args.seed, Path(args.text))
+
+
+def main() -> None:
+    parser = parser_for(__doc__, requests=96, rounds=2)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    import ray
+    from ray import serve
+
+    from serve.app import ModelServer, server_args
+
+    app_args, deployment, load = application(args)
     settings = {f"max_num_seqs={app_args.get('max_num_seqs', 16)}": app_args, "max_num_seqs=1": {**app_args,
                                                                                                   "max_num_seqs": 1}}
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -130,7 +142,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = list(settings) if r % 2 == 0 else list(reversed(settings))
         for label in order:
-            app = ModelServer.options(**{**deployment, "num_replicas": 1}).bind(
+            app = ModelServer.options(**deployment).bind(
                 **server_args({**settings[label], "model_name": "bench"}))
             serve.run(app, name="bench", route_prefix="/bench")
             url = f"http://127.0.0.1:{PORT}/bench"
@@ -140,7 +152,7 @@ def main() -> None:
             serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
-    from compress.kernels import cpu_description
+    from compress.cpu import cpu_description
 
     cpu = cpu_description()
     print(f"\n{app_args.get('model')} via {Path(args.config).name}: {args.clients} clients, {args.requests} chat "

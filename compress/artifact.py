@@ -15,16 +15,14 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress import encoders, hf, locate, prune, specs
+from compress import encoders, files, hf, locate, prune, specs
 
 FORMAT = "raypress-artifact"
 MANIFEST = "raypress.json"  # the file that makes a folder an artifact
@@ -45,15 +43,17 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, manifest
             ``metrics``, and anything else JSON-serializable. Files, versions and format are filled in here.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with files.new_folder(out) as tmp:
         manifest = dict(manifest or {})
         manifest["spec"] = str(specs.parse(manifest.get("spec", specs.BASE)))
         tensors, aliases, sparse = _encode_state_dict(model.state_dict())
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        model.config.save_pretrained(tmp)
+        loaded_from = model.config.__dict__.pop("raypress_manifest", None)  # where a loaded artifact came from:
+        try:  # the new manifest says that; config.json must not carry the old one along
+            model.config.save_pretrained(tmp)
+        finally:
+            if loaded_from is not None:
+                model.config.raypress_manifest = loaded_from
         tokenizer.save_pretrained(tmp)
         source = getattr(model.config, "_name_or_path", "")
         if source and Path(source).is_dir():
@@ -70,9 +70,6 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, manifest
         )
         manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         _write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -84,7 +81,8 @@ def load(
 ) -> hf.LoadedModel:
     """Rebuild the compressed model from an artifact, after checking every file's digest.
 
-    ``dtype`` defaults to the dtype the artifact was saved in; quantized tensors keep their storage type.
+    ``dtype`` defaults to the dtype the artifact was saved in, except that a float32 artifact runs in the device's
+    own default (bf16 on a GPU; see ``load_dtype``); quantized tensors keep their storage type.
     """
     path = Path(path)
     manifest = verify(path)
@@ -102,7 +100,8 @@ def load(
     specs.restore_(model, manifest["spec"])
     state = _decode_state_dict(load_file(str(path / WEIGHTS)), manifest["aliases"], manifest["sparse"])
     model.load_state_dict(state, strict=True)
-    if dtype is not None and dtype != saved_dtype:
+    dtype = load_dtype(saved_dtype, dtype, device)
+    if dtype != saved_dtype:
         model.to(dtype)
     model.to(device).eval()
     if any(getattr(step, "pattern", None) == "2:4" for step in specs.parse(manifest["spec"]).steps):
@@ -112,6 +111,14 @@ def load(
     if kind == hf.ENCODER:
         model.config.raypress_pooling = encoders.read_pooling(path)
     return hf.LoadedModel(model, tokenizer, kind)
+
+
+def load_dtype(saved: torch.dtype, requested: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The float dtype a loaded artifact runs in: the one asked for; else a float32 artifact (saved on a CPU) takes
+    the device's default, bf16 on a GPU; an artifact saved in bf16 or fp16 keeps it."""
+    if requested is not None:
+        return requested
+    return hf.default_dtype(device) if saved == torch.float32 else saved
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -127,11 +134,34 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{str(file)!r} is not a {FORMAT} manifest (format={found!r})")
+    _check_manifest(manifest, file)
     return manifest
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_manifest(manifest: dict, file: Path) -> None:
+    """The fields loading acts on hold what saving writes: file names inside the artifact, a float dtype, a kind.
+    (The manifest is not itself digested: the digests detect damage, they do not prove who wrote the artifact.)"""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise ArtifactError(f"{str(file)!r}: 'files' must map file names to sha256 digests")
+    for rel in files:
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or rel.startswith("~"):
+            raise ArtifactError(f"{str(file)!r} lists {rel!r}: artifact files must be relative paths inside it")
+    if manifest.get("dtype") not in DTYPES:
+        raise ArtifactError(f"{str(file)!r}: dtype {manifest.get('dtype')!r} is not one of {DTYPES}")
+    if manifest.get("kind") not in (hf.CAUSAL, hf.ENCODER):
+        raise ArtifactError(f"{str(file)!r}: kind {manifest.get('kind')!r} is not {hf.CAUSAL!r} or {hf.ENCODER!r}")
+
+
 def verify(path: str | os.PathLike) -> dict:
-    """Check every file against the manifest's sha256; returns the manifest or raises ArtifactError."""
+    """Check every file against the manifest's sha256; returns the manifest or raises ArtifactError.
+
+    This detects damage (a truncated copy, a changed file, a missing one), not tampering: whoever can write the
+    folder can rewrite raypress.json and its digests too. Load artifacts only from sources you trust."""
     path = Path(path)
     manifest = read_manifest(path)
     for rel, digest in manifest["files"].items():
@@ -219,21 +249,6 @@ def _decode_state_dict(tensors: dict, aliases: dict, sparse: list) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
-    if out.exists():
-        old = out.parent / f".{out.name}{locate.SET_ASIDE}{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)  # the previous artifact goes back; a killed process is caught by read_manifest
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _write_json(file: Path, obj: dict) -> None:

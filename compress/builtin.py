@@ -7,9 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from compress import files
 from compress.hf import CAUSAL, ENCODER
 
 log = logging.getLogger(__name__)
@@ -82,9 +81,7 @@ def import_gguf(gguf_file: Path, dest: Path) -> Path:
     """
     start = time.perf_counter()
     log.info("importing %s into %s (one time)", gguf_file.name, dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with files.new_folder(dest, replace=False) as tmp:  # concurrent importers: the first to finish wins
         kw = {"gguf_file": gguf_file.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
@@ -93,19 +90,10 @@ def import_gguf(gguf_file: Path, dest: Path) -> Path:
             del model.config.quantization_config
         model.config.architectures = [type(model).__name__]
         # save_pretrained refuses models loaded from GGUF; the tensors are plain now, so write them directly.
-        tmp.mkdir()
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf_file}\n")
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
-            log.info("another process imported %s first; using its copy", dest.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("imported %s in %.1f s", dest.name, time.perf_counter() - start)
     return dest

@@ -26,7 +26,7 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
 @torch.inference_mode()
 def for_each_input(
     model: nn.Module,
-    blocks: torch.Tensor,
+    tokens: torch.Tensor,
     layers: dict[str, nn.Module],
     fn: Callable[[str, torch.Tensor], None],
     batch_size: int = 4,
@@ -34,16 +34,16 @@ def for_each_input(
     """Call ``fn(name, x)`` with x [tokens, in_features] (float32) for every input that reaches each layer."""
 
     def run():
-        for batch in _batches(model, blocks, batch_size):
+        for batch in _batches(model, tokens, batch_size):
             model(batch)
 
     _with_input_hooks(layers, fn, run)
 
 
-def _batches(model: nn.Module, blocks: torch.Tensor, batch_size: int):
+def _batches(model: nn.Module, tokens: torch.Tensor, batch_size: int):
     device = next(model.parameters()).device
-    for start in range(0, len(blocks), batch_size):
-        yield blocks[start : start + batch_size].to(device)
+    for start in range(0, len(tokens), batch_size):
+        yield tokens[start : start + batch_size].to(device)
 
 
 def _with_input_hooks(layers: dict[str, nn.Module], fn: InputFn, run: Callable) -> None:
@@ -58,9 +58,9 @@ def _with_input_hooks(layers: dict[str, nn.Module], fn: InputFn, run: Callable) 
             h.remove()
 
 
-def hessians(model: nn.Module, blocks: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def hessians(model: nn.Module, tokens: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """H = 2/n * sum x x^T over all calibration tokens, per layer [K, K]."""
-    return hessians_of(layers, lambda fn: for_each_input(model, blocks, layers, fn))
+    return hessians_of(layers, lambda fn: for_each_input(model, tokens, layers, fn))
 
 
 def hessians_of(layers: dict[str, nn.Module], feed: Callable[[InputFn], None]) -> dict[str, torch.Tensor]:
@@ -86,16 +86,19 @@ class _Captured(Exception):
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The model's stack of blocks: its longest ModuleList of modules of one type (None if it has none)."""
+    """The model's stack of blocks: the ModuleList of modules of one type with ``config.num_hidden_layers`` of them
+    where the model says how many, else the longest such list (None if it has none). GPTQ, Wanda and distillation
+    all find the blocks here."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     lists = [m for m in lists if len({type(b) for b in m}) == 1]
-    return max(lists, key=len, default=None)
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return next((m for m in lists if len(m) == n), None) or max(lists, key=len, default=None)
 
 
 @torch.inference_mode()
 def block_by_block(
     model: nn.Module,
-    blocks: torch.Tensor,
+    tokens: torch.Tensor,
     visit: Callable[[nn.Module, Feed], None],
     batch_size: int = 4,
 ) -> bool:
@@ -105,7 +108,7 @@ def block_by_block(
     stack = transformer_blocks(model)
     if stack is None:
         return False
-    inputs = _first_block_inputs(model, stack[0], blocks, batch_size)
+    inputs = _first_block_inputs(model, stack[0], tokens, batch_size)
     for block in stack:
 
         def run(block=block, inputs=inputs):
@@ -116,7 +119,7 @@ def block_by_block(
     return True
 
 
-def _first_block_inputs(model: nn.Module, first: nn.Module, blocks: torch.Tensor, batch_size: int) -> Inputs:
+def _first_block_inputs(model: nn.Module, first: nn.Module, tokens: torch.Tensor, batch_size: int) -> Inputs:
     captured: Inputs = []
 
     def grab(module, args, kwargs):
@@ -131,7 +134,7 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, blocks: torch.Tensor
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in _batches(model, blocks, batch_size):
+        for batch in _batches(model, tokens, batch_size):
             try:
                 model(batch)
             except _Captured:
@@ -149,23 +152,12 @@ def _with_hidden_states(args: tuple, kwargs: dict, out) -> tuple[tuple, dict]:
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def input_norms(model: nn.Module, blocks: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def input_norms(model: nn.Module, tokens: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """||x_j||_2 over all calibration tokens for each input channel j, per layer [K]."""
     acc = {name: torch.zeros(m.in_features) for name, m in layers.items()}
 
     def add(name, x):
         acc[name] += x.pow(2).sum(0).cpu()
 
-    for_each_input(model, blocks, layers, add)
+    for_each_input(model, tokens, layers, add)
     return {name: v.sqrt() for name, v in acc.items()}
-
-
-def input_absmax(model: nn.Module, blocks: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """max |x_j| over all calibration tokens for each input channel j, per layer [K]."""
-    acc = {name: torch.zeros(m.in_features) for name, m in layers.items()}
-
-    def add(name, x):
-        torch.maximum(acc[name], x.abs().amax(0).cpu(), out=acc[name])
-
-    for_each_input(model, blocks, layers, add)
-    return acc

@@ -64,9 +64,7 @@ def read_texts(path: str | os.PathLike, column: str = "text", limit: int | None 
         paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
         texts = [p for p in paragraphs if p and not p.startswith("=")]  # skip wikitext-style headings
     elif suffix in (".jsonl", ".json"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()] if suffix == ".jsonl" else json.loads(lines[0])
-        texts = [_column(r, column, path) for r in rows]
+        texts = [_column(row, column, where) for where, row in _json_rows(path.read_text(encoding="utf-8"), path)]
     elif suffix in (".parquet", ".csv"):
         import pyarrow.csv
         import pyarrow.parquet
@@ -82,9 +80,31 @@ def read_texts(path: str | os.PathLike, column: str = "text", limit: int | None 
     return texts[:limit] if limit else texts
 
 
-def _column(row: dict, column: str, path: Path) -> str:
-    if column not in row:
-        raise ValueError(f"{str(path)!r}: a row has no field {column!r} (fields: {sorted(row)})")
+def _json_rows(text: str, path: Path) -> list[tuple[str, object]]:
+    """(where, value) of each row of a JSON array or of JSON lines, whichever the file holds."""
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"{str(path)!r} element {k}", v) for k, v in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(path)!r} is not a valid JSON array: {e}") from e
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"{str(path)!r} line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{str(path)!r} line {n} is not JSON: {e}") from e
+    return rows
+
+
+def _column(row, column: str, where: str) -> str:
+    """A row's text: the ``column`` field of an object, or the row itself when it is a string."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} is a JSON {type(row).__name__}, not an object or a string")
+    if not isinstance(row.get(column), str):
+        raise ValueError(f"{where} has no text field {column!r} (fields: {sorted(row)})")
     return row[column]
 
 
@@ -108,11 +128,22 @@ def generated_texts(model, tokenizer, n: int = 16, max_new_tokens: int = 96, see
     return texts
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """OpenAI-style messages through the model's chat template, ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def chat_prompt(tokenizer, user_text: str) -> str:
+    """One user message in the chat template, or the text as it is for a model without one."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user_text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_text(tokenizer, [{"role": "user", "content": user_text}])
     return user_text
+
+
+def prompt_ids(tokenizer, text: str, templated: bool) -> list[int]:
+    """Token ids of a prompt. Raw text gets the special tokens the tokenizer adds by default (BOS for Llama and
+    Mistral tokenizers, none for SmolLM2's); text made by the chat template already holds its own."""
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 def token_blocks(tokenizer, texts: list[str], seq_len: int, n_blocks: int) -> torch.Tensor:
@@ -128,10 +159,15 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int, n_blocks: int) -> to
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def default_calibration_texts(model, tokenizer, kind: str) -> list[str]:
+    """Calibration text that needs no download: what the causal model writes itself from the built-in prompts
+    (encoders: the built-in prompts)."""
+    return generated_texts(model, tokenizer, n=32) if kind == CAUSAL else list(BUILTIN_PROMPTS) * 4
+
+
 def calibration_blocks(model, tokenizer, kind: str, texts: list[str] | None = None, n_blocks: int = 32) -> torch.Tensor:
-    """Token blocks for calibration: from ``texts``, or by default text the causal model writes itself from
-    built-in prompts (encoders: the built-in prompts), so nothing has to be downloaded."""
+    """Token blocks for calibration: from ``texts``, or by default ``default_calibration_texts``."""
     if texts is None:
-        texts = generated_texts(model, tokenizer, n=32) if kind == CAUSAL else list(BUILTIN_PROMPTS) * 4
+        texts = default_calibration_texts(model, tokenizer, kind)
     seq_len = 256 if kind == CAUSAL else 64
     return token_blocks(tokenizer, texts, seq_len, n_blocks)

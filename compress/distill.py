@@ -15,10 +15,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from compress import calibrate
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class DistillConfig:
     temperature: float = 2.0
     lr: float = 1e-4
     batch_size: int = 4
+    needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.layers < 1:
@@ -37,15 +41,22 @@ class DistillConfig:
         if self.tokens < 0 or self.temperature <= 0 or self.lr <= 0:
             raise ValueError(f"DistillConfig {self}: tokens >= 0, temperature > 0 and lr > 0 expected")
 
+    @property
+    def token(self) -> str:
+        return f"distill-L{self.layers}"
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict:
+        return distill_(model, self, restore=restore, blocks=blocks)
+
 
 def _blocks_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The ModuleList holding the model's transformer blocks (its parent and attribute name too)."""
-    n = model.config.num_hidden_layers
+    """The model's transformer blocks (calibrate.transformer_blocks), with the module and attribute holding them."""
+    blocks = calibrate.transformer_blocks(model)
     for module in model.modules():
         for name, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == n:
+            if child is blocks and blocks is not None:
                 return module, name, child
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__} to distill")
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to distill")
 
 
 def keep_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -104,14 +115,16 @@ def distill_(
     steps = math.ceil(config.tokens / (config.batch_size * blocks.shape[1]))
     log.info("distill: student keeps blocks %s; %d steps over %d tokens; held-out loss %.4f", keep, steps,
              config.tokens, before)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if dtype != torch.float32:  # train in float32: AdamW's small updates vanish in bf16 weights; back after training
+        model.float()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     model.train()
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     with torch.enable_grad():
         for step in range(steps):
-            idx = torch.randint(0, len(train), (config.batch_size,), generator=gen)
+            idx = torch.randint(0, len(train), (config.batch_size,), generator=rng)
             batch = train[idx].to(device)
             with torch.no_grad():
                 target = teacher(batch)
@@ -123,7 +136,7 @@ def distill_(
             if step % max(1, steps // 10) == 0 or step == steps - 1:
                 elapsed = time.perf_counter() - start
                 log.info("distill step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(), elapsed)
-    model.eval()
+    model.eval().to(dtype)
     after = distill_loss(model, teacher, held_out)
     log.info("distill: held-out loss %.4f -> %.4f", before, after)
     return {"kept_layers": keep, "loss_before": before, "loss_after": after, "steps": steps}

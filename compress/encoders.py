@@ -31,8 +31,18 @@ def read_pooling(path: Path) -> dict:
     if modules_file.exists():
         modules = json.loads(modules_file.read_text())
         pooling["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    st_file = Path(path) / "sentence_bert_config.json"
+    if st_file.exists() and json.loads(st_file.read_text()).get("max_seq_length"):
+        pooling["max_length"] = int(json.loads(st_file.read_text())["max_seq_length"])
     cfg_pooling = getattr(AutoConfig.from_pretrained(path), "raypress_pooling", None)
-    return cfg_pooling or pooling
+    return {**pooling, **(cfg_pooling or {})}
+
+
+def input_limit(config) -> int:
+    """Tokens one input of an encoder may have: its sentence-transformers max_seq_length where it has one (256 for
+    all-MiniLM-L6-v2), else its position embeddings. Serving and batch jobs refuse longer inputs."""
+    pooling = getattr(config, "raypress_pooling", None) or {}
+    return int(pooling.get("max_length") or getattr(config, "max_position_embeddings", None) or 512)
 
 
 def copy_sentence_transformers_files(src: Path, dst: Path) -> None:
@@ -43,14 +53,16 @@ def copy_sentence_transformers_files(src: Path, dst: Path) -> None:
 
 
 @torch.inference_mode()
-def encode(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 256) -> torch.Tensor:
-    """Sentence embeddings [n, D] pooled as the encoder's sentence-transformers config says (float32, on CPU)."""
+def encode(model, tokenizer, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Sentence embeddings [n, D] pooled as the encoder's sentence-transformers config says (float32, on CPU).
+    Texts longer than ``input_limit`` are cut to it, as sentence-transformers does; the serving app and the batch
+    job refuse them before they get here."""
     pooling = getattr(model.config, "raypress_pooling", None) or {"mode": "mean", "normalize": False}
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=input_limit(model.config),
             return_tensors="pt",
         ).to(device)
         hidden = model(**enc).last_hidden_state.float()

@@ -24,6 +24,7 @@ from collections import deque
 
 import torch
 
+from compress import hf
 from compress.detokenize import Detokenizer
 from compress.kvcache import SlotKVCache, slot_attention
 from compress.lean import LeanForward
@@ -33,11 +34,6 @@ from compress.scheduler import schedule
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
-
-
-def context_length(model) -> int:
-    """Tokens the model's position embeddings cover."""
-    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
 
 class _Seq:
@@ -71,7 +67,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_batch_tokens: int = 512, num_threads: int | None = None, lean: bool = True):
-        limit = context_length(model)
+        limit = hf.context_length(model.config)
         max_model_len = min(limit, 2048) if max_model_len is None else max_model_len
         if not 1 <= max_model_len <= limit:
             raise ValueError(f"max_model_len={max_model_len}: expected 1..{limit} (the model's context)")

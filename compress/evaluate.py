@@ -130,14 +130,22 @@ def memory_bytes(model: torch.nn.Module) -> int:
 # Speed
 
 
-def _median_time(fn, repeats: int, warmup: int = 1) -> float:
+def _clock(model) -> float:
+    """The time once the model's device has finished what was queued (CUDA runs asynchronously)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _median_time(model, fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock(model)
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(_clock(model) - start)
     return statistics.median(times)
 
 
@@ -148,8 +156,8 @@ def causal_speed(
     """Prefill tokens/s (one prompt) and decode tokens/s at each batch size, through ``compress.engine`` (the path
     serving and batch jobs run): medians of ``repeats`` runs after a warm-up, on random prompts."""
     vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, min(vocab, 30000), (max(batch_sizes), prompt_tokens), generator=gen).tolist()
+    rng = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, min(vocab, 30000), (max(batch_sizes), prompt_tokens), generator=rng).tolist()
     result = {}
     for b in batch_sizes:
         runs = [engine_speed(model, tokenizer, prompts[:b], new_tokens) for _ in range(repeats + 1)][1:]
@@ -170,15 +178,15 @@ def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) ->
     engine = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=longest + new_tokens,
                     max_batch_tokens=max(512, sum(map(len, prompts)) + len(prompts)))
     handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
-    start = time.perf_counter()
+    start = _clock(model)
     engine.step()  # takes the requests in; with room for every prompt, this one step prefills them all
     while engine.waiting or engine.prefilling:
         engine.step()
-    prefill_s, made = time.perf_counter() - start, engine.stats["generation_tokens"]
-    start = time.perf_counter()
+    prefill_s, made = _clock(model) - start, engine.stats["generation_tokens"]
+    start = _clock(model)
     while not all(h.done for h in handles):
         engine.step()
-    decode_s = time.perf_counter() - start
+    decode_s = _clock(model) - start
     decoded = engine.stats["generation_tokens"] - made
     return sum(map(len, prompts)) / prefill_s, decoded / max(decode_s, 1e-9)
 
@@ -186,7 +194,7 @@ def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) ->
 @torch.inference_mode()
 def encoder_speed(model, tokenizer, texts: list[str], *, batch_size: int = 64, repeats: int = 3) -> dict:
     batch = (texts * (batch_size // max(len(texts), 1) + 1))[:batch_size]
-    t = _median_time(lambda: encode(model, tokenizer, batch, batch_size=batch_size), repeats)
+    t = _median_time(model, lambda: encode(model, tokenizer, batch, batch_size=batch_size), repeats)
     return {"sentences_per_s": batch_size / t}
 
 

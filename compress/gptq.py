@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,12 +32,20 @@ class GPTQConfig:
     block_size: int = 128  # columns updated together (lazy batch updates)
     act_order: bool = True
     sequential: bool = True  # block by block, on the outputs of the blocks already quantized
+    needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.group_size not in quantize.GROUP_SIZES:
             raise ValueError(f"GPTQConfig.group_size={self.group_size!r}: expected one of {quantize.GROUP_SIZES}")
         if not 0 < self.damp < 1:
             raise ValueError(f"GPTQConfig.damp={self.damp!r}: expected a value in (0, 1)")
+
+    @property
+    def token(self) -> str:
+        return f"gptq-int4-g{self.group_size}"
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> None:
+        gptq_(model, self, restore=restore, blocks=blocks)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, bits: int = 4):

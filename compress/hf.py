@@ -66,6 +66,20 @@ def load_tokenizer(path: Path, kind: str):
     return tokenizer
 
 
+def context_length(config, default: int = 2048) -> int:
+    """Tokens a causal model's position embeddings cover."""
+    return int(getattr(config, "max_position_embeddings", None) or default)
+
+
+def input_limit(path: Path) -> int:
+    """Tokens one input of the model in ``path`` may hold: a causal model's context, an encoder's input limit."""
+    config = AutoConfig.from_pretrained(path)
+    if model_kind(config) == ENCODER:
+        config.raypress_pooling = encoders.read_pooling(path)
+        return encoders.input_limit(config)
+    return context_length(config)
+
+
 def model_kind(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):

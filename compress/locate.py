@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 from compress.builtin import BUILTINS, builtin_path
-
-SET_ASIDE = ".old-"  # name of an artifact moved aside while a new one replaces it: .NAME.old-XXXX
+from compress.files import SET_ASIDE
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -20,6 +19,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        if Path(name).parent.is_dir():  # "artifacts/chosen" where ./artifacts exists: a local path was meant
+            raise FileNotFoundError(f"no such folder {name!r} (its parent {str(Path(name).parent)!r} is a folder "
+                                    "here, so this is read as a local path, not a hub id). Check the path.")
         return hub_path(name)
     interrupted = interrupted_save(Path(name).expanduser())
     if interrupted:
@@ -50,7 +52,8 @@ def hub_path(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=offline))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
+            f"no such folder {repo_id!r}, and as a hub id it is not in the local Hugging Face cache while the hub "
+            "is unreachable "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). Download it on a machine that is online "
             "and pass its folder, or use a built-in: " + ", ".join(BUILTINS)
         ) from e

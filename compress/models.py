@@ -27,6 +27,7 @@ from compress.hf import (
     LoadedModel,
     default_device,
     default_dtype,
+    input_limit,
     load_pretrained,
     load_tokenizer,
     model_kind,
@@ -36,8 +37,8 @@ from compress.locate import resolve
 
 __all__ = [  # what callers use from here; the rest lives in the modules named in the docstring
     "BUILTINS", "CAUSAL", "DEFAULT_MODEL", "ENCODER", "MANIFEST", "LoadedModel", "builtin_path", "builtin_source",
-    "default_device", "default_dtype", "encode", "kind_of", "load", "plan_sharding", "resolve", "tokenizer_for",
-    "weights_bytes",
+    "default_device", "default_dtype", "encode", "input_limit", "kind_of", "load", "plan_sharding", "resolve",
+    "tokenizer_for", "weights_bytes",
 ]
 
 

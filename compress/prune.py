@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +27,36 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MagnitudePruneConfig:
+class _PruneConfig:
     sparsity: float = 0.5  # fraction of weights zeroed (unstructured), ignored with a pattern
     pattern: str | None = None  # "N:M": keep N of every M consecutive input weights
+    prefix: ClassVar[str] = ""
 
     def __post_init__(self):
         _check(type(self).__name__, self.sparsity, self.pattern)
+
+    @property
+    def token(self) -> str:
+        return f"{self.prefix}-{self.pattern}" if self.pattern else f"{self.prefix}-{round(self.sparsity * 100)}%"
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> None:
+        prune_(model, self, restore=restore, blocks=blocks)
 
 
 @dataclass(frozen=True)
-class WandaPruneConfig:
-    sparsity: float = 0.5
-    pattern: str | None = None
+class MagnitudePruneConfig(_PruneConfig):
+    """Scores |w|, compared within each layer."""
 
-    def __post_init__(self):
-        _check(type(self).__name__, self.sparsity, self.pattern)
+    needs_calibration: ClassVar[bool] = False
+    prefix: ClassVar[str] = "prune"
+
+
+@dataclass(frozen=True)
+class WandaPruneConfig(_PruneConfig):
+    """Scores |w| x ||x|| (weight times input norm over calibration text), compared within each output row."""
+
+    needs_calibration: ClassVar[bool] = True
+    prefix: ClassVar[str] = "wanda"
 
 
 def _check(cls: str, sparsity: float, pattern: str | None) -> None:

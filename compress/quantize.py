@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +34,62 @@ GROUP_SIZES = (32, 64, 128)
 # Configs
 
 
+# Every config (here and in gptq, prune, distill) is a step of a spec: ``token`` is its name in spec strings,
+# ``apply_(model, restore=, blocks=)`` does it, and ``needs_calibration`` says whether it looks at activations.
+
+
 @dataclass(frozen=True)
 class CastConfig:
     dtype: str  # "bf16" | "fp16"
+    needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"CastConfig.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
 
+    @property
+    def token(self) -> str:
+        return self.dtype
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
+        model.to(_DTYPES[self.dtype])
+
 
 @dataclass(frozen=True)
-class Int8WeightOnlyConfig:
+class _Int8Config:
+    needs_calibration: ClassVar[bool] = False
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
+        cls = Int8DynamicLinear if isinstance(self, Int8DynamicConfig) else Int8WeightOnlyLinear
+
+        def make_linear(linear: nn.Linear, name: str) -> nn.Module:
+            if restore:
+                return cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+            return cls.from_float(linear)
+
+        def make_embedding(emb: nn.Embedding, name: str) -> nn.Module:
+            if restore:
+                return Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.weight.dtype)
+            return Int8Embedding.from_float(emb)
+
+        swap_modules_(model, make_linear, make_embedding)
+
+
+@dataclass(frozen=True)
+class Int8WeightOnlyConfig(_Int8Config):
     """int8 weights, symmetric, one scale per output channel (per row for embeddings); float activations."""
 
+    token: ClassVar[str] = "int8"
+
 
 @dataclass(frozen=True)
-class Int8DynamicConfig:
+class Int8DynamicConfig(_Int8Config):
     """int8 weights per output channel and int8 activations quantized per token at run time (Linear layers).
 
     Per-token scales keep SmolLM2's perplexity within 3% of float32 without smoothing its activation outliers.
     """
+
+    token: ClassVar[str] = "int8-dynamic"
 
 
 @dataclass(frozen=True)
@@ -60,10 +97,19 @@ class Int4WeightOnlyConfig:
     """int4 weights, asymmetric, one scale and offset per group of ``group_size`` input columns, two per byte."""
 
     group_size: int = 128
+    needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"Int4WeightOnlyConfig.group_size={self.group_size!r}: expected one of {GROUP_SIZES}")
+
+    @property
+    def token(self) -> str:
+        return f"int4-g{self.group_size}"
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
+        gs = self.group_size
+        swap_modules_(model, int4_linear_maker(gs, restore), int4_embedding_maker(gs, restore))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +276,8 @@ class Int8Embedding(nn.Module):
 class Int4Embedding(nn.Module):
     """Embedding table stored as packed int4 with a scale and offset per group of each row."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, group_size: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, group_size: int,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.group_size = group_size
@@ -238,11 +285,13 @@ class Int4Embedding(nn.Module):
         self.register_buffer("packed", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(num_embeddings, groups, dtype=torch.float32))
         self.register_buffer("offset", torch.zeros(num_embeddings, groups, dtype=torch.float32))
+        # the model's float dtype, which the rows are returned in; it follows model.to(dtype), as buffers do
+        self.register_buffer("out_dtype", torch.empty(0, dtype=dtype), persistent=False)
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, group_size: int) -> Int4Embedding:
         w = emb.weight.detach()
-        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size).to(w.device)
+        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, w.dtype).to(w.device)
         q, scale, offset = quantize_groupwise(w, group_size)
         mod.packed.copy_(kernels.pack_int4(q))
         mod.scale.copy_(scale)
@@ -251,12 +300,12 @@ class Int4Embedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return kernels.widen_int4(self.packed, self.scale, self.offset, self.group_size)
+        return kernels.widen_int4(self.packed, self.scale, self.offset, self.group_size).to(self.out_dtype.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = kernels.widen_int4(self.packed[flat], self.scale[flat], self.offset[flat], self.group_size)
-        return rows.view(*ids.shape, self.embedding_dim)
+        return rows.view(*ids.shape, self.embedding_dim).to(self.out_dtype.dtype)
 
     def as_linear(self, bias: torch.Tensor | None) -> nn.Module:
         head = Int4WeightOnlyLinear(self.embedding_dim, self.num_embeddings, bias is not None, self.group_size)
@@ -277,37 +326,10 @@ def quantize_(model: nn.Module, config, *, restore: bool = False, blocks: torch.
         restore: only swap in empty modules of the right shapes, ready for ``load_state_dict`` (artifact loading).
         blocks: accepted for a uniform signature with the calibrated methods; round-to-nearest ignores it.
     """
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        known = [c.__name__ for c in _HANDLERS]
-        raise ValueError(f"no quantization handler for {type(config).__name__}; known: {known}")
-    handler(model, config, restore=restore, blocks=blocks)
+    if not callable(getattr(config, "apply_", None)):
+        raise ValueError(f"{type(config).__name__} is not a compression config (it has no apply_)")
+    config.apply_(model, restore=restore, blocks=blocks)
     return model
-
-
-def _cast(model: nn.Module, config: CastConfig, restore: bool, **_) -> None:
-    model.to(_DTYPES[config.dtype])
-
-
-def _int8(model: nn.Module, config, restore: bool, **_) -> None:
-    cls = Int8DynamicLinear if isinstance(config, Int8DynamicConfig) else Int8WeightOnlyLinear
-
-    def make_linear(linear: nn.Linear, name: str) -> nn.Module:
-        if restore:
-            return cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
-        return cls.from_float(linear)
-
-    def make_embedding(emb: nn.Embedding, name: str) -> nn.Module:
-        if restore:
-            return Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.weight.dtype)
-        return Int8Embedding.from_float(emb)
-
-    swap_modules_(model, make_linear, make_embedding)
-
-
-def _int4(model: nn.Module, config: Int4WeightOnlyConfig, restore: bool, **_) -> None:
-    gs = config.group_size
-    swap_modules_(model, int4_linear_maker(gs, restore), int4_embedding_maker(gs, restore))
 
 
 def int4_linear_maker(group_size: int, restore: bool, quantized: dict | None = None) -> Callable:
@@ -332,7 +354,7 @@ def int4_embedding_maker(group_size: int, restore: bool) -> Callable:
             log.info("skip %s %s: int4 packing needs a width divisible by 16", name, tuple(emb.weight.shape))
             return None
         if restore:
-            return Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size)
+            return Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, emb.weight.dtype)
         return Int4Embedding.from_float(emb, group_size)
 
     return make
@@ -366,24 +388,12 @@ def swap_modules_(
             if new is not None:
                 setattr(module, child_name, new)
                 replaced += 1
-    if tied and new_table is not None:
-        replace_module_(model, out_emb, new_table.as_linear(out_emb.bias))
+    if tied and new_table is not None:  # the head shares the table: it becomes a view of the quantized one
+        for module in model.modules():
+            for child_name, child in module.named_children():
+                if child is out_emb:
+                    setattr(module, child_name, new_table.as_linear(out_emb.bias))
         replaced += 1
     if replaced == 0:
         raise ValueError(f"nothing to quantize in {type(model).__name__}: no nn.Linear or nn.Embedding could take it")
     return replaced
-
-
-def replace_module_(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for module in model.modules():
-        for child_name, child in module.named_children():
-            if child is old:
-                setattr(module, child_name, new)
-
-
-_HANDLERS: dict[type, Callable] = {
-    CastConfig: _cast,
-    Int8WeightOnlyConfig: _int8,
-    Int8DynamicConfig: _int8,
-    Int4WeightOnlyConfig: _int4,
-}

@@ -17,6 +17,17 @@ import torch
 MAX_TOP_LOGPROBS = 20
 
 
+def stop_strings(value) -> tuple[str, ...]:
+    """OpenAI's ``stop``: None, one string, or a list (a numpy array in a batch row) -> a tuple of strings."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(str(s) for s in value)
+
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily: the limit they tend to, and float32 cannot divide by them safely."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -52,17 +63,21 @@ class TokenLogprob:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` [B, V], each row with its own parameters and generator."""
-    logits = logits.float().cpu()
+    """One token per row of ``logits`` [B, V], each row with its own parameters and generator. Greedy rows are
+    decided where the logits are (on a GPU, only B token ids come back); sampled rows come to the CPU together,
+    where their generators are."""
     out = logits.argmax(-1).tolist()  # greedy rows are done; sampled rows are overwritten below
-    for i, p in enumerate(params):
-        if p.temperature > 0:
-            out[i] = _draw(logits[i], p, generators[i])
+    sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+    if sampled:
+        rows = logits[sampled].float().cpu()
+        for row, i in zip(rows, sampled, strict=True):
+            out[i] = _draw(row, params[i], generators[i])
     return out
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / p.temperature, dim=-1)
+    # shifted so the largest is 0: no overflow to inf (and NaN) however small the temperature
+    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < p.top_p

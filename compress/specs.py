@@ -1,7 +1,9 @@
 """Spec strings name variants: ``"int8"``, ``"int4-g128"``, ``"prune-2:4+int8"``.
 
-A spec is a ``+``-joined list of steps applied left to right; each step parses to one config dataclass.
-``str(parse(s)) == s`` for canonical names, so a spec string is also the variant's name.
+A spec is a ``+``-joined list of steps applied left to right; each step parses to one config dataclass, which
+knows the rest itself: its canonical ``token``, ``apply_(model, restore=, blocks=)``, and ``needs_calibration``.
+``str(parse(s)) == s`` for canonical names, so a spec string is also the variant's name. The parse table below is
+the one registry: a new method adds its config class and one pattern.
 """
 
 from __future__ import annotations
@@ -31,46 +33,12 @@ _STEPS: list[tuple[str, Callable]] = [
 ]
 
 
-def _prune_token(prefix: str) -> Callable:
-    return lambda c: f"{prefix}-{c.pattern}" if c.pattern else f"{prefix}-{round(c.sparsity * 100)}%"
-
-
-# The canonical token of each config type: the inverse of _STEPS.
-_TOKENS: dict[type, Callable] = {
-    quantize.CastConfig: lambda c: c.dtype,
-    quantize.Int8WeightOnlyConfig: lambda c: "int8",
-    quantize.Int8DynamicConfig: lambda c: "int8-dynamic",
-    quantize.Int4WeightOnlyConfig: lambda c: f"int4-g{c.group_size}",
-    gptq.GPTQConfig: lambda c: f"gptq-int4-g{c.group_size}",
-    prune.MagnitudePruneConfig: _prune_token("prune"),
-    prune.WandaPruneConfig: _prune_token("wanda"),
-    distill.DistillConfig: lambda c: f"distill-L{c.layers}",
-}
-
-# The function that applies each config type: f(model, config, restore=..., blocks=...).
-_APPLY: dict[type, Callable] = {
-    quantize.CastConfig: quantize.quantize_,
-    quantize.Int8WeightOnlyConfig: quantize.quantize_,
-    quantize.Int8DynamicConfig: quantize.quantize_,
-    quantize.Int4WeightOnlyConfig: quantize.quantize_,
-    gptq.GPTQConfig: gptq.gptq_,
-    prune.MagnitudePruneConfig: prune.prune_,
-    prune.WandaPruneConfig: prune.prune_,
-    distill.DistillConfig: distill.distill_,
-}
-NEEDS_CALIBRATION = (gptq.GPTQConfig, prune.WandaPruneConfig, distill.DistillConfig)
-
-
 @dataclass(frozen=True)
 class Spec:
     steps: tuple = ()
 
     def __str__(self) -> str:
-        return "+".join(_token(c) for c in self.steps) if self.steps else BASE
-
-    @property
-    def is_base(self) -> bool:
-        return not self.steps
+        return "+".join(c.token for c in self.steps) if self.steps else BASE
 
 
 def parse(spec: str | Spec) -> Spec:
@@ -100,16 +68,12 @@ def known_forms() -> list[str]:
     return [BASE] + [p.replace("(", "").replace(")", "") for p, _ in _STEPS]
 
 
-def _token(config) -> str:
-    return _TOKENS[type(config)](config)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Applying a spec
 
 
 def needs_calibration(spec: str | Spec) -> bool:
-    return any(isinstance(c, NEEDS_CALIBRATION) for c in parse(spec).steps)
+    return any(c.needs_calibration for c in parse(spec).steps)
 
 
 def apply_(model, spec: str | Spec, *, blocks: torch.Tensor | None = None) -> dict:
@@ -127,15 +91,14 @@ def apply_(model, spec: str | Spec, *, blocks: torch.Tensor | None = None) -> di
                          "(see compress.data.calibration_blocks)")
     notes = {}
     for config in spec.steps:
-        fn = _APPLY[type(config)]
-        out = fn(model, config, blocks=blocks)
+        out = config.apply_(model, blocks=blocks)
         if isinstance(out, dict) and out:
-            notes[_token(config)] = out
+            notes[config.token] = out
     return notes
 
 
 def restore_(model, spec: str | Spec):
     """Give a freshly built model the module structure of ``spec`` (for loading an artifact)."""
     for config in parse(spec).steps:
-        _APPLY[type(config)](model, config, restore=True)
+        config.apply_(model, restore=True)
     return model

@@ -1,11 +1,17 @@
 """A sweep's verdict: which variants meet the quality budget, the Pareto fronts, the choice, report.md and
-pareto.png. Pure functions over the results table (a list of row dicts), so they test without Ray."""
+pareto.png. Pure functions over the results table (a list of row dicts), so they test without Ray; and
+results.parquet, where that table is kept."""
 
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs import storage
 
 CAUSAL_BUDGET_KEYS = {"max_ppl_increase", "min_top1_agreement", "max_kl", "min_greedy_agreement"}
 ENCODER_BUDGET_KEYS = {"min_cosine", "min_neighbour_overlap"}
@@ -193,3 +199,31 @@ def _cell(v) -> str:
 
 def _ratio(v, b) -> str:
     return f"{v / b:.2f}x" if v and b else "-"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results.parquet
+
+
+RESULT_COLUMNS = {"spec": pa.string(), "error": pa.string(), "fingerprint": pa.string(), "artifact": pa.string(),
+                  "artifact_bytes": pa.int64(), "notes": pa.string()}
+"""results.parquet's text and integer columns; every other column (quality metrics, speeds, seconds, finished_at,
+base_ppl) holds a number."""
+
+
+def results_table(rows: list[dict]) -> pa.Table:
+    """The rows with a schema of their own, not one guessed from the first row (a failed trial has no metrics)."""
+    names = list(RESULT_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in RESULT_COLUMNS]
+    return pa.Table.from_pylist(rows, schema=pa.schema([(k, RESULT_COLUMNS.get(k, pa.float64())) for k in names]))
+
+
+def read_results(out: Path) -> list[dict]:
+    file = out / "results.parquet"
+    return pq.read_table(file).to_pylist() if file.exists() else []
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """Rewrite results.parquet with every row so far, atomically (temporary file + rename)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(results_table(rows), sink)
+    storage.write_bytes(*storage.resolve(out / "results.parquet"), sink.getvalue().to_pybytes())

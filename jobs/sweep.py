@@ -21,6 +21,7 @@ Config (YAML):
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -38,8 +39,8 @@ import pyarrow.parquet as pq
 import ray
 import yaml
 
-from compress import artifact, data, evaluate, models, specs
-from jobs import report
+from compress import artifact, data, evaluate, files, models, specs
+from jobs import report, storage
 
 log = logging.getLogger("jobs.sweep")
 CONFIG_KEYS = {"model", "eval_data", "calib_data", "eval_column", "specs", "grid", "budget", "objective", "seq_len",
@@ -127,7 +128,7 @@ class TrialActor:
         import torch
 
         torch.set_grad_enabled(False)
-        self.name, self.out = model, Path(out)
+        self.name, self.out, self.fingerprint = model, Path(out), cfg["fingerprint"]
         self.base, self.tokenizer, self.kind = models.load(model)
         self.ref = evaluate.reference(self.base, self.tokenizer, self.kind, eval_texts, cfg["seq_len"],
                                       cfg["eval_blocks"])
@@ -141,7 +142,7 @@ class TrialActor:
         import copy
 
         start = time.perf_counter()
-        row = {"spec": spec, "error": None}
+        row = {"spec": spec, "error": None, "fingerprint": self.fingerprint}
         try:
             model = self.base if spec == "base" else copy.deepcopy(self.base)
             notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
@@ -180,16 +181,27 @@ def _slug(spec: str) -> str:
 # Results
 
 
-def read_results(out: Path) -> list[dict]:
-    file = out / "results.parquet"
-    return pq.read_table(file).to_pylist() if file.exists() else []
+def fingerprint(cfg: SweepConfig) -> str:
+    """What a trial's result depends on besides its spec: the model and the text it is measured on. Budget,
+    objective and the spec list may change between runs; a change of these makes earlier results stale."""
+    keys = {k: getattr(cfg, k) for k in ("model", "eval_data", "calib_data", "eval_column", "seq_len", "eval_blocks",
+                                         "calib_blocks")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_results(out: Path, rows: list[dict]) -> None:
-    """Rewrite results.parquet with every row so far, atomically (temporary file + rename)."""
-    tmp = out / ".results.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, out / "results.parquet")
+def reusable(rows: list[dict], cfg: SweepConfig, retry_failed: bool) -> list[dict]:
+    """The earlier rows a rerun keeps: specs still in the config, measured under the same fingerprint, and (with
+    ``retry_failed``) not failed. Says what it drops."""
+    current = fingerprint(cfg)
+    rows = [r for r in rows if r["spec"] in cfg.specs]
+    stale = [r["spec"] for r in rows if r.get("fingerprint") != current]
+    if stale:
+        log.warning("the sweep config changed since %d result(s) were written (model, eval/calib data, seq_len or "
+                    "block counts): re-running %s", len(stale), stale)
+    failed = [r["spec"] for r in rows if r.get("error") and r["spec"] not in stale] if retry_failed else []
+    if failed:
+        log.info("--retry-failed: re-running %s", failed)
+    return [r for r in rows if r["spec"] not in stale and r["spec"] not in failed]
 
 
 def run_trials(cfg: SweepConfig, out: Path, rows: list[dict], eval_texts, calib_texts, num_actors: int,
@@ -202,7 +214,8 @@ def run_trials(cfg: SweepConfig, out: Path, rows: list[dict], eval_texts, calib_
         return rows
     actor_cls = ray.remote(TrialActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0)
     args = (cfg.model, eval_texts, calib_texts, {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
-                                                 "calib_blocks": cfg.calib_blocks}, str(out))
+                                                 "calib_blocks": cfg.calib_blocks, "fingerprint": fingerprint(cfg)},
+            str(out))
     actors = [actor_cls.remote(*args) for _ in range(min(num_actors, len(todo)))]
     inflight = {}
     for actor in actors:
@@ -217,10 +230,10 @@ def run_trials(cfg: SweepConfig, out: Path, rows: list[dict], eval_texts, calib_
             row = ray.get(ref)
         except ray.exceptions.RayError as e:  # the actor died (out of memory, killed): record it, replace it
             row = {"spec": spec, "error": f"trial actor died: {type(e).__name__}: {str(e)[:300]}",
-                   "finished_at": time.time()}
+                   "finished_at": time.time(), "fingerprint": fingerprint(cfg)}
             actor = actor_cls.remote(*args)
         rows.append(row)
-        write_results(out, rows)
+        report.write_results(out, rows)
         finished += 1
         status = f"error: {row['error']}" if row.get("error") else _summary(row, cfg.kind)
         log.info("[%d/%d] %s (%.0f s): %s", finished, total, spec, row.get("seconds", 0), status)
@@ -245,7 +258,7 @@ def run_speed(cfg: SweepConfig, out: Path, rows: list[dict], cpus: float, gpus: 
             row.update(ray.get(task.remote(row["artifact"], min(threads, os.cpu_count() or 1))))
         except ray.exceptions.RayError as e:
             row["error"] = f"speed measurement failed: {str(e)[:300]}"
-        write_results(out, rows)
+        report.write_results(out, rows)
         log.info("speed [%d/%d] %s: %s %.1f", i, len(todo), row["spec"], key, row.get(key) or float("nan"))
     return rows
 
@@ -261,25 +274,22 @@ def _summary(row: dict, kind: str) -> str:
 
 def write_choice(out: Path, chosen: dict | None) -> None:
     chosen_dir = out / "chosen"
-    tmp = out / ".chosen.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     if chosen is None:
         shutil.rmtree(chosen_dir, ignore_errors=True)
         (out / "serve.yaml").unlink(missing_ok=True)
         return
-    shutil.copytree(chosen["artifact"], tmp)
-    shutil.rmtree(chosen_dir, ignore_errors=True)
-    os.replace(tmp, chosen_dir)
-    (out / "serve.yaml").write_text(serve_yaml(chosen_dir.resolve(), chosen["spec"]))
+    with files.new_folder(chosen_dir) as tmp:
+        shutil.copytree(chosen["artifact"], tmp, dirs_exist_ok=True)
+    storage.write_bytes(*storage.resolve(out / "serve.yaml"), serve_yaml(chosen_dir.resolve()).encode())
 
 
-def serve_yaml(model_dir: Path, spec: str) -> str:
+def serve_yaml(model_dir: Path) -> str:
     return yaml.safe_dump({
         "applications": [{
             "name": "raypress",
             "route_prefix": "/",
             "import_path": "serve.app:build",
-            "args": {"model": str(model_dir), "model_name": f"raypress-{spec}"},
+            "args": {"model": str(model_dir)},  # served as its manifest's base model and spec, e.g. smollm2-135m-int8
         }],
     }, sort_keys=False)
 
@@ -290,6 +300,7 @@ def main(
     num_actors: int = 2,
     cpus_per_actor: float = 0.5,
     gpus_per_actor: float = 0.0,
+    retry_failed: bool = False,
 ) -> int:
     """Run a compression sweep: every spec of CONFIG measured against the base; report, Pareto plot, choice.
 
@@ -299,6 +310,7 @@ def main(
         num_actors: trial actors in the pool, each holding the base model once.
         cpus_per_actor: CPUs reserved per trial actor (fractional leaves room for Ray's own tasks).
         gpus_per_actor: GPUs per trial actor (fractional to share a GPU between small models).
+        retry_failed: on a rerun, run again the specs whose trial failed (else they stay recorded as failed).
     """
     start = time.perf_counter()
     cfg = load_config(config)
@@ -307,8 +319,8 @@ def main(
     log.info("sweep of %s: %d specs %s -> %s", cfg.model, len(cfg.specs), cfg.specs, out_dir)
     if not ray.is_initialized():
         ray.init(configure_logging=False)
-    rows = [r for r in read_results(out_dir) if r["spec"] in cfg.specs]
-    eval_texts, calib_texts = _texts(cfg, out_dir, rows)
+    rows = reusable(report.read_results(out_dir), cfg, retry_failed)
+    eval_texts, calib_texts = _texts(cfg, out_dir)
     rows = run_trials(cfg, out_dir, rows, eval_texts, calib_texts, num_actors, cpus_per_actor, gpus_per_actor)
     if cfg.speed:
         rows = run_speed(cfg, out_dir, rows, cpus_per_actor, gpus_per_actor)
@@ -329,12 +341,14 @@ def main(
     return 0 if chosen else NO_VARIANT_EXIT
 
 
-def _texts(cfg: SweepConfig, out: Path, rows: list[dict]) -> tuple[list[str], list[str] | None]:
-    """Eval and calibration text, made once and kept in OUT so that a resumed sweep measures on the same text."""
+def _texts(cfg: SweepConfig, out: Path) -> tuple[list[str], list[str] | None]:
+    """Eval and calibration text, made once and kept in OUT so that a resumed sweep measures on the same text
+    (made again when the config's fingerprint changed)."""
     cache = out / "texts.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
-        return saved["eval"], saved["calib"]
+        if saved.get("fingerprint") == fingerprint(cfg):
+            return saved["eval"], saved["calib"]
     needs_calib = any(specs.needs_calibration(s) for s in cfg.specs)
     eval_texts = data.read_texts(cfg.eval_data, cfg.eval_column) if cfg.eval_data else None
     calib_texts = data.read_texts(cfg.calib_data, cfg.eval_column) if cfg.calib_data else None
@@ -344,10 +358,10 @@ def _texts(cfg: SweepConfig, out: Path, rows: list[dict]) -> tuple[list[str], li
         if eval_texts is None:
             eval_texts = evaluate.default_eval_texts(model, tokenizer, kind)
         if needs_calib and calib_texts is None:
-            calib_texts = (data.generated_texts(model, tokenizer, n=32) if kind == models.CAUSAL
-                           else list(data.BUILTIN_PROMPTS) * 4)
+            calib_texts = data.default_calibration_texts(model, tokenizer, kind)
         del model
-    cache.write_text(json.dumps({"eval": eval_texts, "calib": calib_texts}))
+    saved = {"fingerprint": fingerprint(cfg), "eval": eval_texts, "calib": calib_texts}
+    storage.write_bytes(*storage.resolve(cache), json.dumps(saved).encode())
     return eval_texts, calib_texts
 
 

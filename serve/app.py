@@ -17,32 +17,36 @@ import copy
 import hmac
 import json
 import logging
-import os
 import time
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from compress import models
+from compress import data, models
 from compress.engine import Engine
 from compress.request import Generation
 from compress.sampling import SamplingParams
 from serve import protocol as oa
+from serve import responses as rs
 from serve.batch_store import BatchStore
 from serve.batches import Batches, file_object
 from serve.metrics import prometheus_text
 from serve.protocol import APIError, BatchRequest, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
+from serve.settings import served_name, server_args
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="raypress")
+MAX_UPLOAD_BYTES = 200 << 20  # a Batch API input file, as OpenAI caps it
 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, e: APIError):
+    """Every error the app answers goes through here: OpenAI's error body with the status."""
     return JSONResponse(error_body(e.message, e.kind, e.param), status_code=e.status)
 
 
@@ -53,7 +57,55 @@ async def _validation_error(request: Request, e: RequestValidationError):
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, e: HTTPException):
-    return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+    return await _api_error(request, APIError(e.status_code, str(e.detail)))
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Bodies above the server's cap get 413 before they are read (uploads to /v1/files have their own cap)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit():
+        server = serve.get_replica_context().servable_object
+        upload = request.url.path.endswith("/v1/files")
+        limit = server.max_upload_bytes if upload else server.max_request_bytes
+        if int(length) > limit:
+            message = f"request body of {length} bytes is over this server's limit of {limit} bytes"
+            return await _api_error(request, APIError(413, message))
+    return await call_next(request)
+
+
+ERROR_STATUSES = {400: "the request is invalid (OpenAI error body)", 401: "missing or wrong API key",
+                  404: "no such file or batch", 409: "the batch is not running", 413: "the body is too large",
+                  500: "the model failed", 503: "the replica's queue is full (Ray Serve's max_queued_requests)"}
+
+
+def _openapi() -> dict:
+    """The published schema as the server behaves: errors are 400 with OpenAI's body (FastAPI would list 422),
+    and each route lists the statuses it can answer."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        error = oa.ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(error.pop("$defs", {}))
+        components["ErrorResponse"] = error
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                if path == "/health":
+                    continue
+                codes = [400, 401, 413, 500, 503]
+                codes += [404] if "{" in path or path == "/v1/batches" else []  # an id, input_file_id, after
+                codes += [409] if path.endswith("/cancel") else []
+                for code in sorted(codes):
+                    operation["responses"][str(code)] = {"description": ERROR_STATUSES[code], "content": body}
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 async def _authorized(request: Request) -> None:
@@ -80,17 +132,22 @@ class ModelServer:
         default_max_tokens: int = 64,
         num_threads: int | None = None,
         api_key: str | None = None,
+        max_items_per_request: int = 64,
+        max_request_bytes: int = 8 << 20,
         batch_storage: str = "~/.raypress/batches",
         batch_db: str | None = None,
         batch_actors: int = 1,
         batch_cpus_per_actor: float = 1.0,
         batch_max_requests: int = 50_000,
+        batch_max_num_seqs: int = 32,
         batch_jobs_address: str | None = None,
     ):
         start = time.perf_counter()
         self.model, self.tokenizer, self.kind = models.load(model)
-        self.name = model_name or os.path.basename(os.path.normpath(str(model)))
+        self.name = model_name or served_name(model, self.model.config)
         self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
+        self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
+        self.max_upload_bytes = MAX_UPLOAD_BYTES
         self.engine = None
         if self.kind == models.CAUSAL:
             # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
@@ -100,13 +157,13 @@ class ModelServer:
             self.context = self.engine.max_model_len
         else:
             self._encode_tokenizer = copy.deepcopy(self.tokenizer)
-            self.context = 512
+            self.context = models.input_limit(models.resolve(model))
             self._embed_batch.set_max_batch_size(max_batch_size)
             self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batches, self._batch_settings = None, {
             "storage": batch_storage, "db": batch_db, "model": str(model), "actors": batch_actors,
             "cpus_per_actor": batch_cpus_per_actor, "max_requests": batch_max_requests, "jobs": batch_jobs_address,
-            "max_num_seqs": max_num_seqs, "default_max_tokens": default_max_tokens}
+            "max_num_seqs": batch_max_num_seqs, "default_max_tokens": default_max_tokens}
         log.info("raypress: serving %s (%s) as %r in %.1f s", model, self.kind, self.name, time.perf_counter() - start)
 
     def __del__(self):
@@ -139,15 +196,15 @@ class ModelServer:
     @api.post("/v1/completions", dependencies=KEY)
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model, causal=True)
-        ids = [self._encode(p) for p in oa.prompts_of(body)]
+        ids = [data.prompt_ids(self.tokenizer, p, templated=False) for p in oa.prompts_of(body, self.max_items)]
         params = self._params(body, max(len(i) for i in ids), body.logprobs)
         if body.stream:
             if len(ids) > 1:
                 raise APIError(400, "stream: true takes a single prompt", "prompt")
             return self._sse(ids[0], params, chat=False)
         results = await self._generate(ids, params)
-        logprobs = [oa.completion_logprobs(r.logprobs, self._token_text) for r in results]
-        return oa.completion(self.name, [r.text for r in results], [r.finish_reason for r in results],
+        logprobs = [rs.completion_logprobs(r.logprobs, self._token_text) for r in results]
+        return rs.completion(self.name, [r.text for r in results], [r.finish_reason for r in results],
                              sum(map(len, ids)), sum(len(r.token_ids) for r in results), logprobs)
 
     @api.post("/v1/chat/completions", dependencies=KEY)
@@ -157,29 +214,29 @@ class ModelServer:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         messages = [m.model_dump() for m in body.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = data.chat_text(self.tokenizer, messages)
         except Exception as e:  # a template may reject a message order; that is the request's fault
             message = f"messages could not be formatted with the model's chat template: {e}"
             raise APIError(400, message, "messages") from e
-        ids = self._encode(text)
+        ids = data.prompt_ids(self.tokenizer, text, templated=True)
         params = self._params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
             return self._sse(ids, params, chat=True)
         (r,) = await self._generate([ids], params)
-        return oa.chat_completion(self.name, r.text, r.finish_reason, len(ids), len(r.token_ids),
-                                  oa.chat_logprobs(r.logprobs, self._token_text))
+        return rs.chat_completion(self.name, r.text, r.finish_reason, len(ids), len(r.token_ids),
+                                  rs.chat_logprobs(r.logprobs, self._token_text))
 
     @api.post("/v1/embeddings", dependencies=KEY)
     async def embeddings(self, body: EmbeddingRequest):
         self._check_model(body.model, causal=False)
-        texts = oa.texts_of(body)
+        texts = oa.texts_of(body, self.max_items)
         counts = [len(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
         too_long = [k for k, c in enumerate(counts) if c > self.context]
         if too_long:
             raise APIError(400, f"input {too_long[0]} has {counts[too_long[0]]} tokens; the model takes at most "
                                 f"{self.context}", "input")
         vectors = await asyncio.gather(*(self._embed_batch(t) for t in texts))
-        return oa.embeddings(self.name, vectors, sum(counts), body.encoding_format)
+        return rs.embeddings(self.name, vectors, sum(counts), body.encoding_format)
 
     # -- the Batch API (serve/batches.py): files and batches, each batch a Ray job -----------------------------------
 
@@ -228,7 +285,8 @@ class ModelServer:
             self._batches = Batches(
                 BatchStore(b["storage"], b["db"]), model=b["model"], served_name=self.name,
                 causal=self.kind == models.CAUSAL, default_max_tokens=b["default_max_tokens"],
-                max_model_len=self.context, max_requests=b["max_requests"], num_actors=b["actors"],
+                max_model_len=self.context, max_requests=b["max_requests"], max_file_bytes=self.max_upload_bytes,
+                num_actors=b["actors"],
                 cpus_per_actor=b["cpus_per_actor"], batch_size=b["max_num_seqs"], jobs_address=b["jobs"])
         return self._batches
 
@@ -262,17 +320,16 @@ class ModelServer:
     def _sse(self, ids: list[int], params: SamplingParams, chat: bool) -> StreamingResponse:
         """Server-sent events: a chunk per piece of new text, then the finish reason with usage, then [DONE]."""
         handle = self.engine.submit(ids, params)
-        kind, rid = ("chat.completion.chunk", oa.new_id("chatcmpl")) if chat else ("text_completion", oa.new_id("cmpl"))
-        created = int(time.time())
+        rid, created = rs.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
 
-        def chunk(choice: dict, **extra) -> str:
-            body = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice], **extra}
-            return f"data: {json.dumps(body)}\n\n"
+        def chunk(choice, usage=None) -> str:
+            return f"data: {json.dumps(rs.chunk(chat, rid, created, self.name, choice, usage))}\n\n"
 
         async def events():
             try:
                 if chat:
-                    yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                    yield chunk(rs.ChatChunkChoice(index=0, delta=rs.Delta(role="assistant", content=""),
+                                                   finish_reason=None))
                 offset = 0
                 async for out in handle:
                     if out.error:
@@ -282,14 +339,14 @@ class ModelServer:
                         continue
                     finish = out.finish_reason if out.finished else None
                     if chat:
-                        choice = {"index": 0, "delta": {"content": out.text} if out.text else {},
-                                  "finish_reason": finish, "logprobs": oa.chat_logprobs(out.logprobs, self._token_text)}
+                        delta = rs.Delta(content=out.text) if out.text else rs.Delta()
+                        choice = rs.ChatChunkChoice(index=0, delta=delta, finish_reason=finish,
+                                                    logprobs=rs.chat_logprobs(out.logprobs, self._token_text))
                     else:
-                        choice = {"index": 0, "text": out.text, "finish_reason": finish,
-                                  "logprobs": oa.completion_logprobs(out.logprobs, self._token_text, offset)}
+                        logprobs = rs.completion_logprobs(out.logprobs, self._token_text, offset)
+                        choice = rs.CompletionChoice(index=0, text=out.text, finish_reason=finish, logprobs=logprobs)
                     offset += len(out.text)
-                    extra = {"usage": oa.usage(len(ids), out.num_generated_tokens)} if finish else {}
-                    yield chunk(choice, **extra)
+                    yield chunk(choice, rs.usage(len(ids), out.num_generated_tokens) if finish else None)
                 yield "data: [DONE]\n\n"
             finally:
                 handle.cancel()  # the client went away before the end: free the slot now
@@ -309,9 +366,6 @@ class ModelServer:
     def _check_model(self, requested: str | None, causal: bool) -> None:
         oa.check_model(requested, self.name, self.kind == models.CAUSAL, causal)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -321,31 +375,6 @@ class ModelServer:
             raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {settings['max_tokens']} exceeds the "
                                 f"server's limit of {self.context} tokens (max_model_len)", "max_tokens")
         return SamplingParams(**settings, logprobs=logprobs)
-
-
-BUILD_ARGS = {"model", "model_name", "max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size",
-              "batch_wait_timeout_s", "default_max_tokens", "num_threads", "api_key", "batch_storage", "batch_db",
-              "batch_actors", "batch_cpus_per_actor", "batch_max_requests", "batch_jobs_address"}
-INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size", "default_max_tokens", "num_threads",
-            "batch_actors", "batch_max_requests")
-FLOAT_ARGS = ("batch_wait_timeout_s", "batch_cpus_per_actor")
-
-
-def server_args(args: dict | None) -> dict:
-    """Check and convert application args (strings from `serve run ... key=value`) into ModelServer's arguments.
-    The API key comes from ``args["api_key"]`` or, where the application is built, RAYPRESS_API_KEY."""
-    args = dict(args or {})
-    unknown = set(args) - BUILD_ARGS
-    if unknown:
-        raise ValueError(f"unknown application args {sorted(unknown)}; allowed: {sorted(BUILD_ARGS)}")
-    args.setdefault("api_key", os.environ.get("RAYPRESS_API_KEY") or None)
-    for key in INT_ARGS:
-        if args.get(key) is not None:
-            args[key] = int(args[key])
-    for key in FLOAT_ARGS:
-        if args.get(key) is not None:
-            args[key] = float(args[key])
-    return args
 
 
 def build(args: dict) -> serve.Application:

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from jobs import storage
 from serve import protocol as oa
+from serve import responses as rs
 from serve.protocol import APIError
 
 ENDPOINTS = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
@@ -178,12 +179,12 @@ def _body(endpoint: str, served: str, rows: list[dict]) -> dict:
     rows = sorted(rows, key=lambda r: r["k"])
     prompt_tokens = sum(r["num_prompt_tokens"] for r in rows)
     if endpoint == "/v1/embeddings":
-        return oa.embeddings(served, [r["embedding"] for r in rows], prompt_tokens, rows[0]["encoding_format"])
+        return rs.embeddings(served, [r["embedding"] for r in rows], prompt_tokens, rows[0]["encoding_format"])
     generated = sum(r["num_generated_tokens"] for r in rows)
     if endpoint == "/v1/chat/completions":
         (r,) = rows
-        return oa.chat_completion(served, r["generated_text"], r["finish_reason"], prompt_tokens, generated)
-    return oa.completion(served, [r["generated_text"] for r in rows], [r["finish_reason"] for r in rows],
+        return rs.chat_completion(served, r["generated_text"], r["finish_reason"], prompt_tokens, generated)
+    return rs.completion(served, [r["generated_text"] for r in rows], [r["finish_reason"] for r in rows],
                          prompt_tokens, generated)
 
 
@@ -281,7 +282,7 @@ def main(
                          output=f"{base}/batches/{batch_id}/results", task=ENDPOINTS[endpoint],
                          column=COLUMN[endpoint], id_column="row_id", resume=True, num_actors=num_actors,
                          cpus_per_actor=cpus_per_actor, batch_size=batch_size, max_model_len=max_model_len,
-                         max_tokens=default_max_tokens)
+                         max_tokens=default_max_tokens, max_error_fraction=1.0)  # errors go to the error file
     storage.write_bytes(fs, f"{folder}/finalizing", b"")
     summary = finalize(fs, root, batch_id, [c for c, _ in requests], endpoint, served_name)
     print(f"batch {batch_id}: {json.dumps(summary['request_counts'])}", flush=True)

@@ -19,6 +19,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from jobs import storage
 from serve import batch_job
+from serve import responses as rs
 from serve.batch_store import TERMINAL, BatchStore, new_id
 from serve.protocol import APIError
 
@@ -30,17 +31,14 @@ _FINAL = {"cancelling": "cancelled", "expiring": "expired"}
 
 
 def file_object(record: dict) -> dict:
-    return {"id": record["id"], "object": "file", "bytes": record["bytes"], "created_at": record["created_at"],
-            "filename": record["filename"], "purpose": record["purpose"], "status": "processed",
-            "expires_at": None, "status_details": None}
+    fields = {k: record[k] for k in ("id", "bytes", "created_at", "filename", "purpose")}
+    return rs.FileObject(object="file", status="processed", **fields).model_dump()
 
 
 def public(batch: dict) -> dict:
-    """The batch object OpenAI returns (without this side's bookkeeping, whose keys start with _)."""
-    shown = {k: v for k, v in batch.items() if not k.startswith("_")}
-    if shown["status"] == "expiring":  # finalizing the rows an expired batch finished
-        shown["status"] = "finalizing"
-    return shown
+    """The batch object OpenAI returns (its status "finalizing" while this side finalizes an expired batch)."""
+    status = "finalizing" if batch["status"] == "expiring" else batch["status"]
+    return rs.Batch.model_validate({**batch, "status": status}).model_dump()
 
 
 class Batches:
@@ -154,9 +152,10 @@ class Batches:
                            "batch_id")
         old = batch["status"]
         batch.update(status="cancelling", cancelling_at=int(time.time()))
-        if self.store.update_batch(batch, expect_status=old):
-            self._stop(batch_id)
-        return self.retrieve(batch_id)
+        if not self.store.update_batch(batch, expect_status=old):  # it moved meanwhile: report where it is
+            return self.retrieve(batch_id)
+        self._stop(batch_id)
+        return public(batch)  # cancelling, as OpenAI answers; the job stops and the batch ends cancelled
 
     # -- following the job ----------------------------------------------------------------------------------------
 

@@ -126,6 +126,25 @@ def test_missing_files_and_damaged_or_foreign_manifests_are_refused(tiny_causal,
             models.load(path)
 
 
+def test_a_manifest_cannot_point_outside_the_artifact_or_name_any_dtype(tiny_causal, tmp_path):
+    model, tokenizer, _ = tiny_causal
+    path = artifact.save(model, tokenizer, tmp_path / "a")
+    file = path / models.MANIFEST
+    good = json.loads(file.read_text())
+    for change, message in [({"files": {**good["files"], "/dev/zero": "0" * 64}}, "relative paths inside"),
+                            ({"files": {**good["files"], "../secret": "0" * 64}}, "relative paths inside"),
+                            ({"dtype": "Tensor"}, "dtype 'Tensor' is not one of"),
+                            ({"kind": "rm -rf"}, "kind 'rm -rf'")]:
+        file.write_text(json.dumps({**good, **change}))
+        with pytest.raises(artifact.ArtifactError, match=message):
+            models.load(path)
+    file.write_text(json.dumps(good))
+    loaded = models.load(path)  # the untouched manifest still loads
+    assert loaded.model.config.raypress_manifest["spec"] == "base"  # what the server names the model after
+    again = artifact.save(loaded.model, loaded.tokenizer, tmp_path / "again")
+    assert "raypress_manifest" not in json.loads((again / "config.json").read_text())  # not carried into a re-save
+
+
 def test_a_failed_or_killed_swap_of_the_two_folders_loses_no_artifact(tiny_causal, tmp_path, monkeypatch):
     """The old artifact is moved aside, then the new one moved in: a failure of the second rename puts the old one
     back; a process killed between the two leaves the old one aside, and loading names where it is."""
@@ -152,3 +171,11 @@ def test_a_failed_or_killed_swap_of_the_two_folders_loses_no_artifact(tiny_causa
         artifact.verify(out)
     with pytest.raises(FileNotFoundError, match=r"interrupted.*\.a\.old-killed"):  # what serve and jobs call
         models.load(out)
+
+
+def test_a_float32_artifact_runs_in_bf16_on_a_gpu_and_as_saved_elsewhere():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only the rule: no GPU is needed to check it
+    assert artifact.load_dtype(torch.float32, None, gpu) == torch.bfloat16
+    assert artifact.load_dtype(torch.float32, None, cpu) == torch.float32
+    assert artifact.load_dtype(torch.bfloat16, None, cpu) == torch.bfloat16  # a bf16 variant stays one
+    assert artifact.load_dtype(torch.float32, torch.float16, gpu) == torch.float16  # asked for: given

@@ -21,3 +21,21 @@ def test_training_brings_the_student_closer_to_the_teacher(make_tiny_llama):
     assert report["loss_after"] <= 0.7 * report["loss_before"], report
     with torch.inference_mode():
         model.generate(blocks[:1, :4], max_new_tokens=3, do_sample=False)  # the KV cache works with the new depth
+
+
+def test_a_bf16_student_trains_in_float32_and_returns_bf16(make_tiny_llama, monkeypatch):
+    """AdamW's small updates vanish in bf16 weights (GPU models are bf16): the student trains in float32."""
+    model = make_tiny_llama(layers=2, hidden=64).to(torch.bfloat16)
+    seen = []
+    real = torch.optim.AdamW
+
+    def recording(params, **kw):
+        params = list(params)
+        seen.extend(p.dtype for p in params)
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    blocks = torch.randint(0, 1000, (8, 16), generator=torch.Generator().manual_seed(0))
+    report = distill.distill_(model, distill.DistillConfig(layers=1, tokens=2 * 4 * 16), blocks=blocks)
+    assert seen and set(seen) == {torch.float32} and report["steps"] == 2
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -136,6 +136,9 @@ def test_sampler_temperature_top_p_and_seeds():
     assert sample(logits, [hot], [gen(7)]) == sample(logits, [hot], [gen(7)])  # a seed repeats
     for tiny in (1e-6, 5e-324):  # every accepted top_p samples, down to float32's zero
         assert sample(logits, [SamplingParams(temperature=1.0, top_p=tiny)], [gen(1)])[0] == greedy
+    for tiny in (5e-324, 1e-30, 1e-5, 1e-3):  # and every accepted temperature: no inf, no NaN
+        assert sample(logits, [SamplingParams(temperature=tiny)], [gen(1)])[0] == greedy
+    assert sample(logits * 1e4, [SamplingParams(temperature=1.0)], [gen(1)])[0] == greedy  # huge logits too
     probs = torch.softmax(logits[0], -1)
     order = probs.argsort(descending=True)
     nucleus = set(order[: int((probs[order].cumsum(0) < 0.9).sum()) + 1].tolist())

@@ -89,8 +89,16 @@ def test_missing_builtin_package_names_the_pip_command(monkeypatch):
 def test_hub_id_offline_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(FileNotFoundError, match="no such folder .* not in the local Hugging Face cache"):
         models.load("someorg/some-model-that-is-not-cached")
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # even online: ./artifacts exists, so artifacts/x is a local path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifacts").mkdir()
+    with pytest.raises(FileNotFoundError, match="no such folder 'artifacts/chosen-typo'"):
+        models.load("artifacts/chosen-typo")
 
 
 def test_folder_without_config_is_refused(tmp_path):

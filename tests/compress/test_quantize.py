@@ -92,3 +92,15 @@ def test_every_method_on_a_random_encoder_reloads_bit_identically(tiny_encoder, 
     loaded, tok, _ = models.load(path)
     texts = ["one", "two sentences here"]
     assert torch.equal(models.encode(model, tokenizer, texts), models.encode(loaded, tok, texts))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g32"])
+def test_a_bf16_model_stays_bf16_through_its_quantized_embedding(tiny_causal, spec):
+    """On a GPU the model is bf16: the quantized table must hand the blocks bf16 rows, as nn.Embedding did."""
+    model = tiny_causal.model.to(torch.bfloat16)
+    specs.apply_(model, spec)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.get_input_embeddings()(ids).dtype == torch.bfloat16
+    assert model(ids).logits.shape == (1, 3, model.config.vocab_size)  # the blocks take what the table gives
+    model.float()
+    assert model.get_input_embeddings()(ids).dtype == torch.float32  # and it follows model.to(dtype)

@@ -18,6 +18,7 @@ import torch
 
 from compress import models
 from jobs import batch_infer
+from jobs.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,9 +84,11 @@ def test_embed_from_a_folder_of_csv_matches_direct_encoding(ray_local, tmp_path,
     for k in range(2):
         pa.csv.write_csv(pa.table({"id": [f"{k}-{i}" for i in range(2)], "text": texts[2 * k : 2 * k + 2]}),
                          folder / f"part{k}.csv")
+    pa.csv.write_csv(pa.table({"id": ["long"], "text": ["word " * 300]}), folder / "part2.csv")
     batch_infer.main(model="minilm-l6", input=str(folder), output=str(tmp_path / "out"), task="embed",
                      id_column="id", cpus_per_actor=0.5)
     out = {r["id"]: r for r in read_out(tmp_path / "out")}
+    assert "exceed the limit of 256 tokens" in out.pop("long")["error"]  # MiniLM's max_seq_length, not cut silently
     assert len(out) == 4 and all(r["error"] is None for r in out.values())
     model, tokenizer, _ = minilm_loaded
     direct = models.encode(model, tokenizer, texts)
@@ -111,16 +114,32 @@ def test_score_matches_the_models_own_log_probabilities(ray_local, tmp_path, tin
         assert row["perplexity"] == pytest.approx(math.exp(-row["logprob_mean"]))
 
 
+class DiesOnce(Predictor):
+    """A model actor that dies on its second batch, the first time any actor gets there (a marker file remembers it
+    across the restarted actors)."""
+
+    marker = ""
+
+    def __call__(self, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().__call__(batch)
+
+
 @pytest.mark.timeout(300)
 def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, tmp_path, tiny_causal_dir,
                                                                       monkeypatch):
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("RAYPRESS_FAULT_AFTER_BATCHES", "2")
-    monkeypatch.setenv("RAYPRESS_FAULT_MARKER", str(marker))
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get this test's class itself
+    dies = type("DiesHere", (DiesOnce,), {"marker": str(tmp_path / "killed")})
+    monkeypatch.setattr(batch_infer, "Predictor", dies)
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Story number {i}:"} for i in range(40)])
     batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=4,
                      batch_size=2, cpus_per_actor=0.5)
-    assert marker.exists(), "the fault was not injected"
+    assert (tmp_path / "killed").exists(), "the fault was not injected"
     out = read_out(tmp_path / "out")
     assert sorted(r["row_index"] for r in out) == list(range(40))
     assert all(r["error"] is None and r["generated_text"] is not None for r in out)  # replayed, not failed
@@ -179,6 +198,9 @@ def test_lines_that_are_not_json_objects_become_error_rows(ray_local, tmp_path, 
     with pytest.raises(ValueError, match="already holds"):
         batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri)
     assert batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri, resume=True) == 0
+    # 1 error in 3 rows: above a cap of 20%, the run says so with its exit status
+    assert batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri, resume=True,
+                            max_error_fraction=0.2) == 1
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,8 @@
 """jobs/report.py on synthetic results with known answers: the budget, the choice per objective, the Pareto front and
 the report's verdicts."""
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs import report
@@ -96,3 +98,15 @@ def test_the_report_gives_every_variant_its_verdict(tmp_path):
     nothing = report.write_report(tmp_path, ROWS[1:], BASE, {"max_ppl_increase": 0.0}, objective, "causal", "tiny",
                                   None).read_text()
     assert "No variant meets the budget" in nothing and "Chosen" not in nothing
+
+
+def test_results_parquet_keeps_every_column_when_the_first_trial_failed(tmp_path):
+    rows = [{"spec": "int4-g32", "error": "ValueError: boom", "finished_at": 1.0},
+            {"spec": "base", "error": None, "ppl": 26.1, "artifact": "a/base", "artifact_bytes": 1234, "seconds": 2.5}]
+    report.write_results(tmp_path, rows)
+    back = report.read_results(tmp_path)
+    assert back[1]["ppl"] == 26.1 and back[1]["artifact_bytes"] == 1234 and back[0]["ppl"] is None
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert table.schema.field("ppl").type == pa.float64() and table.schema.field("artifact_bytes").type == pa.int64()
+    report.write_results(tmp_path, back + [{"spec": "int8", "error": None, "ppl": 26.2}])  # a resumed sweep appends
+    assert [r["spec"] for r in report.read_results(tmp_path)] == ["int4-g32", "base", "int8"]

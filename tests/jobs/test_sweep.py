@@ -1,6 +1,7 @@
 """jobs.sweep end to end on a real local Ray, with a tiny random model as the base."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -37,9 +38,11 @@ def write_config(tmp_path, model_dir, wikitext, **overrides) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local, tmp_path, tiny_model_dir, wikitext):
+def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local, tmp_path, tiny_model_dir, wikitext,
+                                                                        caplog):
     out = tmp_path / "out"
-    code = sweep.main(str(write_config(tmp_path, tiny_model_dir, wikitext)), out=str(out), num_actors=2)
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext)
+    code = sweep.main(str(cfg), out=str(out), num_actors=2)
     assert code == 0
     rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
     assert set(rows) == {"base", "int8", "int4-g32", "int4-g64", "wanda-50%", "distill-L5"}
@@ -63,6 +66,26 @@ def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local
     again = evaluate.quality(chosen, tokenizer, kind, ref)
     assert again["ppl"] == pytest.approx(rows["int4-g64"]["ppl"], rel=1e-5)
     assert again["top1_agreement"] == pytest.approx(rows["int4-g64"]["top1_agreement"], abs=1e-6)
+
+    # A rerun keeps what is done. A row measured under another config (its fingerprint differs) is run again and
+    # the log says so; --retry-failed runs the failed spec again; the rest stay as they were.
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    for r in table:
+        if r["spec"] == "int8":
+            r["fingerprint"] = "written-by-another-config"
+    from jobs import report as report_module
+
+    report_module.write_results(out, table)
+    with caplog.at_level(logging.INFO, logger="jobs.sweep"):
+        assert sweep.main(str(cfg), out=str(out), num_actors=1, retry_failed=True) == 0
+    assert "the sweep config changed since 1 result(s) were written" in caplog.text and "['int8']" in caplog.text
+    assert "--retry-failed: re-running ['distill-L5']" in caplog.text
+    after = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert set(after) == set(rows)
+    for spec, row in after.items():
+        rerun = spec in ("int8", "distill-L5")
+        assert (row["finished_at"] != rows[spec]["finished_at"]) == rerun, spec
+        assert row["fingerprint"] == after["base"]["fingerprint"]
 
 
 @pytest.mark.timeout(300)

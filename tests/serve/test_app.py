@@ -10,9 +10,7 @@ import openai
 import pytest
 import requests
 import torch
-from ray import serve
 
-from compress import models
 from compress.data import chat_prompt
 
 
@@ -95,6 +93,9 @@ def test_32_concurrent_requests_are_batched_and_all_answered(smol_url):
     ({"prompt": "hi", "model": "gpt-4"}, "model"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),
     ({"prompt": "hello " * 9000, "max_tokens": 4}, "max_tokens"),
+    ('{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),  # a lone UTF-16 surrogate: no tokenizer takes it
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # OpenAI's cap of 4 stop strings
+    ({"prompt": ["hi"] * 65, "max_tokens": 1}, "prompt"),  # more prompts than max_items_per_request (64)
 ])
 @pytest.mark.timeout(120)
 def test_bad_requests_get_400_with_an_openai_error_body(smol_url, body, param):
@@ -109,61 +110,16 @@ def test_bad_requests_get_400_with_an_openai_error_body(smol_url, body, param):
 
 
 @pytest.mark.timeout(120)
+def test_a_body_over_the_size_cap_gets_413_before_it_is_read(smol_url):
+    r = requests.post(f"{smol_url}/v1/completions", data=b"{" + b" " * (9 << 20) + b"}", timeout=60,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 8388608 bytes" in r.json()["error"]["message"]
+
+
+@pytest.mark.timeout(120)
 def test_embeddings_of_a_causal_model_are_refused(smol_url):
     r = requests.post(f"{smol_url}/v1/embeddings", json={"input": "hello"}, timeout=60)
     assert r.status_code == 400 and "embeddings need an encoder" in r.json()["error"]["message"]
-
-
-@pytest.mark.timeout(300)
-def test_embeddings_with_the_openai_client(deploy, minilm_loaded):
-    url = deploy("mini", {"model": "minilm-l6", "model_name": "mini"})
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    texts = ["A man plays the guitar.", "Someone performs music on a guitar.", "Stock markets fell today."]
-    r = client.embeddings.create(model="mini", input=texts)
-    got = torch.tensor([d.embedding for d in r.data])
-    model, tokenizer, _ = minilm_loaded
-    assert torch.allclose(got, models.encode(model, tokenizer, texts), atol=1e-5)
-    assert r.usage.prompt_tokens > 0
-    bad = requests.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=60)
-    assert bad.status_code == 400 and "encoder" in bad.json()["error"]["message"]
-
-    def embed(k: int):  # 32 at once: batched, tokenized on the event loop while the batch encodes in a thread
-        inputs = [f"Sentence number {k} about topic {j}." for j in range(1 + k % 3)]
-        return inputs, requests.post(f"{url}/v1/embeddings", json={"input": inputs}, timeout=120)
-
-    with cf.ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(embed, range(32)))
-    for inputs, r in answers:
-        assert r.status_code == 200, r.text
-        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
-        assert torch.allclose(got, models.encode(model, tokenizer, inputs), atol=1e-5)
-    for body, message in [({"input": ""}, "non-empty"), ({"input": []}, "non-empty"),
-                          ({"input": ["ok", ""]}, "non-empty"), ({"input": "word " * 600}, "the model takes at most")]:
-        r = requests.post(f"{url}/v1/embeddings", json=body, timeout=60)
-        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
-        assert r.json()["error"]["param"] == "input"
-    serve.delete("mini")
-
-
-@pytest.mark.timeout(300)
-def test_api_key_on_and_off(deploy, tiny_causal_dir, monkeypatch):
-    tiny = tiny_causal_dir
-    monkeypatch.setenv("RAYPRESS_API_KEY", "s3cret")
-    url = deploy("keyed", {"model": str(tiny), "model_name": "tiny"})
-    body = {"prompt": "hi", "max_tokens": 2}
-    assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
-    wrong = {"Authorization": "Bearer nope"}
-    r = requests.post(f"{url}/v1/completions", json=body, headers=wrong, timeout=60)
-    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    ok = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
-    assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
-    assert requests.get(f"{url}/health", timeout=30).status_code == 200  # health needs no key
-    monkeypatch.delenv("RAYPRESS_API_KEY")
-    url = deploy("keyed", {"model": str(tiny), "model_name": "tiny"})  # redeployed without a key
-    assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
-    serve.delete("keyed")
 
 
 # -- the engine behind the routes ---------------------------------------------------------------------------------
@@ -340,57 +296,11 @@ def test_max_completion_tokens_stop_and_top_p_are_applied(client):
     nucleus = [client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8, temperature=1.0,
                                          top_p=1e-9, seed=s).choices[0].text for s in range(3)]
     assert nucleus == [greedy.choices[0].text] * 3  # a nucleus of one token is greedy, whatever the seed
+    tiny = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Once upon a time"}],
+                                          max_tokens=8, temperature=5e-324, top_p=5e-324)  # float32 zeros: greedy
+    assert tiny.choices[0].message.content == client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=8,
+        temperature=0).choices[0].message.content
     hot = {client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8, temperature=1.0,
                                      seed=s).choices[0].text for s in range(3)}
     assert len(hot) > 1  # ... while the same seeds without top_p sample
-
-
-STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
-                   "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant: ")
-
-
-@pytest.mark.timeout(300)
-def test_a_chat_template_that_rejects_the_messages_gives_400(deploy, tiny_causal_dir, tmp_path):
-    import shutil
-
-    from compress import artifact
-
-    strict = tmp_path / "strict"
-    shutil.copytree(tiny_causal_dir, strict)
-    loaded = models.load(strict)
-    loaded.tokenizer.chat_template = STRICT_TEMPLATE
-    artifact.save(loaded.model, loaded.tokenizer, strict)
-    url = deploy("strict", {"model": str(strict), "model_name": "strict", "num_threads": 1},
-                 ray_actor_options={"num_cpus": 0.25})
-    ok = requests.post(f"{url}/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-    assert ok.status_code == 200, ok.text
-    bad = requests.post(f"{url}/v1/chat/completions", timeout=60,
-                        json={"messages": [{"role": "assistant", "content": "hi"}], "max_tokens": 2})
-    error = bad.json()["error"]
-    assert bad.status_code == 400 and error["param"] == "messages" and "must alternate" in error["message"]
-    serve.delete("strict")
-
-
-@pytest.mark.timeout(300)
-def test_a_model_failure_mid_stream_ends_the_stream_with_an_error_event(deploy, make_tiny_llama, smollm2_loaded,
-                                                                         tmp_path):
-    """The model itself fails (its embedding table is smaller than the tokenizer's ids): a stream ends with an
-    OpenAI error event instead of hanging or cutting the connection, and a plain request gets a 500 body."""
-    from compress import artifact
-
-    model = make_tiny_llama()
-    model.resize_token_embeddings(64)
-    path = artifact.save(model, smollm2_loaded.tokenizer, tmp_path / "broken")
-    url = deploy("broken", {"model": str(path), "model_name": "broken", "num_threads": 1},
-                 ray_actor_options={"num_cpus": 0.25})
-    body = {"prompt": "Tell me a story about a dragon.", "max_tokens": 4}
-    plain = requests.post(f"{url}/v1/completions", json=body, timeout=60)
-    assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
-    with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60, stream=True) as r:
-        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
-    assert error["type"] == "server_error" and "index" in error["message"].lower()
-    serve.delete("broken")

@@ -1,0 +1,103 @@
+"""The GPU paths, end to end, in a few minutes on one GPU: a table with pass or fail per line.
+
+    python bench/gpu_smoke.py                  # on the GPU, in bf16 (the device's default)
+    python bench/gpu_smoke.py --device cpu     # the same lines on the CPU in float32 (a check of the script)
+
+Loads the built-ins (SmolLM2-135M, all-MiniLM-L6-v2), compresses each with int8, int4-g64, GPTQ, 2:4 pruning and a
+few distillation steps, saves and reloads the artifact, generates through the engine (the path serving and batch
+jobs use) and embeds; each line records what it measured or the error it hit. Exit status 1 when any line failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from compress import artifact, data, distill, evaluate, models, specs  # noqa: E402
+from compress.cpu import cpu_description  # noqa: E402
+from compress.engine import Engine  # noqa: E402
+from compress.sampling import SamplingParams  # noqa: E402
+
+CAUSAL_SPECS = ["base", "int8", "int8-dynamic", "int4-g64", "gptq-int4-g64", "prune-2:4", "wanda-2:4+int8",
+                specs.Spec((distill.DistillConfig(layers=20, tokens=4096),))]  # a few distillation steps
+ENCODER_SPECS = ["base", "int8", "int4-g32", "prune-2:4"]
+
+
+def check_causal(loaded, spec: str | specs.Spec, blocks, ref, out: Path) -> str:
+    model = copy.deepcopy(loaded.model)
+    specs.apply_(model, spec, blocks=blocks)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    quality = evaluate.quality(model, loaded.tokenizer, loaded.kind, ref)
+    path = artifact.save(model, loaded.tokenizer, out / str(spec).replace(":", "-"), {"spec": str(spec)})
+    again = models.load(path, device=next(model.parameters()).device)
+    engine = Engine(again.model, again.tokenizer, max_num_seqs=4, max_model_len=256)
+    prompts = [again.tokenizer(p, add_special_tokens=False)["input_ids"] for p in data.BUILTIN_PROMPTS[:4]]
+    start = time.perf_counter()
+    results = engine.generate(prompts, [SamplingParams(max_tokens=32)] * 4)
+    seconds = time.perf_counter() - start
+    if any(r.error for r in results) or not all(r.token_ids for r in results):
+        raise RuntimeError(f"generation failed: {[r.error for r in results]}")
+    tokens = sum(len(r.token_ids) for r in results)
+    return (f"{dtype}, ppl {quality['ppl']:.2f}, top-1 {quality['top1_agreement']:.3f}, reloaded, "
+            f"{tokens / seconds:.0f} tok/s at 4 sequences")
+
+
+def check_encoder(loaded, spec: str, ref, out: Path) -> str:
+    model = copy.deepcopy(loaded.model)
+    specs.apply_(model, spec)
+    quality = evaluate.quality(model, loaded.tokenizer, loaded.kind, ref)
+    path = artifact.save(model, loaded.tokenizer, out / f"minilm-{spec.replace(':', '-')}", {"spec": spec})
+    again = models.load(path, device=next(model.parameters()).device)
+    vectors = models.encode(again.model, again.tokenizer, list(data.BUILTIN_PROMPTS[:8]))
+    if not torch.isfinite(vectors).all():
+        raise RuntimeError("non-finite embeddings")
+    return f"cosine to base {quality['cosine_to_base']:.4f}, reloaded, {tuple(vectors.shape)}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    print(f"device: {where}; torch {torch.__version__}", flush=True)
+    rows, out = [], Path(tempfile.mkdtemp(prefix="raypress-gpu-smoke-"))
+
+    def line(name: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            rows.append((name, "pass", fn()))
+        except Exception as e:  # every line runs; the table says which failed and why
+            traceback.print_exc()
+            rows.append((name, "FAIL", f"{type(e).__name__}: {str(e)[:160]}"))
+        print(f"{rows[-1][1]:<5} {name:<28} {time.perf_counter() - start:6.1f} s  {rows[-1][2]}", flush=True)
+
+    smol = models.load("smollm2-135m", device=device)
+    texts = evaluate.default_eval_texts(smol.model, smol.tokenizer, smol.kind)[:8]
+    ref = evaluate.reference(smol.model, smol.tokenizer, smol.kind, texts, 128, 4)
+    blocks = data.calibration_blocks(smol.model, smol.tokenizer, smol.kind, n_blocks=16)
+    for spec in CAUSAL_SPECS:
+        line(f"smollm2-135m {spec}", lambda s=spec: check_causal(smol, s, blocks, ref, out))
+    mini = models.load("minilm-l6", device=device)
+    mref = evaluate.reference(mini.model, mini.tokenizer, mini.kind, list(data.BUILTIN_PROMPTS), 64, 4)
+    for spec in ENCODER_SPECS:
+        line(f"minilm-l6 {spec}", lambda s=spec: check_encoder(mini, s, mref, out))
+    failed = sum(status == "FAIL" for _, status, _ in rows)
+    print(f"\n{len(rows) - failed} passed, {failed} failed ({where}); artifacts in {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The stages of jobs.batch_infer's pipeline, one batch at a time: ``preprocess`` (template and tokenize, CPU
+tasks), ``Predictor`` (the model actors) and ``postprocess`` (format the answers, CPU tasks).
+
+Between stages a batch carries the input's columns plus internal ones: ``_ids`` (the prompt's token ids,
+list<int32>), ``_params`` (the row's sampling settings, JSON), ``_error`` (why the row gets no answer, or "") and
+``_out`` (the model's answer, JSON). A row with an error passes through the model untouched, and every row comes out.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from compress import data, models
+from compress.engine import Engine
+from compress.sampling import SamplingParams, stop_strings
+from jobs.inputs import TYPE_ERRORS
+
+PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+INTERNAL = ("_ids", "_params", "_error", "_out", TYPE_ERRORS)
+
+
+@functools.cache
+def _tokenizer(model: str):
+    return models.tokenizer_for(model)
+
+
+def preprocess(table: pa.Table, model: str, task: str, column: str, context: int, defaults: dict) -> pa.Table:
+    """Template and tokenize each row; a bad row gets its error here and skips the model."""
+    tokenizer, _ = _tokenizer(model)
+    wanted = [c for c in (column, "messages", TYPE_ERRORS, *PARAM_COLUMNS) if c in table.column_names]
+    ids, params, errors = [], [], []
+    for row in table.select(wanted).to_pylist():
+        value = row.get(column)
+        if value is None and task == "generate" and column != "messages":
+            value = row.get("messages")  # rows may give a prompt or OpenAI chat messages
+        try:
+            if row.get(TYPE_ERRORS):
+                raise ValueError(row[TYPE_ERRORS])
+            text, templated = _row_text(value, column, tokenizer, task, chat=defaults.get("chat", False))
+            row_ids = data.prompt_ids(tokenizer, text, templated)
+            p = _row_params(row, defaults) if task == "generate" else None
+            budget = p.max_tokens if p else 0
+            if len(row_ids) + budget > context:
+                raise ValueError(f"{len(row_ids)} prompt tokens + {budget} new tokens exceed the limit of {context} "
+                                 "tokens (the model's context, or --max-model-len)")
+            if task == "score" and len(row_ids) < 2:
+                raise ValueError("scoring needs at least 2 tokens")
+            ids.append(row_ids)
+            params.append(json.dumps(p.__dict__) if p else "")
+            errors.append("")
+        except (ValueError, TypeError) as e:
+            ids.append([])
+            params.append("")
+            errors.append(str(e))
+    return (table.append_column("_ids", pa.array(ids, pa.list_(pa.int32())))
+            .append_column("_params", pa.array(params, pa.string()))
+            .append_column("_error", pa.array(errors, pa.string())))
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> tuple[str, bool]:
+    """The row's text, and whether the chat template made it."""
+    if _is_null(value):
+        raise ValueError(f"column {column!r} is null")
+    if isinstance(value, np.ndarray | list) and task == "generate":
+        messages = [dict(m) if isinstance(m, dict) else m for m in value]
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                                   for m in messages):
+            raise ValueError(f"column {column!r}: expected OpenAI chat messages [{{role, content}}, ...]")
+        return data.chat_text(tokenizer, messages), True
+    if not isinstance(value, str):
+        raise TypeError(f"column {column!r}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"column {column!r} is empty")
+    if chat:
+        return data.chat_text(tokenizer, [{"role": "user", "content": value}]), True
+    return value, False
+
+
+def _row_params(row: dict, defaults: dict) -> SamplingParams:
+    """The job's defaults, overridden by the row's own max_tokens, temperature, top_p, seed and stop columns."""
+    values = {k: v for k, v in defaults.items() if k != "chat"}
+    values.update({k: row[k] for k in PARAM_COLUMNS if not _is_null(row.get(k))})
+    seed = None if values.get("seed") is None else int(values["seed"])
+    return SamplingParams(max_tokens=int(values["max_tokens"]), temperature=float(values["temperature"]),
+                          top_p=float(values["top_p"]), seed=seed, stop=stop_strings(values.get("stop")))
+
+
+class Predictor:
+    """One model replica per actor. Maps a batch to its outputs; rows with an error pass through untouched.
+
+    Generation goes through the engine: every row of a call is queued at once and starts as soon as a slot is free,
+    so a long row never holds up the short ones beside it. Embeddings encode the row's own text, as the serving
+    app does.
+    """
+
+    def __init__(self, model: str, task: str, column: str, max_num_seqs: int, max_model_len: int,
+                 threads: int | None = None):
+        import torch
+
+        self.threads = threads
+        max_memory = None
+        if torch.cuda.device_count() > 1:  # this actor holds several GPUs: shard the model's layers over them
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            max_memory = models.plan_sharding(models.weights_bytes(model), free)
+        self.model, self.tokenizer, self.kind = models.load(model, max_memory=max_memory)
+        self.task, self.column, self.max_num_seqs, self.max_model_len = task, column, max_num_seqs, max_model_len
+        self.engine = None
+
+    def _engine(self, need: int) -> Engine:
+        """The engine, with a KV cache as long as this call's longest row needs (in steps of 256 tokens, at most
+        max_model_len): a batch of short rows does not pay memory for the longest row the job allows."""
+        if self.engine is None or self.engine.max_model_len < need:
+            length = min(self.max_model_len, -(-need // 256) * 256)
+            self.engine = None  # the old cache goes before the new one is made
+            self.engine = Engine(self.model, self.tokenizer, max_num_seqs=self.max_num_seqs, max_model_len=length,
+                                 max_batch_tokens=max(512, 2 * self.max_num_seqs))
+        return self.engine
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        if self.threads:  # per call: OpenMP keeps the thread count per calling thread
+            torch.set_num_threads(self.threads)
+        n = len(batch["_ids"])
+        out = {"_out": np.array([""] * n, dtype=object), "_error": batch["_error"].copy()}
+        todo = [i for i in range(n) if not batch["_error"][i]]
+        ids = {i: [int(t) for t in batch["_ids"][i]] for i in todo}
+        if self.task == "generate":
+            self._generate(ids, batch["_params"], out)
+            batch.update(out)
+            return batch
+        todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
+        for start in range(0, len(todo), self.max_num_seqs):
+            rows = todo[start : start + self.max_num_seqs]
+            try:
+                with torch.inference_mode():
+                    if self.task == "embed":
+                        texts = [str(batch[self.column][i]) for i in rows]
+                        results = models.encode(self.model, self.tokenizer, texts).tolist()
+                    else:
+                        results = _score(self.model, [ids[i] for i in rows], self.tokenizer.pad_token_id or 0)
+                for i, r in zip(rows, results, strict=True):
+                    out["_out"][i] = json.dumps(r)
+            except Exception as e:  # a batch the model cannot take: record it on its rows and go on
+                for i in rows:
+                    out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+        batch.update(out)
+        return batch
+
+    def _generate(self, ids: dict[int, list[int]], params: np.ndarray, out: dict) -> None:
+        rows = list(ids)
+        if not rows:
+            return
+        row_params = [SamplingParams(**{**p, "stop": tuple(p["stop"])}) for p in (json.loads(params[i]) for i in rows)]
+        try:
+            need = max(len(ids[i]) + p.max_tokens for i, p in zip(rows, row_params, strict=True))
+            results = self._engine(need).generate([ids[i] for i in rows], row_params)
+        except Exception as e:  # the engine refused the call as a whole: every row gets the reason
+            results = [None] * len(rows)
+            for i in rows:
+                out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+        for i, g in zip(rows, results, strict=True):
+            if g is not None and g.error:
+                out["_error"][i] = f"model error: {g.error}"
+            elif g is not None:
+                out["_out"][i] = json.dumps({"n": len(g.token_ids), "text": g.text, "finish_reason": g.finish_reason})
+
+
+def _score(model, ids: list[list[int]], pad: int) -> list[dict]:
+    import torch
+
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, row in enumerate(ids):
+        x[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    device = next(model.parameters()).device
+    logp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    token_lp = logp[:, :-1].gather(-1, x[:, 1:, None].to(device))[..., 0].cpu() * mask[:, 1:]
+    sums, counts = token_lp.sum(1), mask[:, 1:].sum(1)
+    return [{"sum": float(s), "mean": float(s / c)} for s, c in zip(sums, counts, strict=True)]
+
+
+def postprocess(batch: dict, task: str) -> pa.Table | dict:
+    """Format the model's outputs into the job's columns; drop the internal ones."""
+    errors = [e or None for e in batch["_error"]]
+    outs = [json.loads(o) if o and not errors[i] else None for i, o in enumerate(batch["_out"])]
+    if task == "generate":
+        batch["generated_text"] = np.array([o and o["text"] for o in outs], dtype=object)
+        batch["num_generated_tokens"] = np.array([o and o["n"] for o in outs], dtype=object)
+        batch["finish_reason"] = np.array([o and o["finish_reason"] for o in outs], dtype=object)
+    elif task == "score":
+        batch["logprob_sum"] = np.array([o["sum"] if o else None for o in outs], dtype=object)
+        batch["logprob_mean"] = np.array([o["mean"] if o else None for o in outs], dtype=object)
+        batch["perplexity"] = np.array([math.exp(-o["mean"]) if o else None for o in outs], dtype=object)
+    batch["num_prompt_tokens"] = np.array([None if e else len(i) for i, e in zip(batch["_ids"], errors, strict=True)],
+                                          dtype=object)
+    batch["error"] = np.array(errors, dtype=object)
+    for key in INTERNAL:
+        batch.pop(key, None)
+    if task != "embed":
+        return batch
+    table = pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in batch.items()})
+    return table.append_column("embedding", pa.array(outs, type=pa.list_(pa.float32())))  # not a tensor type

@@ -1,0 +1,65 @@
+"""serve/responses.py against the official openai package: every field raypress's response models hold is one the
+matching openai type defines, and every body the builders make parses as that type with the values it was given."""
+
+import typing
+
+import openai.types as oai
+import openai.types.chat as oai_chat
+import pytest
+from pydantic import BaseModel
+
+from compress.sampling import TokenLogprob
+from serve import responses as rs
+
+PAIRS = [(rs.Completion, oai.Completion), (rs.CompletionChoice, oai.CompletionChoice),
+         (rs.ChatCompletion, oai_chat.ChatCompletion), (rs.ChatCompletionChunk, oai_chat.ChatCompletionChunk),
+         (rs.EmbeddingList, oai.CreateEmbeddingResponse), (rs.FileObject, oai.FileObject), (rs.Batch, oai.Batch)]
+
+
+def _nested(model: type[BaseModel], field: str) -> type[BaseModel] | None:
+    """The model a field holds (directly, in a list, or optionally), if any."""
+    stack = [model.model_fields[field].annotation]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+        stack += typing.get_args(t)
+    return None
+
+
+def _check_fields(ours: type[BaseModel], theirs: type[BaseModel], path: str) -> None:
+    for name in ours.model_fields:
+        assert name in theirs.model_fields, f"{path}.{name} is not a field of {theirs.__name__}"
+        inner_ours, inner_theirs = _nested(ours, name), _nested(theirs, name)
+        if inner_ours is not None and inner_theirs is not None:
+            _check_fields(inner_ours, inner_theirs, f"{path}.{name}")
+
+
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=[p[0].__name__ for p in PAIRS])
+def test_every_field_is_one_openai_defines(ours, theirs):
+    _check_fields(ours, theirs, ours.__name__)
+
+
+def test_built_bodies_parse_as_the_openai_types():
+    lp = [TokenLogprob(token_id=5, logprob=-0.5, top=[(5, -0.5), (7, -1.5)])]
+    text = {5: "Hi", 7: "Yo"}.get
+    chat = oai_chat.ChatCompletion.model_validate(
+        rs.chat_completion("m", "Hello", "stop", 7, 3, rs.chat_logprobs(lp, text)))
+    assert chat.choices[0].message.content == "Hello" and chat.usage.total_tokens == 10
+    assert chat.choices[0].logprobs.content[0].top_logprobs[1].token == "Yo"
+    plain = oai.Completion.model_validate(rs.completion("m", ["a", "b"], ["length", "stop"], 4, 6))
+    assert [c.text for c in plain.choices] == ["a", "b"] and plain.choices[1].finish_reason == "stop"
+    first = rs.chunk(True, "id1", 1, "m", rs.ChatChunkChoice(index=0, delta=rs.Delta(role="assistant", content=""),
+                                                            finish_reason=None))
+    assert "usage" not in first  # usage only on the last chunk
+    last = oai_chat.ChatCompletionChunk.model_validate(
+        rs.chunk(True, "id1", 1, "m", rs.ChatChunkChoice(index=0, delta=rs.Delta(), finish_reason="length"),
+                 rs.usage(3, 2)))
+    assert last.usage.completion_tokens == 2 and last.choices[0].finish_reason == "length"
+    vectors = oai.CreateEmbeddingResponse.model_validate(rs.embeddings("m", [[0.5, 1.0]], 3, "float"))
+    assert vectors.data[0].embedding == [0.5, 1.0] and vectors.usage.prompt_tokens == 3
+    assert isinstance(rs.embeddings("m", [[0.5, 1.0]], 3, "base64")["data"][0]["embedding"], str)
+    batch = {"id": "batch_1", "object": "batch", "endpoint": "/v1/embeddings", "input_file_id": "file-1",
+             "completion_window": "24h", "status": "in_progress", "created_at": 1,
+             "request_counts": {"total": 2, "completed": 1, "failed": 0}}
+    assert oai.Batch.model_validate(rs.Batch.model_validate(batch).model_dump()).request_counts.completed == 1
