@@ -224,6 +224,4 @@ def read_results(out: Path) -> list[dict]:
 
 def write_results(out: Path, rows: list[dict]) -> None:
     """Rewrite results.parquet with every row so far, atomically (temporary file + rename)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(results_table(rows), sink)
-    storage.write_bytes(*storage.resolve(out / "results.parquet"), sink.getvalue().to_pybytes())
+    storage.write_parquet(*storage.resolve(out / "results.parquet"), results_table(rows))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -35,6 +37,13 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(temp) as out:
         out.write(data)
     fs.move(temp, path)
+
+
+def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """``write_bytes`` of a table as one parquet file."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(fs, path, sink.getvalue().to_pybytes())
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

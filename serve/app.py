@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from compress import data, models
+from compress import data, encoders, models
 from compress.engine import Engine
 from compress.request import Generation
 from compress.sampling import SamplingParams
@@ -157,7 +157,7 @@ class ModelServer:
             self.context = self.engine.max_model_len
         else:
             self._encode_tokenizer = copy.deepcopy(self.tokenizer)
-            self.context = models.input_limit(models.resolve(model))
+            self.context = encoders.input_limit(self.model.config)  # the loaded model's pooling config says it
             self._embed_batch.set_max_batch_size(max_batch_size)
             self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batches, self._batch_settings = None, {
@@ -320,7 +320,7 @@ class ModelServer:
     def _sse(self, ids: list[int], params: SamplingParams, chat: bool) -> StreamingResponse:
         """Server-sent events: a chunk per piece of new text, then the finish reason with usage, then [DONE]."""
         handle = self.engine.submit(ids, params)
-        rid, created = rs.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        rid, created = rs.new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
 
         def chunk(choice, usage=None) -> str:
             return f"data: {json.dumps(rs.chunk(chat, rid, created, self.name, choice, usage))}\n\n"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections import defaultdict
 
 import pyarrow as pa
@@ -125,8 +124,7 @@ def prepare(fs, folder: str, requests: list[tuple[str, dict]], endpoint: str, se
     else:
         fields += [(column, _MESSAGES if column == "messages" else pa.string()), *_SETTINGS.items()]
     schema = pa.schema(fields)
-    with fs.open_output_stream(f"{folder}/rows.parquet") as out:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    storage.write_parquet(fs, f"{folder}/rows.parquet", pa.Table.from_pylist(rows, schema=schema))
     storage.write_bytes(fs, f"{folder}/rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())
     return len(rows)
 
@@ -201,7 +199,7 @@ def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str,
         by_line[r["line"]].append(r)
     outputs, errors = [], []
     for line, custom_id in enumerate(custom_ids):
-        entry = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": custom_id, "response": None, "error": None}
+        entry = {"id": rs.new_id("batch_req_"), "custom_id": custom_id, "response": None, "error": None}
         rows = by_line.get(line, [])
         failed = next((r["error"] for r in rows if r["error"]), None)
         if line in rejected:
@@ -216,14 +214,14 @@ def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str,
             entry["error"] = {"code": f"batch_{why}", "message": f"the batch was {why} before this request ran"}
             errors.append(entry)
             continue
-        entry["response"] = {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": body}
+        entry["response"] = {"status_code": status, "request_id": rs.new_id("req_"), "body": body}
         (outputs if status == 200 else errors).append(entry)
     summary = {"request_counts": {"total": len(custom_ids), "completed": len(outputs),
                                   "failed": sum(1 for e in errors if e["response"] is not None)}}
     for key, entries, name in (("output_file", outputs, "output"), ("error_file", errors, "error")):
         summary[key] = None
         if entries:
-            file_id = f"file-{uuid.uuid4().hex[:24]}"
+            file_id = rs.new_id("file-")
             data = "".join(json.dumps(e) + "\n" for e in entries).encode()
             storage.write_bytes(fs, f"{root}/files/{file_id}", data)
             summary[key] = {"id": file_id, "filename": f"{batch_id}_{name}.jsonl", "bytes": len(data)}

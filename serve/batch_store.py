@@ -21,13 +21,12 @@ import json
 import os
 import sqlite3
 import time
-import uuid
 from contextlib import closing
 
 from jobs import storage
+from serve.responses import new_id
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -37,10 +36,6 @@ CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, status TEXT NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS batches_by_time ON batches (created_at, id);
 """
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}" if prefix == "file" else f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
 class BatchStore:
@@ -72,16 +67,12 @@ class BatchStore:
     def batch_dir(self, batch_id: str) -> str:
         return f"{self.root}/batches/{batch_id}"
 
-    def batch_uri(self, batch_id: str) -> str:
-        """The batch folder as a URI a job on another node can open."""
-        return f"{self.uri.rstrip('/')}/batches/{batch_id}" if "://" in self.uri else self.batch_dir(batch_id)
-
     # -- files ----------------------------------------------------------------------------------------------------
 
     def add_file(self, chunks, filename: str, purpose: str, max_bytes: int, file_id: str | None = None) -> dict:
         """Store an upload given as an iterable of byte chunks; more than ``max_bytes`` raises ValueError and
         leaves nothing behind."""
-        file_id = file_id or new_id("file")
+        file_id = file_id or new_id("file-")
         path, size = self.file_path(file_id), 0
         try:
             with self.fs.open_output_stream(path) as out:
@@ -152,8 +143,3 @@ class BatchStore:
                                   "ORDER BY created_at DESC, id DESC LIMIT ?", (cursor[0], cursor[1], limit + 1))
             found = [json.loads(r["body"]) for r in rows.fetchall()]
         return found[:limit], len(found) > limit
-
-    def active_batches(self) -> list[dict]:
-        with closing(self._connect()) as db:
-            rows = db.execute(f"SELECT body FROM batches WHERE status IN ({','.join('?' * len(ACTIVE))})", ACTIVE)
-            return [json.loads(r["body"]) for r in rows.fetchall()]

@@ -20,8 +20,9 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from jobs import storage
 from serve import batch_job
 from serve import responses as rs
-from serve.batch_store import TERMINAL, BatchStore, new_id
+from serve.batch_store import TERMINAL, BatchStore
 from serve.protocol import APIError
+from serve.responses import new_id
 
 log = logging.getLogger("ray.serve")
 WINDOWS = {"24h": 24 * 3600}
@@ -110,7 +111,7 @@ class Batches:
                            "input_file_id")
         requests = batch_job.parse_requests(self.store.read_file(input_file_id), endpoint, self.max_requests)
         now = int(time.time())
-        batch = {"id": new_id("batch"), "object": "batch", "endpoint": endpoint, "errors": None,
+        batch = {"id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
                  "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
                  "output_file_id": None, "error_file_id": None, "created_at": now,
                  "expires_at": now + WINDOWS[completion_window], **dict.fromkeys(_TIMES),

@@ -162,7 +162,8 @@ class Batch(BaseModel):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """An OpenAI-style id: the prefix with its separator ("chatcmpl-", "file-", "batch_", "req_"), then 24 hex."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -176,7 +177,7 @@ def completion(model: str, texts: list[str], finish_reasons: list[str], prompt_t
     logprobs = logprobs or [None] * len(texts)
     choices = [CompletionChoice(index=k, text=t, finish_reason=f, logprobs=lp)
                for k, (t, f, lp) in enumerate(zip(texts, finish_reasons, logprobs, strict=True))]
-    return Completion(id=new_id("cmpl"), object="text_completion", created=int(time.time()), model=model,
+    return Completion(id=new_id("cmpl-"), object="text_completion", created=int(time.time()), model=model,
                       choices=choices, usage=usage(prompt_tokens, completion_tokens)).model_dump(exclude_unset=True)
 
 
@@ -184,7 +185,7 @@ def chat_completion(model: str, text: str, finish_reason: str, prompt_tokens: in
                     logprobs: dict | None = None) -> dict:
     choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text),
                         finish_reason=finish_reason, logprobs=logprobs)
-    body = ChatCompletion(id=new_id("chatcmpl"), object="chat.completion", created=int(time.time()), model=model,
+    body = ChatCompletion(id=new_id("chatcmpl-"), object="chat.completion", created=int(time.time()), model=model,
                           choices=[choice], usage=usage(prompt_tokens, completion_tokens))
     return body.model_dump(exclude_unset=True)
 
