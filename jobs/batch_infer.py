@@ -11,46 +11,45 @@ wastes little) -> decode and format (CPU tasks) -> parquet files in OUTPUT.
 Columns: generate adds generated_text, num_generated_tokens, finish_reason (per-row max_tokens, temperature, top_p,
 seed, stop columns override the flags); embed adds embedding (list<float32>, pooled as the model's
 sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every task adds
-num_prompt_tokens, and error: null or why that row got no answer. Output rows = input rows. --resume skips rows
-already in OUTPUT (by --id-column, or by the row_index this job adds in input order). OUTPUT and INPUT are local
-paths or URIs of any filesystem pyarrow knows.
+num_prompt_tokens, and error: null or why that row got no answer; and source_file, source_row: where the row came
+from (its file relative to INPUT, its row number in that file). Output rows = input rows. The input streams from
+storage through Ray Data read tasks; the driver never holds it. --resume skips rows already in OUTPUT (by
+--id-column, or by source_file and source_row). OUTPUT and INPUT are local paths or URIs of any filesystem pyarrow
+knows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from compress import models
-from jobs import storage
-from jobs.inputs import read_input
-from jobs.predict import Predictor, postprocess, preprocess
+from jobs import inputs, storage
+from jobs.predict import Predictor, input_types, postprocess, preprocess
 
 log = logging.getLogger("jobs.batch_infer")
 TASKS = ("generate", "embed", "score")
-ROW_INDEX = "row_index"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Resume and summary
 
 
-def done_ids(output: str, id_column: str) -> set:
-    """Ids already written by earlier runs; an unreadable (half-written) file is removed so its rows are redone."""
+def done_ids(output: str, id_columns: list[str]) -> set:
+    """Keys (``row_keys``) of the rows already written by earlier runs; an unreadable (half-written) file is removed
+    so that its rows are redone."""
     fs, root = storage.resolve(output)
     ids = set()
     for f in storage.files(fs, root, ".parquet"):
         try:
-            ids.update(pq.read_table(f, columns=[id_column], filesystem=fs).column(id_column).to_pylist())
+            ids.update(row_keys(pq.read_table(f, columns=id_columns, filesystem=fs), id_columns).to_pylist())
         except (pa.ArrowInvalid, OSError) as e:
             log.warning("removing unreadable output %s (%s); its rows will be redone", f, e)
             fs.delete_file(f)
@@ -107,7 +106,8 @@ def main(
         output: folder for the output parquet files: a local path or a URI (s3://, gs://, file://).
         task: generate (text), embed (sentence embeddings) or score (log-probability and perplexity of the text).
         column: input column: default prompt (or messages, in OpenAI chat form) for generate, text otherwise.
-        id_column: column that identifies rows, for --resume; default: a row_index added in input order.
+        id_column: column that identifies rows, for --resume; default: source_file and source_row. Checked in one
+            pass before the run: on every row, never repeated.
         resume: skip rows already written to OUTPUT by an interrupted run.
         num_actors: model actors (replicas) in the pool.
         num_gpus_per_actor: GPUs per actor: fractional to share one, several to shard a big model across them.
@@ -132,36 +132,40 @@ def main(
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {TASKS}")
     out_fs, out_dir = storage.resolve(output)
-    table = read_input(input)
-    column = column or _default_column(task, table.column_names)
-    if column not in table.column_names:
-        raise ValueError(f"input has no column {column!r}; its columns: {table.column_names} (use --column)")
+    columns = inputs.peek_columns(input)
+    column = column or _default_column(task, columns)
+    if column not in columns:
+        raise ValueError(f"input has no column {column!r}; its columns: {columns} (use --column)")
     kind = models.kind_of(model)
     if (task == "embed") != (kind == models.ENCODER):
         raise ValueError(f"--task {task} does not fit {model!r}, a {kind} model: encoders embed; causal LMs "
                          "generate and score")
-    id_column = _with_ids(table, id_column)
-    if id_column == ROW_INDEX and ROW_INDEX not in table.column_names:
-        table = table.append_column(ROW_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    if id_column is not None and id_column not in columns:
+        raise ValueError(f"--id-column {id_column!r} is not an input column; columns: {columns}")
+    id_columns = [id_column] if id_column else [inputs.SOURCE_FILE, inputs.SOURCE_ROW]
     existing = storage.files(out_fs, out_dir, ".parquet")
     if existing and not resume:
         raise ValueError(f"output {output!r} already holds {len(existing)} parquet file(s); pass --resume to "
                          "continue that run, or choose another folder")
-    if resume:
-        done = done_ids(output, id_column)
-        if done:
-            keep = pa.compute.invert(pa.compute.is_in(table.column(id_column), value_set=pa.array(list(done))))
-            todo = sum(keep.to_pylist())
-            log.info("resume: %d of %d rows already written; %d to go", len(done), table.num_rows, todo)
-            table = table.filter(keep)
-    if table.num_rows:
-        if not ray.is_initialized():
-            ray.init(configure_logging=False)
-        defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                    "stop": tuple(stop or ()), "chat": chat}
-        resources = json.loads(actor_resources) if actor_resources else {}
-        _run_pipeline(ray, table, model, task, column, defaults, (out_fs, out_dir), num_actors, num_gpus_per_actor,
-                      cpus_per_actor, threads_per_actor, resources, batch_size, max_model_len)
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    # read tasks stream the files; the driver holds none of it
+    source = inputs.InputFiles(input, input_types(task, column))
+    ds = ray.data.read_datasource(source)
+    if id_column:
+        _check_ids(ds, id_column)
+    done = done_ids(output, id_columns) if resume else set()
+    if done:
+        log.info("resume: %d rows already written to %s; skipping them", len(done), output)
+        ds = ds.map_batches(_not_done, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                            fn_kwargs={"done": pa.array(sorted(done)), "id_columns": id_columns})
+    defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "stop": tuple(stop or ()), "chat": chat}
+    resources = json.loads(actor_resources) if actor_resources else {}
+    ds = _pipeline(ray, ds, source.schema, model=model, task=task, column=column, defaults=defaults,
+                   num_actors=num_actors, num_gpus=num_gpus_per_actor, num_cpus=cpus_per_actor,
+                   threads=threads_per_actor, resources=resources, batch_size=batch_size, max_model_len=max_model_len)
+    ds.write_parquet(out_dir, filesystem=out_fs)
     line, error_fraction = summarize(output, task, time.perf_counter() - start)
     print(line)
     if error_fraction > max_error_fraction:  # every row is written; the exit code says the run went badly
@@ -171,8 +175,9 @@ def main(
     return 0
 
 
-def _run_pipeline(ray, table, model, task, column, defaults, out, num_actors, num_gpus, num_cpus, threads,
-                  resources, batch_size, max_model_len) -> None:
+def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num_gpus, num_cpus, threads, resources,
+              batch_size, max_model_len):
+    """read -> preprocess (CPU tasks) -> Predictor (model actors) -> postprocess (CPU tasks)."""
     context = models.input_limit(models.resolve(model))
     if task == "generate":
         if max_model_len < 2:
@@ -180,8 +185,6 @@ def _run_pipeline(ray, table, model, task, column, defaults, out, num_actors, nu
         context = min(context, max_model_len)
     # rows per actor call: the engine starts each as a slot frees up; more rows per call, less idle tail per call
     rows_per_call = batch_size * 8
-    blocks = max(1, math.ceil(table.num_rows / rows_per_call))
-    ds = ray.data.from_arrow(table).repartition(blocks)
     ds = ds.map_batches(preprocess, batch_format="pyarrow", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"model": model, "task": task, "column": column, "context": context,
                                    "defaults": defaults})
@@ -193,8 +196,8 @@ def _run_pipeline(ray, table, model, task, column, defaults, out, num_actors, nu
                                                "threads": threads},
                         max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
-                        fn_kwargs={"task": task})
-    ds.write_parquet(out[1], filesystem=out[0])
+                        fn_kwargs={"task": task, "schema": schema})
+    return ds
 
 
 def _default_column(task: str, columns: list[str]) -> str:
@@ -203,18 +206,33 @@ def _default_column(task: str, columns: list[str]) -> str:
     return "prompt" if task == "generate" else "text"
 
 
-def _with_ids(table: pa.Table, id_column: str | None) -> str:
-    if id_column is None:
-        return ROW_INDEX
-    if id_column not in table.column_names:
-        raise ValueError(f"--id-column {id_column!r} is not an input column; columns: {table.column_names}")
-    missing = table.column(id_column).null_count
+def _check_ids(ds, id_column: str) -> None:
+    """Every row has an id, and no id repeats: one pass over the id column (the driver holds the ids, not the rows)."""
+    seen, missing = set(), 0
+    for batch in ds.select_columns([id_column]).iter_batches(batch_format="pyarrow", batch_size=None):
+        ids = batch.column(id_column)
+        missing += ids.null_count
+        for value in ids.drop_null().to_pylist():
+            if value in seen:
+                raise ValueError(f"--id-column {id_column!r} has repeated values ({value!r}); resuming needs one id "
+                                 "per row")
+            seen.add(value)
     if missing:
         raise ValueError(f"--id-column {id_column!r} is empty on {missing} row(s) (malformed lines have no id "
                          "either); resuming needs an id on every row")
-    if pa.compute.count_distinct(table.column(id_column)).as_py() != table.num_rows:
-        raise ValueError(f"--id-column {id_column!r} has repeated values; resuming needs one id per row")
-    return id_column
+
+
+def row_keys(table: pa.Table, id_columns: list[str]) -> pa.Array:
+    """One key per row: the id column's value, or "source_file\\x1fsource_row" for the default ids."""
+    if len(id_columns) == 1:
+        return table.column(id_columns[0]).combine_chunks()
+    file, row = (table.column(c) for c in id_columns)
+    return pa.compute.binary_join_element_wise(file, pa.compute.cast(row, pa.string()), "\x1f").combine_chunks()
+
+
+def _not_done(table: pa.Table, done: pa.Array, id_columns: list[str]) -> pa.Table:
+    return table.filter(pa.compute.invert(pa.compute.is_in(row_keys(table, id_columns), value_set=done)))
+
 
 
 

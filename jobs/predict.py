@@ -20,13 +20,23 @@ from compress.engine import Engine
 from compress.sampling import SamplingParams, stop_strings
 from jobs.inputs import TYPE_ERRORS
 
-PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+PARAM_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
+               "stop": pa.list_(pa.string())}  # a row's own sampling settings; stop: one string or several
+PARAM_COLUMNS = tuple(PARAM_TYPES)
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # OpenAI chat messages
 INTERNAL = ("_ids", "_params", "_error", "_out", TYPE_ERRORS)
 
 
 @functools.cache
 def _tokenizer(model: str):
     return models.tokenizer_for(model)
+
+
+def input_types(task: str, column: str) -> dict[str, pa.DataType]:
+    """The types of the input columns a task reads (what a JSON input's values are typed as)."""
+    if task != "generate":
+        return {column: pa.string()}
+    return {column: MESSAGES if column == "messages" else pa.string(), "messages": MESSAGES, **PARAM_TYPES}
 
 
 def preprocess(table: pa.Table, model: str, task: str, column: str, context: int, defaults: dict) -> pa.Table:
@@ -190,24 +200,41 @@ def _score(model, ids: list[list[int]], pad: int) -> list[dict]:
     return [{"sum": float(s), "mean": float(s / c)} for s, c in zip(sums, counts, strict=True)]
 
 
-def postprocess(batch: dict, task: str) -> pa.Table | dict:
-    """Format the model's outputs into the job's columns; drop the internal ones."""
+OUTPUT_TYPES = {"generated_text": pa.string(), "num_generated_tokens": pa.int64(), "finish_reason": pa.string(),
+                "logprob_sum": pa.float64(), "logprob_mean": pa.float64(), "perplexity": pa.float64(),
+                "embedding": pa.list_(pa.float32()), "num_prompt_tokens": pa.int64(), "error": pa.string()}
+
+
+def postprocess(batch: dict, task: str, schema: pa.Schema) -> pa.Table:
+    """Format the model's outputs into the job's columns and drop the internal ones. Every column gets its type
+    from ``schema`` (the input's) or ``OUTPUT_TYPES``, so that all output files agree even where a block's values
+    are all null."""
     errors = [e or None for e in batch["_error"]]
     outs = [json.loads(o) if o and not errors[i] else None for i, o in enumerate(batch["_out"])]
     if task == "generate":
-        batch["generated_text"] = np.array([o and o["text"] for o in outs], dtype=object)
-        batch["num_generated_tokens"] = np.array([o and o["n"] for o in outs], dtype=object)
-        batch["finish_reason"] = np.array([o and o["finish_reason"] for o in outs], dtype=object)
+        batch["generated_text"] = [o and o["text"] for o in outs]
+        batch["num_generated_tokens"] = [o and o["n"] for o in outs]
+        batch["finish_reason"] = [o and o["finish_reason"] for o in outs]
     elif task == "score":
-        batch["logprob_sum"] = np.array([o["sum"] if o else None for o in outs], dtype=object)
-        batch["logprob_mean"] = np.array([o["mean"] if o else None for o in outs], dtype=object)
-        batch["perplexity"] = np.array([math.exp(-o["mean"]) if o else None for o in outs], dtype=object)
-    batch["num_prompt_tokens"] = np.array([None if e else len(i) for i, e in zip(batch["_ids"], errors, strict=True)],
-                                          dtype=object)
-    batch["error"] = np.array(errors, dtype=object)
+        batch["logprob_sum"] = [o["sum"] if o else None for o in outs]
+        batch["logprob_mean"] = [o["mean"] if o else None for o in outs]
+        batch["perplexity"] = [math.exp(-o["mean"]) if o else None for o in outs]
+    else:
+        batch["embedding"] = outs
+    batch["num_prompt_tokens"] = [None if e else len(i) for i, e in zip(batch["_ids"], errors, strict=True)]
+    batch["error"] = errors
     for key in INTERNAL:
         batch.pop(key, None)
-    if task != "embed":
-        return batch
-    table = pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in batch.items()})
-    return table.append_column("embedding", pa.array(outs, type=pa.list_(pa.float32())))  # not a tensor type
+    types = {f.name: f.type for f in schema} | OUTPUT_TYPES
+    return pa.table({k: _array(v, types.get(k)) for k, v in batch.items()})
+
+
+def _array(values, type_: pa.DataType | None) -> pa.Array:
+    if isinstance(values, np.ndarray):
+        values = list(values) if values.dtype == object else values.tolist()
+    if type_ is not None and not pa.types.is_floating(type_):  # numpy holds a null as NaN
+        values = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+    try:
+        return pa.array(values, type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a parquet input whose files disagree: keep the batch's own type
+        return pa.array(values)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -49,3 +52,35 @@ def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as stream:
         return stream.read()
+
+
+def upload(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local folder to ``uri`` (a folder or any pyarrow URI), replacing what was there."""
+    fs, path = resolve(uri)
+    if exists(fs, path):
+        fs.delete_dir(path)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(os.path.abspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download(uri: str, local_dir: str | os.PathLike) -> None:
+    """Copy the folder at ``uri`` into a local folder."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri!r} is not a folder")
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(path, os.path.abspath(local_dir), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+
+
+@contextlib.contextmanager
+def local_folder(uri: str) -> Iterator[str]:
+    """A folder on this machine holding what ``uri`` holds: the folder itself when it is a local path, else a
+    temporary copy, removed on exit."""
+    if "://" not in str(uri):
+        yield str(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="raypress-") as tmp:
+        download(uri, tmp)
+        yield tmp

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.sweep sweeps/minilm.yaml --out /tmp/sweep-minilm
 
 A pool of trial actors each loads the base model once and takes spec after spec: compress a copy, evaluate it
-against the base, save the artifact. Each finished trial is written to OUT/results.parquet at once, so a rerun
+against the base, save the artifact to the store (OUT/artifacts, or --store: any URI every node reaches, for
+clusters whose nodes do not share a disk). Each finished trial is written to OUT/results.parquet at once, so a rerun
 skips what is done and a killed sweep resumes. Speed is then measured one variant at a time, with the machine to
 itself. OUT gets report.md, pareto.png (+ pareto.csv), chosen/ (the best variant within budget) and serve.yaml.
 Exit code 0: a variant was chosen; 3: none met the budget; 2: bad config.
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -124,11 +126,11 @@ def expand_specs(templates: list, grid: dict) -> list[str]:
 class TrialActor:
     """Holds the base model and its reference once; compresses, evaluates and saves one spec per call."""
 
-    def __init__(self, model: str, eval_texts: list[str], calib_texts: list[str] | None, cfg: dict, out: str):
+    def __init__(self, model: str, eval_texts: list[str], calib_texts: list[str] | None, cfg: dict, store: str):
         import torch
 
         torch.set_grad_enabled(False)
-        self.name, self.out, self.fingerprint = model, Path(out), cfg["fingerprint"]
+        self.name, self.store, self.fingerprint = model, store, cfg["fingerprint"]
         self.base, self.tokenizer, self.kind = models.load(model)
         self.ref = evaluate.reference(self.base, self.tokenizer, self.kind, eval_texts, cfg["seq_len"],
                                       cfg["eval_blocks"])
@@ -147,12 +149,18 @@ class TrialActor:
             model = self.base if spec == "base" else copy.deepcopy(self.base)
             notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
             metrics = evaluate.quality(model, self.tokenizer, self.kind, self.ref)
-            path = artifact.save(model, self.tokenizer, self.out / "artifacts" / _slug(spec), {
-                "spec": spec, "base_model": {"id": self.name, "weight_digest": self.digest}, "metrics": metrics,
-                "notes": notes,
-            })
-            row.update(metrics, artifact=str(path), artifact_bytes=artifact.weights_bytes(path),
-                       notes=json.dumps(notes))
+            manifest = {"spec": spec, "base_model": {"id": self.name, "weight_digest": self.digest},
+                        "metrics": metrics, "notes": notes}
+            uri = f"{self.store.rstrip('/')}/{_slug(spec)}"
+            if "://" in uri:  # saved on this node, then copied to the store every node reads
+                with tempfile.TemporaryDirectory(prefix="raypress-trial-") as tmp:
+                    path = artifact.save(model, self.tokenizer, Path(tmp) / _slug(spec), manifest)
+                    size = artifact.weights_bytes(path)
+                    storage.upload(path, uri)
+            else:
+                path = artifact.save(model, self.tokenizer, uri, manifest)
+                uri, size = str(path), artifact.weights_bytes(path)
+            row.update(metrics, artifact=uri, artifact_bytes=size, notes=json.dumps(notes))
         except Exception as e:  # a trial that fails is recorded, and the sweep goes on
             log.warning("trial %s failed: %s", spec, traceback.format_exc())
             row["error"] = f"{type(e).__name__}: {e}"
@@ -163,13 +171,14 @@ class TrialActor:
         return row
 
 
-def measure_speed(artifact_path: str, threads: int) -> dict:
-    """Speed of one saved variant, loaded from disk, with ``threads`` torch threads."""
+def measure_speed(artifact_uri: str, threads: int) -> dict:
+    """Speed of one saved variant, loaded from the store, with ``threads`` torch threads."""
     import torch
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    model, tokenizer, kind = models.load(artifact_path)
+    with storage.local_folder(artifact_uri) as path:
+        model, tokenizer, kind = models.load(path)
     return evaluate.speed(model, tokenizer, kind)
 
 
@@ -204,18 +213,18 @@ def reusable(rows: list[dict], cfg: SweepConfig, retry_failed: bool) -> list[dic
     return [r for r in rows if r["spec"] not in stale and r["spec"] not in failed]
 
 
-def run_trials(cfg: SweepConfig, out: Path, rows: list[dict], eval_texts, calib_texts, num_actors: int,
-               cpus_per_actor: float, gpus_per_actor: float) -> list[dict]:
+def run_trials(cfg: SweepConfig, out: Path, store: str, rows: list[dict], eval_texts, calib_texts, num_actors: int,
+               placement: dict) -> list[dict]:
     done = {r["spec"] for r in rows}
     todo = [s for s in cfg.specs if s not in done]
     if done:
         log.info("resuming: %d spec(s) already in results.parquet, %d to run", len(done & set(cfg.specs)), len(todo))
     if not todo:
         return rows
-    actor_cls = ray.remote(TrialActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0)
+    actor_cls = ray.remote(TrialActor).options(**placement, max_restarts=0)
     args = (cfg.model, eval_texts, calib_texts, {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
                                                  "calib_blocks": cfg.calib_blocks, "fingerprint": fingerprint(cfg)},
-            str(out))
+            store)
     actors = [actor_cls.remote(*args) for _ in range(min(num_actors, len(todo)))]
     inflight = {}
     for actor in actors:
@@ -245,14 +254,14 @@ def run_trials(cfg: SweepConfig, out: Path, rows: list[dict], eval_texts, calib_
     return rows
 
 
-def run_speed(cfg: SweepConfig, out: Path, rows: list[dict], cpus: float, gpus: float) -> list[dict]:
+def run_speed(cfg: SweepConfig, out: Path, rows: list[dict], placement: dict) -> list[dict]:
     """Measure each variant's speed in turn, alone on the machine, and record it as it finishes."""
     key = report.speed_key(cfg.kind)
     todo = [r for r in rows if not r.get("error") and r.get(key) is None and r["spec"] in cfg.specs]
     if not todo:
         return rows
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) if gpus == 0 else 4)
-    task = ray.remote(measure_speed).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) if not placement["num_gpus"] else 4)
+    task = ray.remote(measure_speed).options(**placement, max_retries=1)
     for i, row in enumerate(todo, 1):
         try:
             row.update(ray.get(task.remote(row["artifact"], min(threads, os.cpu_count() or 1))))
@@ -279,7 +288,7 @@ def write_choice(out: Path, chosen: dict | None) -> None:
         (out / "serve.yaml").unlink(missing_ok=True)
         return
     with files.new_folder(chosen_dir) as tmp:
-        shutil.copytree(chosen["artifact"], tmp, dirs_exist_ok=True)
+        storage.download(chosen["artifact"], tmp)
     storage.write_bytes(*storage.resolve(out / "serve.yaml"), serve_yaml(chosen_dir.resolve()).encode())
 
 
@@ -297,9 +306,11 @@ def serve_yaml(model_dir: Path) -> str:
 def main(
     config: str,
     out: str = "artifacts/sweep",
+    store: str | None = None,
     num_actors: int = 2,
     cpus_per_actor: float = 0.5,
     gpus_per_actor: float = 0.0,
+    actor_resources: str | None = None,
     retry_failed: bool = False,
 ) -> int:
     """Run a compression sweep: every spec of CONFIG measured against the base; report, Pareto plot, choice.
@@ -307,9 +318,13 @@ def main(
     Args:
         config: sweep config YAML (see sweeps/smollm2.yaml).
         out: output folder; a rerun with the same folder resumes.
+        store: where the trials' artifacts go: a folder or a URI (s3://bucket/sweep, gs://...) that every node of
+            the cluster reads and writes; default OUT/artifacts (one machine, or OUT on a shared filesystem).
         num_actors: trial actors in the pool, each holding the base model once.
         cpus_per_actor: CPUs reserved per trial actor (fractional leaves room for Ray's own tasks).
         gpus_per_actor: GPUs per trial actor (fractional to share a GPU between small models).
+        actor_resources: JSON of custom Ray resources per trial actor and speed task, to put them on the nodes
+            the variants are for, e.g. '{"accelerator": 1}'.
         retry_failed: on a rerun, run again the specs whose trial failed (else they stay recorded as failed).
     """
     start = time.perf_counter()
@@ -321,9 +336,12 @@ def main(
         ray.init(configure_logging=False)
     rows = reusable(report.read_results(out_dir), cfg, retry_failed)
     eval_texts, calib_texts = _texts(cfg, out_dir)
-    rows = run_trials(cfg, out_dir, rows, eval_texts, calib_texts, num_actors, cpus_per_actor, gpus_per_actor)
+    store = store or str((out_dir / "artifacts").resolve())
+    placement = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor,
+                 "resources": json.loads(actor_resources) if actor_resources else None}
+    rows = run_trials(cfg, out_dir, store, rows, eval_texts, calib_texts, num_actors, placement)
     if cfg.speed:
-        rows = run_speed(cfg, out_dir, rows, cpus_per_actor, gpus_per_actor)
+        rows = run_speed(cfg, out_dir, rows, placement)
     base = next((r for r in rows if r["spec"] == "base" and not r.get("error")), None)
     if base is None:
         raise RuntimeError("the base model itself failed to evaluate; see results.parquet")

@@ -26,15 +26,13 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from jobs import storage
+from jobs.predict import MESSAGES, PARAM_TYPES
 from serve import protocol as oa
 from serve import responses as rs
 from serve.protocol import APIError
 
 ENDPOINTS = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
 COLUMN = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "text"}
-_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-_SETTINGS = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
-             "stop": pa.list_(pa.string())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def prepare(fs, folder: str, requests: list[tuple[str, dict]], endpoint: str, se
     if column == "text":
         fields += [("text", pa.string()), ("encoding_format", pa.string())]
     else:
-        fields += [(column, _MESSAGES if column == "messages" else pa.string()), *_SETTINGS.items()]
+        fields += [(column, MESSAGES if column == "messages" else pa.string()), *PARAM_TYPES.items()]
     schema = pa.schema(fields)
     storage.write_parquet(fs, f"{folder}/rows.parquet", pa.Table.from_pylist(rows, schema=schema))
     storage.write_bytes(fs, f"{folder}/rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())

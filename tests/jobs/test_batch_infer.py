@@ -50,12 +50,12 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     assert batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "out"), chat=True,
                             max_tokens=8, cpus_per_actor=0.5, batch_size=4) == 0
-    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["row_index"])
-    assert [r["row_index"] for r in out] == list(range(len(rows)))  # every row, once
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["source_row"])
+    assert [r["source_row"] for r in out] == list(range(len(rows)))  # every row, once
     assert "Paris" in out[0]["generated_text"] and out[0]["num_generated_tokens"] <= 12 and out[0]["error"] is None
     assert out[1]["num_generated_tokens"] <= 6 and out[1]["error"] is None
     assert out[2]["error"] == "column 'prompt' is null" and out[2]["generated_text"] is None
-    assert "expected str, got int" in out[3]["error"]
+    assert "column 'prompt': expected string, got int" in out[3]["error"]
     assert "empty" in out[4]["error"]
     assert "exceed the limit of 2048 tokens" in out[5]["error"]
     assert "Tokyo" in out[6]["generated_text"] and out[6]["finish_reason"] in ("stop", "length")
@@ -72,7 +72,7 @@ def test_generate_keeps_every_row_with_answers_or_errors(ray_local, tmp_path):
     again = tmp_path / "again"
     batch_infer.main(model="smollm2-135m", input=str(src), output=str(again), chat=True, max_tokens=8,
                      cpus_per_actor=0.5, batch_size=2)
-    seeded = {r["row_index"]: r["generated_text"] for r in read_out(again)}
+    seeded = {r["source_row"]: r["generated_text"] for r in read_out(again)}
     assert seeded[1] == out[1]["generated_text"]  # a seeded sample is the same in another batch
 
 
@@ -104,7 +104,7 @@ def test_score_matches_the_models_own_log_probabilities(ray_local, tmp_path, tin
     pq.write_table(pa.table({"text": texts}), tmp_path / "in.parquet")
     batch_infer.main(model=str(tiny_causal_dir), input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
                      task="score", cpus_per_actor=0.5)
-    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["row_index"])
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["source_row"])
     model, tokenizer, _ = models.load(tiny_causal_dir)
     for text, row in zip(texts, out, strict=True):
         ids = torch.tensor([tokenizer(text)["input_ids"]])
@@ -141,7 +141,7 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, 
                      batch_size=2, cpus_per_actor=0.5)
     assert (tmp_path / "killed").exists(), "the fault was not injected"
     out = read_out(tmp_path / "out")
-    assert sorted(r["row_index"] for r in out) == list(range(40))
+    assert sorted(r["source_row"] for r in out) == list(range(40))
     assert all(r["error"] is None and r["generated_text"] is not None for r in out)  # replayed, not failed
 
 
@@ -150,25 +150,25 @@ def test_resume_after_a_run_killed_halfway(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a word about the number {i}."} for i in range(48)])
     out = tmp_path / "out"
     args = [sys.executable, "-m", "jobs.batch_infer", "--model", "smollm2-135m", "--input", str(src), "--output",
-            str(out), "--max-tokens", "6", "--batch-size", "2", "--cpus-per-actor", "0.5"]
+            str(out), "--max-tokens", "12", "--chat", "--batch-size", "2", "--cpus-per-actor", "0.5"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and len(glob.glob(str(out / "*.parquet"))) < 2 and proc.poll() is None:
+        while time.time() < deadline and not glob.glob(str(out / "*.parquet")) and proc.poll() is None:
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    first = batch_infer.done_ids(out, "row_index")
+    first = batch_infer.done_ids(out, ["source_file", "source_row"])
     assert 0 < len(first) < 48, f"the first run should stop halfway, wrote {len(first)} rows"
     with pytest.raises(ValueError, match="pass --resume"):
         batch_infer.main(model="smollm2-135m", input=str(src), output=str(out))
     batch_infer.main(model="smollm2-135m", input=str(src), output=str(out), resume=True, max_tokens=6,
                      batch_size=4, cpus_per_actor=0.5)
-    ids = [r["row_index"] for r in read_out(out)]
+    ids = [r["source_row"] for r in read_out(out)]
     assert sorted(ids) == list(range(48))  # the union of both runs: every row exactly once
 
 
@@ -179,8 +179,8 @@ def test_lines_that_are_not_json_objects_become_error_rows(ray_local, tmp_path, 
     src.write_text("\n".join(good[:2] + ["{not json", "[1, 2]", "7", good[2]]) + "\n")
     assert batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=3,
                             cpus_per_actor=0.5) == 0
-    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["row_index"])
-    assert [r["row_index"] for r in out] == list(range(6))
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["source_row"])
+    assert [r["source_row"] for r in out] == list(range(6))
     assert "line 3 of" in out[2]["error"] and "is not JSON" in out[2]["error"]
     assert "line 4 of" in out[3]["error"] and "a JSON list, not an object" in out[3]["error"]
     assert "line 5 of" in out[4]["error"] and "a JSON int, not an object" in out[4]["error"]
@@ -192,9 +192,9 @@ def test_lines_that_are_not_json_objects_become_error_rows(ray_local, tmp_path, 
     out_uri = f"file://{tmp_path}/out2"
     batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri, max_tokens=3,
                      cpus_per_actor=0.5)
-    out2 = sorted(read_out(tmp_path / "out2"), key=lambda r: r["row_index"])
+    out2 = sorted(read_out(tmp_path / "out2"), key=lambda r: r["source_row"])
     assert [r["error"] is None for r in out2] == [True, True, False] and "element 2" in out2[2]["error"]
-    assert batch_infer.done_ids(out_uri, "row_index") == {0, 1, 2}
+    assert batch_infer.done_ids(out_uri, ["source_file", "source_row"]) == {f"in.json\x1f{i}" for i in range(3)}
     with pytest.raises(ValueError, match="already holds"):
         batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri)
     assert batch_infer.main(model=str(tiny_causal_dir), input=f"file://{array}", output=out_uri, resume=True) == 0
@@ -241,7 +241,7 @@ def test_a_model_that_fails_gives_every_row_its_error(ray_local, tmp_path, smoll
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Words about {w}."} for w in ("cats", "rain", "maps")])
     batch_infer.main(model=str(path), input=str(src), output=str(tmp_path / "out"), max_tokens=3, cpus_per_actor=0.5)
     out = read_out(tmp_path / "out")
-    assert sorted(r["row_index"] for r in out) == [0, 1, 2]
+    assert sorted(r["source_row"] for r in out) == [0, 1, 2]
     for r in out:
         assert r["error"].startswith("model error: ") and "index" in r["error"].lower() and r["generated_text"] is None
 
@@ -272,3 +272,68 @@ def test_the_readme_batch_commands_run_as_written(tmp_path):
     rows = pq.read_table(tmp_path / "out" / "answers").to_pylist()
     assert len(rows) == 2 and all(r["error"] is None for r in rows)
     assert "Paris" in next(r["generated_text"] for r in rows if "France" in r["prompt"])
+
+
+_PEAK = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], configure_logging=False)  # the test session's Ray
+from jobs import batch_infer
+code = batch_infer.main(model=sys.argv[2], input=sys.argv[3], output=sys.argv[4], task="score", cpus_per_actor=0.5)
+# VmHWM: this process's own peak since exec (ru_maxrss would also count the test process's size when it forked)
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+print(json.dumps({"code": code, "peak_mib": peak}))
+"""
+
+
+@pytest.mark.timeout(400)
+def test_the_driver_never_holds_the_input(ray_local, tmp_path, tiny_causal_dir):
+    """Peak memory of the job's driver stays flat when the input grows fourfold: the rows stream from the files
+    through Ray Data read tasks to the actors and the writers."""
+    payload = "x" * 65536  # 64 KiB per row that the job carries through to its output
+    peaks = {}
+    for n in (250, 1000):  # ~16 MiB, then ~64 MiB of JSON lines
+        src = write_jsonl(tmp_path / f"in-{n}.jsonl", [{"text": f"Row {i} of the input.", "payload": payload}
+                                                      for i in range(n)])
+        proc = subprocess.run([sys.executable, "-c", _PEAK, ray_local.get_runtime_context().gcs_address,
+                               str(tiny_causal_dir), str(src), str(tmp_path / f"out-{n}")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=380)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["code"] == 0
+        peaks[n] = result["peak_mib"]
+        out = read_out(tmp_path / f"out-{n}")
+        assert len(out) == n and all(r["payload"] == payload and r["error"] is None for r in out)
+    grown = peaks[1000] - peaks[250]
+    print(f"driver peak RSS: {peaks[250]:.0f} MiB for 16 MiB of input, {peaks[1000]:.0f} MiB for 64 MiB")
+    assert grown < 16, f"the driver's peak memory grew by {grown:.0f} MiB for 48 MiB more input"
+
+
+@pytest.mark.timeout(300)
+def test_json_blocks_read_apart_agree_on_their_columns(ray_local, tmp_path, tiny_causal_dir, monkeypatch):
+    """Read tasks type their JSON blocks apart; a column that changes kind between blocks, or first appears in a
+    later one, must neither fail the job nor the output files."""
+    from jobs import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_ROWS", 4)  # 20 rows: five blocks
+    rows = [{"prompt": f"Row {i}."} for i in range(20)]
+    rows[1]["extra"] = "text"
+    rows[9]["extra"] = {"a": 1}  # the job does not read it: kept, as JSON text
+    rows[10]["max_tokens"] = 2  # first seen in a later block: the job's own type
+    rows[11]["stop"] = [",", "."]
+    rows[12]["stop"] = "!"  # one stop string
+    rows[13]["temperature"] = 1  # an int where a float goes
+    rows[14]["prompt"] = 5  # the wrong kind in a column the job reads: that row's error
+    rows[15]["max_tokens"] = "many"
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=3,
+                            cpus_per_actor=0.5) == 0
+    out = {r["source_row"]: r for r in read_out(tmp_path / "out")}  # every file reads back as one table
+    assert sorted(out) == list(range(20))
+    assert (out[1]["extra"], out[9]["extra"], out[0]["extra"]) == ("text", '{"a": 1}', None)
+    assert (out[10]["max_tokens"], out[11]["stop"], out[12]["stop"], out[13]["temperature"]) == (2, [",", "."], ["!"],
+                                                                                                1.0)
+    assert out[10]["num_generated_tokens"] <= 2
+    assert "column 'prompt': expected string" in out[14]["error"] and "got int" in out[14]["error"]
+    assert "column 'max_tokens': expected int64" in out[15]["error"]
+    assert [k for k, r in out.items() if r["error"]] == [14, 15]

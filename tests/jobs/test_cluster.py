@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from compress import artifact
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -52,39 +54,70 @@ def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir):
             time.sleep(3)
         assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), (proc.stdout + proc.stderr)[-3000:]
         assert "6 rows (6 ok, 0 errors)" in proc.stdout
-        assert sorted(r["row_index"] for r in pq.read_table(out).to_pylist()) == list(range(6))
+        assert sorted(r["source_row"] for r in pq.read_table(out).to_pylist()) == list(range(6))
     finally:
         subprocess.run(["pkill", "-9", "-f", temp_dir], timeout=30)
 
 
 _TWO_NODES = """
-import json, sys
+import json, os, sys
 import ray
+import yaml
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
+model, prompts, tmp, wikitext = sys.argv[1:]
+os.chdir(f"{tmp}/nodes")  # the nodes' own working folder; the driver works in another (below)
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
 worker = cluster.add_node(num_cpus=2, resources={"accelerator": 1})  # stands in for a GPU node
+os.chdir(f"{tmp}/driver")
 ray.init(address=cluster.address)
 try:
-    from jobs import batch_infer
+    from jobs import batch_infer, sweep
 
-    batch_infer.main(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3], max_tokens=4, cpus_per_actor=0.5,
-                     actor_resources=json.dumps({"accelerator": 1}))
+    on_worker = json.dumps({"accelerator": 1})
+    batch_infer.main(model=model, input=prompts, output="out", max_tokens=4, cpus_per_actor=0.5,
+                     actor_resources=on_worker)
     nodes = {a.node_id for a in list_actors(detail=True, limit=10000) if "Predictor" in (a.class_name or "")}
-    print(json.dumps({"predictor_nodes": sorted(nodes), "worker": worker.node_id, "head": cluster.head_node.node_id}))
+    config = {"model": model, "eval_data": wikitext, "calib_data": wikitext, "seq_len": 64, "eval_blocks": 2,
+              "calib_blocks": 4, "specs": ["int8", "int4-g32"], "budget": {"max_ppl_increase": 0.5}}
+    with open("sweep.yaml", "w") as f:
+        yaml.safe_dump(config, f)
+    code = sweep.main("sweep.yaml", out="sweep-out", store=f"file://{tmp}/store", num_actors=1, cpus_per_actor=0.5,
+                      actor_resources=on_worker)
+    trials = {a.node_id for a in list_actors(detail=True, limit=10000) if "TrialActor" in (a.class_name or "")}
+    print(json.dumps({"predictor_nodes": sorted(nodes), "trial_nodes": sorted(trials), "worker": worker.node_id,
+                      "head": cluster.head_node.node_id, "sweep_code": code}))
 finally:
     ray.shutdown()
     cluster.shutdown()
 """
 
 
-@pytest.mark.timeout(420)
-def test_model_actors_run_on_the_node_with_the_accelerator(tmp_path, tiny_causal_dir):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", _TWO_NODES, str(tiny_causal_dir), str(_prompts(tmp_path)), str(out)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+@pytest.mark.timeout(500)
+def test_jobs_on_a_two_node_cluster_place_actors_and_share_artifacts(tmp_path, tiny_causal_dir, wikitext):
+    """Model actors go to the node with the accelerator; a sweep whose trials run there writes its artifacts to a
+    store URI that the driver, working in another folder on another node, reads its choice from."""
+    for folder in ("nodes", "driver"):
+        (tmp_path / folder).mkdir()
+    proc = subprocess.run([sys.executable, "-c", _TWO_NODES, str(tiny_causal_dir), str(_prompts(tmp_path)),
+                           str(tmp_path), str(wikitext)],
+                          cwd=ROOT, env=_env() | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     placed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert placed["predictor_nodes"] == [placed["worker"]] and placed["worker"] != placed["head"]
-    assert sorted(r["row_index"] for r in pq.read_table(out).to_pylist()) == list(range(6))
+    out = tmp_path / "driver" / "out"
+    assert sorted(r["source_row"] for r in pq.read_table(out).to_pylist()) == list(range(6))
+
+    assert placed["trial_nodes"] == [placed["worker"]] and placed["sweep_code"] == 0
+    sweep_out = tmp_path / "driver" / "sweep-out"
+    rows = {r["spec"]: r for r in pq.read_table(sweep_out / "results.parquet").to_pylist()}
+    assert set(rows) == {"base", "int8", "int4-g32"}
+    for spec, row in rows.items():
+        assert row["error"] is None and row["decode_tokens_per_s_b1"] > 0  # speed: read back from the store
+        assert row["artifact"] == f"file://{tmp_path}/store/{spec}"
+        assert artifact.verify(tmp_path / "store" / spec)["spec"] == spec
+    assert not (sweep_out / "artifacts").exists() and not (tmp_path / "nodes" / "sweep-out").exists()
+    chosen = artifact.verify(sweep_out / "chosen")  # copied from the store to the driver's OUT
+    assert chosen["spec"] in rows
