@@ -17,7 +17,7 @@ import os
 import torch
 from transformers import AutoConfig
 
-from compress import artifact
+from compress import artifact, ctensors
 from compress.artifact import MANIFEST
 from compress.builtin import BUILTINS, DEFAULT_MODEL, builtin_path, builtin_source
 from compress.encoders import encode
@@ -52,8 +52,9 @@ def load(
     """Load a model, its tokenizer and its kind ("causal" or "encoder").
 
     Args:
-        name_or_path: a built-in name (``raypress models`` lists them), a local folder (Hugging Face model or
-            raypress artifact), or a hub id ``org/name`` (only when the machine is online).
+        name_or_path: a built-in name (``raypress models`` lists them), a local folder (Hugging Face model,
+            compressed-tensors checkpoint, or raypress artifact), or a hub id ``org/name`` (only when the machine is
+            online).
         device: where to put it; default CUDA when present, else CPU.
         dtype: floating dtype; default bf16 on CUDA, float32 on CPU. Quantized tensors keep their storage type.
         max_memory: {GPU index: bytes} to shard the model's layers across several GPUs (Hugging Face folders).
@@ -64,6 +65,8 @@ def load(
         if max_memory:
             raise ValueError(f"{str(path)!r} is a raypress artifact: sharding artifacts across GPUs is not supported")
         return artifact.load(path, device=device, dtype=dtype)
+    if ctensors.is_checkpoint(path):  # llm-compressor's format: onto raypress's own int8/int4 kernels
+        return ctensors.load(path, device=device, dtype=dtype)
     return load_pretrained(path, device=device, dtype=dtype, max_memory=max_memory)
 
 

@@ -94,9 +94,11 @@ class Int8DynamicConfig(_Int8Config):
 
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
-    """int4 weights, asymmetric, one scale and offset per group of ``group_size`` input columns, two per byte."""
+    """int4 weights, one scale and offset per group of ``group_size`` input columns, two per byte: asymmetric
+    (min/max, ``int4-gN``) or symmetric (``int4s-gN``: offset -8 x scale, exportable as compressed-tensors)."""
 
     group_size: int = 128
+    symmetric: bool = False
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -105,11 +107,11 @@ class Int4WeightOnlyConfig:
 
     @property
     def token(self) -> str:
-        return f"int4-g{self.group_size}"
+        return f"int4{'s' if self.symmetric else ''}-g{self.group_size}"
 
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
-        gs = self.group_size
-        swap_modules_(model, int4_linear_maker(gs, restore), int4_embedding_maker(gs, restore))
+        gs, sym = self.group_size, self.symmetric
+        swap_modules_(model, int4_linear_maker(gs, restore, symmetric=sym), int4_embedding_maker(gs, restore, sym))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,8 +127,15 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     return q, scale
 
 
-def group_params(w: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max parameters of each row of w[N, g]: (scale [N], offset [N]) with w ~= q * scale + offset."""
+def group_params(w: torch.Tensor, bits: int = 4, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters of each row of w[N, g]: (scale [N], offset [N]) with w ~= q * scale + offset, q in 0..2**bits-1.
+
+    Asymmetric: the row's min/max spans the grid. Symmetric: offset = -2**(bits-1) * scale, so q - 2**(bits-1) is
+    a signed integer times the scale (the grid of formats with integer zero points: compressed-tensors, GPTQ)."""
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = (w.abs().amax(dim=1) / (half - 1)).clamp(min=1e-8)
+        return scale, -half * scale
     lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)  # keep 0 representable
     scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
     return scale, lo
@@ -136,7 +145,7 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bi
     return torch.clamp(torch.round((w - offset[:, None]) / scale[:, None]), 0, 2**bits - 1)
 
 
-def quantize_groupwise(w: torch.Tensor, group_size: int, bits: int = 4):
+def quantize_groupwise(w: torch.Tensor, group_size: int, bits: int = 4, symmetric: bool = False):
     """w[N, K] -> (q uint8 [N, K] in 0..2**bits-1, scale [N, G], offset [N, G]), G = ceil(K / group_size).
 
     The last group is shorter when K is not a multiple of group_size (SmolLM2's 576 = 4 x 128 + 64).
@@ -145,7 +154,7 @@ def quantize_groupwise(w: torch.Tensor, group_size: int, bits: int = 4):
     qs, scales, offsets = [], [], []
     for start in range(0, w.shape[1], group_size):
         g = w[:, start : start + group_size]
-        scale, offset = group_params(g, bits)
+        scale, offset = group_params(g, bits, symmetric)
         qs.append(quantize_with(g, scale, offset, bits))
         scales.append(scale)
         offsets.append(offset)
@@ -228,8 +237,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int) -> Int4WeightOnlyLinear:
-        q, scale, offset = quantize_groupwise(linear.weight.detach(), group_size)
+    def from_float(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> Int4WeightOnlyLinear:
+        q, scale, offset = quantize_groupwise(linear.weight.detach(), group_size, symmetric=symmetric)
         return cls.from_quantized(q, scale, offset, group_size, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,10 +298,10 @@ class Int4Embedding(nn.Module):
         self.register_buffer("out_dtype", torch.empty(0, dtype=dtype), persistent=False)
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, group_size: int) -> Int4Embedding:
+    def from_float(cls, emb: nn.Embedding, group_size: int, symmetric: bool = False) -> Int4Embedding:
         w = emb.weight.detach()
         mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, w.dtype).to(w.device)
-        q, scale, offset = quantize_groupwise(w, group_size)
+        q, scale, offset = quantize_groupwise(w, group_size, symmetric=symmetric)
         mod.packed.copy_(kernels.pack_int4(q))
         mod.scale.copy_(scale)
         mod.offset.copy_(offset)
@@ -332,7 +341,8 @@ def quantize_(model: nn.Module, config, *, restore: bool = False, blocks: torch.
     return model
 
 
-def int4_linear_maker(group_size: int, restore: bool, quantized: dict | None = None) -> Callable:
+def int4_linear_maker(group_size: int, restore: bool, quantized: dict | None = None,
+                      symmetric: bool = False) -> Callable:
     """Make Int4WeightOnlyLinear modules; ``quantized`` maps a layer name to (q, scale, offset) found elsewhere."""
 
     def make(linear: nn.Linear, name: str) -> nn.Module | None:
@@ -343,19 +353,19 @@ def int4_linear_maker(group_size: int, restore: bool, quantized: dict | None = N
             return Int4WeightOnlyLinear(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         if quantized and name in quantized:
             return Int4WeightOnlyLinear.from_quantized(*quantized[name], group_size, linear.bias)
-        return Int4WeightOnlyLinear.from_float(linear, group_size)
+        return Int4WeightOnlyLinear.from_float(linear, group_size, symmetric)
 
     return make
 
 
-def int4_embedding_maker(group_size: int, restore: bool) -> Callable:
+def int4_embedding_maker(group_size: int, restore: bool, symmetric: bool = False) -> Callable:
     def make(emb: nn.Embedding, name: str) -> nn.Module | None:
         if emb.embedding_dim % 16:
             log.info("skip %s %s: int4 packing needs a width divisible by 16", name, tuple(emb.weight.shape))
             return None
         if restore:
             return Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, emb.weight.dtype)
-        return Int4Embedding.from_float(emb, group_size)
+        return Int4Embedding.from_float(emb, group_size, symmetric)
 
     return make
 

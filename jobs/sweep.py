@@ -18,6 +18,7 @@ Config (YAML):
     grid: {g: [32, 128]}           # placeholders in specs expand over these values
     budget: {max_ppl_increase: 0.02, min_top1_agreement: 0.95}   # encoders: min_cosine, min_neighbour_overlap
     objective: smallest            # or fastest, or {fastest_under_size: 100MB}
+    export: [compressed-tensors]   # also write chosen-FORMAT/ for other engines (see jobs.export)
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ import ray
 import yaml
 
 from compress import artifact, data, evaluate, files, models, specs
-from jobs import report, storage
+from jobs import export, report, storage
 
 log = logging.getLogger("jobs.sweep")
 CONFIG_KEYS = {"model", "eval_data", "calib_data", "eval_column", "specs", "grid", "budget", "objective", "seq_len",
-               "eval_blocks", "calib_blocks", "speed"}
+               "eval_blocks", "calib_blocks", "speed", "export"}
 NO_VARIANT_EXIT = 3
 
 
@@ -64,6 +65,7 @@ class SweepConfig:
     eval_blocks: int = 8
     calib_blocks: int = 32
     speed: bool = True
+    export: list[str] = field(default_factory=list)
     raw: dict = field(default_factory=dict)
 
 
@@ -94,10 +96,14 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
             canonical.append(name)
     if "base" not in canonical:
         canonical.insert(0, "base")  # everything is measured against it
+    exports = raw.get("export") or []
+    exports = [exports] if isinstance(exports, str) else exports
+    if not isinstance(exports, list) or not set(exports) <= set(export.FORMATS):
+        raise ValueError(f"{str(path)!r}: export {raw.get('export')!r}: expected a list of {list(export.FORMATS)}")
     return SweepConfig(
         model=model, specs=canonical, kind=kind,
         budget=report.check_budget(raw.get("budget") or {}, kind),
-        objective=report.check_objective(raw.get("objective", "smallest")),
+        objective=report.check_objective(raw.get("objective", "smallest")), export=exports,
         **{k: raw[k] for k in ("eval_data", "calib_data", "eval_column", "seq_len", "eval_blocks", "calib_blocks",
                                "speed") if k in raw},
         raw=raw,
@@ -292,6 +298,20 @@ def write_choice(out: Path, chosen: dict | None) -> None:
     storage.write_bytes(*storage.resolve(out / "serve.yaml"), serve_yaml(chosen_dir.resolve()).encode())
 
 
+def export_choice(out: Path, chosen: dict | None, formats: list[str]) -> str:
+    """Export the chosen variant to OUT/chosen-FORMAT for each format the config asks for; returns what to add to
+    the summary line. A variant a format cannot hold is reported, not fatal: the sweep's result stands."""
+    said = ""
+    for fmt in formats if chosen else []:
+        try:
+            path = export.export(str(out / "chosen"), out / f"chosen-{fmt}", fmt)
+            said += f"; {fmt}: {path}"
+        except export.ExportError as e:
+            log.error("export %s of %s: %s", fmt, chosen["spec"], e)
+            said += f"; {fmt}: not exported ({e})"
+    return said
+
+
 def serve_yaml(model_dir: Path) -> str:
     return yaml.safe_dump({
         "applications": [{
@@ -347,6 +367,7 @@ def main(
         raise RuntimeError("the base model itself failed to evaluate; see results.parquet")
     chosen = report.choose(rows, base, cfg.budget, cfg.objective, cfg.kind)
     write_choice(out_dir, chosen)
+    exported = export_choice(out_dir, chosen, cfg.export)
     report.write_report(out_dir, rows, base, cfg.budget, cfg.objective, cfg.kind, cfg.model, chosen)
     report.plot_pareto(out_dir, rows, cfg.kind, chosen)
     pa_rows = [{k: r.get(k) for k in ("spec", "artifact_bytes", report.quality_key(cfg.kind),
@@ -355,7 +376,7 @@ def main(
     print((out_dir / "report.md").read_text())
     verdict = f"chosen: {chosen['spec']} -> {out_dir / 'chosen'}" if chosen else "no variant meets the budget"
     print(f"{len(rows)} trials, {sum(bool(r.get('error')) for r in rows)} failed, {time.perf_counter() - start:.0f} s;"
-          f" {verdict}; report: {out_dir / 'report.md'}, plot: {out_dir / 'pareto.png'}")
+          f" {verdict}; report: {out_dir / 'report.md'}, plot: {out_dir / 'pareto.png'}{exported}")
     return 0 if chosen else NO_VARIANT_EXIT
 
 

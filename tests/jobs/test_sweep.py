@@ -39,11 +39,14 @@ def write_config(tmp_path, model_dir, wikitext, **overrides) -> Path:
 
 @pytest.mark.timeout(300)
 def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local, tmp_path, tiny_model_dir, wikitext,
-                                                                        caplog):
+                                                                        caplog, capsys):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path, tiny_model_dir, wikitext)
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, export=["compressed-tensors"])
     code = sweep.main(str(cfg), out=str(out), num_actors=2)
     assert code == 0
+    # the choice (asymmetric int4) has no compressed-tensors form: said, and the sweep's result stands
+    assert "compressed-tensors: not exported" in capsys.readouterr().out
+    assert not (out / "chosen-compressed-tensors").exists()
     rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
     assert set(rows) == {"base", "int8", "int4-g32", "int4-g64", "wanda-50%", "distill-L5"}
     assert "fewer layers" in rows["distill-L5"]["error"]  # a failing spec is recorded; the others finish

@@ -1,0 +1,76 @@
+"""Export a model or artifact to a format other engines load.
+
+    python -m jobs.export artifacts/sweep-smollm2/chosen --format compressed-tensors --out exports/smollm2-ct
+    vllm serve exports/smollm2-ct
+
+compressed-tensors (the format of llm-compressor; vLLM and Hugging Face transformers with the compressed-tensors
+package load it): int8 -> W8A16 (weights int8 per channel), int8-dynamic -> W8A8 (int8 activations per token at
+run time), int4s-gN and gptq-int4s-gN -> W4A16 (symmetric int4 groups); pruned and distilled variants and float
+models -> plain dense checkpoints. int4-gN and gptq-int4-gN (float offsets per group) are refused: compress with
+the int4s forms to export. The export writes config.json (with quantization_config), model.safetensors, the
+tokenizer and generation config, and loads back in raypress with ``models.load(OUT)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from compress import artifact, ctensors, files, models
+from compress.ctensors import ExportError  # noqa: F401  (callers catch it from here)
+
+FORMATS = ("compressed-tensors",)
+
+
+def export(model: str, out: str | Path, format: str = "compressed-tensors") -> Path:
+    """Write ``model`` (built-in, folder or artifact) to ``out`` in ``format``; returns the folder."""
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r}: expected one of {FORMATS}")
+    from safetensors.torch import save_file
+
+    path = models.resolve(model)
+    spec = artifact.read_manifest(path)["spec"] if (path / models.MANIFEST).exists() else "base"
+    loaded = models.load(path, device="cpu")
+    state, quant = ctensors.export_state(loaded.model, spec)
+    out = Path(out)
+    with files.new_folder(out) as tmp:
+        config = loaded.model.config
+        config.__dict__.pop("raypress_manifest", None)
+        config.__dict__.pop("raypress_pooling", None)
+        config.save_pretrained(tmp)
+        if quant is not None:
+            saved = json.loads((tmp / "config.json").read_text())
+            saved["quantization_config"] = quant
+            (tmp / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        generation = getattr(loaded.model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return out
+
+
+def main(model: str, out: str | None = None, format: str = "compressed-tensors") -> int:
+    """Export a model or raypress artifact (e.g. a sweep's chosen/) for other engines.
+
+    Args:
+        model: built-in name, model folder or raypress artifact.
+        out: folder to write (replaced if it exists); default exports/NAME-FORMAT.
+        format: compressed-tensors (vLLM, HF transformers, llm-compressor's format).
+    """
+    start = time.perf_counter()
+    out = out or f"exports/{Path(str(model).rstrip('/')).name}-{format}"
+    path = export(model, out, format)  # a variant the format cannot hold raises ExportError: exit 2 with why
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"exported {model} as {format} -> {path} ({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs import export as job
+    from jobs.cli import run
+
+    sys.exit(run(job.main))

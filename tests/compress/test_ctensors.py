@@ -1,0 +1,170 @@
+"""compressed-tensors export and import, checked against the real loaders: Hugging Face transformers with the
+compressed-tensors package reads raypress's exports, and checkpoints the package itself writes load onto
+raypress's kernels."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from compress import artifact, ctensors, data, kernels, models, quantize, specs
+from jobs import cli, export
+
+PROMPT = "The capital of France is Paris, and the capital of Spain is"
+
+
+def _logprobs(model, ids) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(ids).logits.float(), -1)
+
+
+def _hf_load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# int8-dynamic: transformers fake-quantizes activations in float, raypress runs an int8 GEMM: rounding differs
+TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dynamic": 0.05, "prune-2:4": 1e-5}
+
+
+@pytest.mark.parametrize("spec", list(TOLERANCE))
+def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logits(spec, tiny_causal, tmp_path,
+                                                                                   wikitext_texts):
+    model = copy.deepcopy(tiny_causal.model)
+    blocks = data.token_blocks(tiny_causal.tokenizer, wikitext_texts, 64, 4) if specs.needs_calibration(spec) else None
+    specs.apply_(model, spec, blocks=blocks)
+    saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "artifact", {"spec": spec})
+    out = export.export(str(saved), tmp_path / "ct")
+    ids = torch.tensor([tiny_causal.tokenizer(PROMPT)["input_ids"]])
+    ours = _logprobs(model, ids)
+    theirs = _logprobs(_hf_load(out), ids)
+    back = models.load(out, device="cpu").model
+    again = _logprobs(back, ids)
+    print(f"{spec}: max |d log p| transformers {(ours - theirs).abs().max():.2e}, "
+          f"reimport {(ours - again).abs().max():.2e}")
+    assert (ours - theirs).abs().max() < TOLERANCE[spec]
+    assert (ours - again).abs().max() < max(TOLERANCE[spec], 1e-3)
+    config = json.loads((out / "config.json").read_text())
+    layer = back.model.layers[0].mlp.down_proj
+    if spec == "prune-2:4":  # the format has no sparse storage: dense weights holding their zeros, no quant config
+        assert "quantization_config" not in config and isinstance(layer, torch.nn.Linear)
+        return
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]
+    expected = {"int8": quantize.Int8WeightOnlyLinear, "int8-dynamic": quantize.Int8DynamicLinear,
+                "int4s-g32": quantize.Int4WeightOnlyLinear, "gptq-int4s-g32": quantize.Int4WeightOnlyLinear}[spec]
+    assert type(layer) is expected  # onto raypress's kernels, not decompressed to float
+    assert quant["format"] == ("int-quantized" if spec == "int8-dynamic" else "pack-quantized")
+
+
+def test_variants_the_format_cannot_hold_are_refused_with_what_would_work(tiny_causal, tmp_path, capsys):
+    model = copy.deepcopy(tiny_causal.model)
+    specs.apply_(model, "int4-g32")
+    saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "asym", {"spec": "int4-g32"})
+    with pytest.raises(SystemExit) as exit_info:  # the command: exit status 2 and the reason
+        cli.run(export.main, [str(saved), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "float offset" in err and "compress with the symmetric int4s-g32 spec" in err
+    model = copy.deepcopy(tiny_causal.model)
+    specs.apply_(model, "int4s-g128")  # 64 inputs per row: one partial group
+    with pytest.raises(ctensors.ExportError, match="group size 128 does not divide"):
+        ctensors.export_state(model, "int4s-g128")
+
+
+def _float_twin(base, quantized):
+    """``base`` with the float weights that ``quantized``'s layers compute with."""
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        for (_, q), (_, f) in zip(quantized.named_modules(), twin.named_modules(), strict=True):
+            if isinstance(f, torch.nn.Linear | torch.nn.Embedding) and not isinstance(q, type(f)):
+                f.weight.copy_(ctensors.float_weight(q))
+    return twin
+
+
+def test_smollm2_exports_load_in_transformers(smollm2_loaded, tmp_path):
+    """The built-in model (its weights were 4-bit in the GGUF it ships as; here they are quantized again): what
+    transformers loads is exactly the variant's weights; raypress's kernels add their own float rounding."""
+    ids = torch.tensor([smollm2_loaded.tokenizer(PROMPT)["input_ids"]])
+    for spec in ("int8", "int4s-g64"):
+        model = copy.deepcopy(smollm2_loaded.model)
+        specs.apply_(model, spec)
+        saved = artifact.save(model, smollm2_loaded.tokenizer, tmp_path / spec, {"spec": spec})
+        out = export.export(str(saved), tmp_path / f"{spec}-ct")
+        theirs = _logprobs(_hf_load(out), ids)
+        exact = (theirs - _logprobs(_float_twin(smollm2_loaded.model, model), ids)).abs().max()
+        kernels_diff = (theirs - _logprobs(model, ids)).abs().max()
+        print(f"smollm2 {spec}: max |d log p| transformers vs the variant's weights in float {exact:.2e}, "
+              f"vs raypress's kernels {kernels_diff:.2e}")
+        assert exact < 1e-4 and kernels_diff < 0.1
+
+
+def _package_checkpoint(model, tokenizer, weights, activations, path, ids):
+    """What llm-compressor writes for round-to-nearest: the package's own scheme, qparams and compressor. Returns
+    the log-probs of the package's own (fake-quantized) forward, before compression."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.detach()
+            if weights.strategy == "group":
+                w = w.view(w.shape[0], -1, weights.group_size)
+                lo, hi = w.amin(-1), w.amax(-1)
+            else:
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            scale, zero = calculate_qparams(lo, hi, weights)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    reference = _logprobs(model, ids)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    tokenizer.save_pretrained(path)
+    return reference
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-asymmetric-g32", "w8a16", "w8a8-dynamic"])
+def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme, smollm2_loaded, tmp_path):
+    import conftest
+    from compressed_tensors.quantization import QuantizationArgs
+
+    weights = {"w4a16-asymmetric-g32": QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
+                                                        group_size=32),
+               "w8a16": QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+               "w8a8-dynamic": QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")}[scheme]
+    activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) \
+        if scheme == "w8a8-dynamic" else None
+    tokenizer = smollm2_loaded.tokenizer
+    model = conftest.tiny_llama(tokenizer, hidden=128, tie=False)  # no prior quantization
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    path = tmp_path / scheme
+    reference = _package_checkpoint(model, tokenizer, weights, activations, path, ids)  # the package's own math
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == ("int-quantized" if scheme == "w8a8-dynamic" else "pack-quantized")
+    loaded = models.load(path, device="cpu").model
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert type(layer) is {"w4a16-asymmetric-g32": quantize.Int4WeightOnlyLinear,
+                           "w8a16": quantize.Int8WeightOnlyLinear, "w8a8-dynamic": quantize.Int8DynamicLinear}[scheme]
+    diff = (reference - _logprobs(loaded, ids)).abs().max()
+    print(f"{scheme}: max |d log p| raypress kernels vs the package's own forward {diff:.2e}")
+    assert diff < (0.05 if scheme == "w8a8-dynamic" else 1e-3)
+
+
+def test_packing_round_trips_and_matches_the_packages_own():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    for bits in (4, 8):
+        values = torch.randint(0, 2**bits, (6, 96))
+        packed = ctensors.pack_int32(values, bits)
+        assert torch.equal(ctensors.unpack_int32(packed, bits, 96), values)
+        assert torch.equal(packed, pack_to_int32((values - 2 ** (bits - 1)).to(torch.int8), bits))
+    q = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    assert torch.equal(kernels.unpack_int4(kernels.pack_int4(q)), q)
