@@ -9,6 +9,9 @@ run time), int4s-gN and gptq-int4s-gN -> W4A16 (symmetric int4 groups); pruned a
 models -> plain dense checkpoints. int4-gN and gptq-int4-gN (float offsets per group) are refused: compress with
 the int4s forms to export. The export writes config.json (with quantization_config), model.safetensors, the
 tokenizer and generation config, and loads back in raypress with ``models.load(OUT)``.
+
+gguf (llama.cpp, ollama; Llama-family models): int8 -> Q8_0, int4-gN -> Q4_1, int4s-gN -> Q4_0 (the same grids;
+scales in float16), float layers -> F32, one file OUT/NAME-SPEC.gguf with the tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from compress import artifact, ctensors, files, models
+from compress import artifact, ctensors, files, gguf_export, models
 from compress.ctensors import ExportError  # noqa: F401  (callers catch it from here)
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "gguf")
 
 
 def export(model: str, out: str | Path, format: str = "compressed-tensors") -> Path:
@@ -31,10 +34,17 @@ def export(model: str, out: str | Path, format: str = "compressed-tensors") -> P
     from safetensors.torch import save_file
 
     path = models.resolve(model)
-    spec = artifact.read_manifest(path)["spec"] if (path / models.MANIFEST).exists() else "base"
+    manifest = artifact.read_manifest(path) if (path / models.MANIFEST).exists() else {}
+    spec = manifest.get("spec", "base")
     loaded = models.load(path, device="cpu")
-    state, quant = ctensors.export_state(loaded.model, spec)
     out = Path(out)
+    if format == "gguf":
+        base = (manifest.get("base_model") or {}).get("id") or path.name
+        name = f"{Path(str(base)).name}-{spec}".replace("+", "-")
+        with files.new_folder(out) as tmp:
+            gguf_export.write(loaded.model, loaded.tokenizer, tmp / f"{name}.gguf", name)
+        return out
+    state, quant = ctensors.export_state(loaded.model, spec)
     with files.new_folder(out) as tmp:
         config = loaded.model.config
         config.__dict__.pop("raypress_manifest", None)
@@ -59,7 +69,7 @@ def main(model: str, out: str | None = None, format: str = "compressed-tensors")
     Args:
         model: built-in name, model folder or raypress artifact.
         out: folder to write (replaced if it exists); default exports/NAME-FORMAT.
-        format: compressed-tensors (vLLM, HF transformers, llm-compressor's format).
+        format: compressed-tensors (vLLM, HF transformers, llm-compressor's format) or gguf (llama.cpp).
     """
     start = time.perf_counter()
     out = out or f"exports/{Path(str(model).rstrip('/')).name}-{format}"
