@@ -112,8 +112,11 @@ def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], 
                     "specs), which compressed-tensors' integer zero points cannot hold exactly; compress with "
                     f"the symmetric int4s-g{mod.group_size} spec to export it")
             if mod.in_features % mod.group_size:
+                widths = {m.in_features for m in model.modules() if isinstance(m, quantize.Int4WeightOnlyLinear)}
+                fits = [g for g in quantize.GROUP_SIZES if all(k % g == 0 for k in widths)]
                 raise ExportError(f"{spec!r}: group size {mod.group_size} does not divide layer {name!r}'s "
-                                  f"{mod.in_features} inputs; compressed-tensors needs whole groups")
+                                  f"{mod.in_features} inputs; compressed-tensors needs whole groups: use "
+                                  f"{', '.join(f'g{g}' for g in fits) or 'int8'} for this model")
             schemes[name] = ("pack-quantized", json.dumps([_weights_args(4, mod.group_size), None]))
             state[f"{prefix}weight_packed"] = pack_int32(kernels.unpack_int4(mod.packed), 4)
             state[f"{prefix}weight_scale"] = mod.scale.detach().to(float_dtype).clone()

@@ -128,10 +128,8 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
 
 
 def group_params(w: torch.Tensor, bits: int = 4, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parameters of each row of w[N, g]: (scale [N], offset [N]) with w ~= q * scale + offset, q in 0..2**bits-1.
-
-    Asymmetric: the row's min/max spans the grid. Symmetric: offset = -2**(bits-1) * scale, so q - 2**(bits-1) is
-    a signed integer times the scale (the grid of formats with integer zero points: compressed-tensors, GPTQ)."""
+    """(scale [N], offset [N]) of each row of w[N, g], w ~= q * scale + offset, q in 0..2**bits-1: min/max, or
+    symmetric (offset = -2**(bits-1) * scale: a signed integer times the scale, as integer zero points hold)."""
     if symmetric:
         half = 2 ** (bits - 1)
         scale = (w.abs().amax(dim=1) / (half - 1)).clamp(min=1e-8)

@@ -17,12 +17,15 @@ scales in float16), float layers -> F32, one file OUT/NAME-SPEC.gguf with the to
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 from compress import artifact, ctensors, files, gguf_export, models
-from compress.ctensors import ExportError  # noqa: F401  (callers catch it from here)
+from compress.ctensors import ExportError
+
+log = logging.getLogger("jobs.export")
 
 FORMATS = ("compressed-tensors", "gguf")
 
@@ -61,6 +64,19 @@ def export(model: str, out: str | Path, format: str = "compressed-tensors") -> P
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
     return out
+
+
+def export_choice(out: Path, spec: str | None, formats: list[str]) -> str:
+    """Export a sweep's chosen variant (OUT/chosen, of ``spec``) to OUT/chosen-FORMAT for each format; returns what
+    to add to the sweep's summary line. A variant a format cannot hold is reported, not fatal: the sweep stands."""
+    said = ""
+    for fmt in formats if spec else []:
+        try:
+            said += f"; {fmt}: {export(str(out / 'chosen'), out / f'chosen-{fmt}', fmt)}"
+        except ExportError as e:
+            log.error("export %s of %s: %s", fmt, spec, e)
+            said += f"; {fmt}: not exported ({e})"
+    return said
 
 
 def main(model: str, out: str | None = None, format: str = "compressed-tensors") -> int:

@@ -298,20 +298,6 @@ def write_choice(out: Path, chosen: dict | None) -> None:
     storage.write_bytes(*storage.resolve(out / "serve.yaml"), serve_yaml(chosen_dir.resolve()).encode())
 
 
-def export_choice(out: Path, chosen: dict | None, formats: list[str]) -> str:
-    """Export the chosen variant to OUT/chosen-FORMAT for each format the config asks for; returns what to add to
-    the summary line. A variant a format cannot hold is reported, not fatal: the sweep's result stands."""
-    said = ""
-    for fmt in formats if chosen else []:
-        try:
-            path = export.export(str(out / "chosen"), out / f"chosen-{fmt}", fmt)
-            said += f"; {fmt}: {path}"
-        except export.ExportError as e:
-            log.error("export %s of %s: %s", fmt, chosen["spec"], e)
-            said += f"; {fmt}: not exported ({e})"
-    return said
-
-
 def serve_yaml(model_dir: Path) -> str:
     return yaml.safe_dump({
         "applications": [{
@@ -367,7 +353,7 @@ def main(
         raise RuntimeError("the base model itself failed to evaluate; see results.parquet")
     chosen = report.choose(rows, base, cfg.budget, cfg.objective, cfg.kind)
     write_choice(out_dir, chosen)
-    exported = export_choice(out_dir, chosen, cfg.export)
+    exported = export.export_choice(out_dir, chosen["spec"] if chosen else None, cfg.export)
     report.write_report(out_dir, rows, base, cfg.budget, cfg.objective, cfg.kind, cfg.model, chosen)
     report.plot_pareto(out_dir, rows, cfg.kind, chosen)
     pa_rows = [{k: r.get(k) for k in ("spec", "artifact_bytes", report.quality_key(cfg.kind),
