@@ -132,8 +132,8 @@ def _package_checkpoint(model, tokenizer, weights, activations, path, ids):
 
 
 @pytest.mark.parametrize("scheme", ["w4a16-asymmetric-g32", "w8a16", "w8a8-dynamic"])
-def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme, smollm2_loaded, tmp_path):
-    import conftest
+def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme, smollm2_loaded, make_tiny_llama,
+                                                                         tmp_path):
     from compressed_tensors.quantization import QuantizationArgs
 
     weights = {"w4a16-asymmetric-g32": QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
@@ -143,7 +143,7 @@ def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme,
     activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) \
         if scheme == "w8a8-dynamic" else None
     tokenizer = smollm2_loaded.tokenizer
-    model = conftest.tiny_llama(tokenizer, hidden=128, tie=False)  # no prior quantization
+    model = make_tiny_llama(hidden=128, tie=False)  # no prior quantization
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     path = tmp_path / scheme
     reference = _package_checkpoint(model, tokenizer, weights, activations, path, ids)  # the package's own math
