@@ -5,7 +5,8 @@ The files are read by Ray Data read tasks (``InputFiles``, a Ray Data file datas
 data streams from storage to the model actors and never passes through the driver. Each row carries where it came
 from: ``source_file`` (its file, relative to the input) and ``source_row`` (its row number in that file, from 0).
 Together they name a row stably across runs, which is what ``--resume`` keys on when no id column is given. JSON
-rows are typed leniently, block by block, so that one malformed row cannot fail the read.
+rows are typed with one schema for every block (see ``InputFiles``): a malformed row gets its own error and cannot
+fail the read.
 """
 
 from __future__ import annotations
