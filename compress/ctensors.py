@@ -77,10 +77,6 @@ _TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy
                       "observer_kwargs": {}}
 
 
-def _is_symmetric_int4(mod: quantize.Int4WeightOnlyLinear) -> bool:
-    return torch.allclose(mod.offset, -8 * mod.scale, rtol=1e-6, atol=0)
-
-
 def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The checkpoint tensors of ``model`` (a raypress model, compressed by ``spec``) and its quantization_config
     (None: a plain dense checkpoint). Raises ExportError for layers the format cannot hold."""
@@ -106,7 +102,7 @@ def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], 
             state[f"{prefix}weight_scale"] = mod.scale.detach().to(float_dtype)[:, None].clone()
             state[f"{prefix}weight_shape"] = torch.tensor([mod.out_features, mod.in_features])
         elif isinstance(mod, quantize.Int4WeightOnlyLinear):
-            if not _is_symmetric_int4(mod):
+            if not quantize.is_symmetric(mod.scale, mod.offset):
                 raise ExportError(
                     f"{spec!r}: layer {name!r} holds int4 groups with a float offset (min/max, raypress's int4-gN "
                     "specs), which compressed-tensors' integer zero points cannot hold exactly; compress with "

@@ -97,7 +97,7 @@ def _tensor(mod: nn.Module, rows: torch.Tensor | None):
         if mod.group_size % BLOCK or k % mod.group_size:
             raise ExportError(f"GGUF int4 blocks hold groups of a multiple of {BLOCK} that divide the row "
                               f"({mod.group_size} in {k})")
-        symmetric = torch.allclose(mod.offset, -8 * mod.scale, rtol=1e-6, atol=0)
+        symmetric = quantize.is_symmetric(mod.scale, mod.offset)
         q = pick(kernels.unpack_int4(mod.packed))
         data = q4(q, pick(mod.scale), pick(mod.offset), mod.group_size, symmetric)
         return data, gguf.GGMLQuantizationType.Q4_0 if symmetric else gguf.GGMLQuantizationType.Q4_1

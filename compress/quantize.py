@@ -139,6 +139,11 @@ def group_params(w: torch.Tensor, bits: int = 4, symmetric: bool = False) -> tup
     return scale, lo
 
 
+def is_symmetric(scale: torch.Tensor, offset: torch.Tensor, bits: int = 4) -> bool:
+    """Whether int4 groups are on the symmetric grid (offset = -2**(bits-1) * scale) that ``group_params`` makes."""
+    return torch.allclose(offset, -(2 ** (bits - 1)) * scale, rtol=1e-6, atol=0)
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return torch.clamp(torch.round((w - offset[:, None]) / scale[:, None]), 0, 2**bits - 1)
 

@@ -132,7 +132,9 @@ def main(
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {TASKS}")
     out_fs, out_dir = storage.resolve(output)
-    columns = inputs.peek_columns(input)
+    listing = inputs.list_input_files(input)
+    first = inputs.peek(listing)  # the first rows: listed and read once, here and for the read tasks
+    columns = inputs.columns_of(first)
     column = column or _default_column(task, columns)
     if column not in columns:
         raise ValueError(f"input has no column {column!r}; its columns: {columns} (use --column)")
@@ -150,7 +152,7 @@ def main(
     if not ray.is_initialized():
         ray.init(configure_logging=False)
     # read tasks stream the files; the driver holds none of it
-    source = inputs.InputFiles(input, input_types(task, column))
+    source = inputs.InputFiles(listing, first, input_types(task, column))
     ds = ray.data.read_datasource(source)
     if id_column:
         _check_ids(ds, id_column)

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -34,9 +35,15 @@ PEEK_ROWS = 64  # rows the driver reads to check the input's columns
 _CHUNK = 1 << 20  # bytes read at a time from a JSON lines file
 
 
-def list_input_files(path: str) -> tuple[list[str], pafs.FileSystem, str, str]:
-    """A file, a folder (every supported file below it) or a glob -> (files, filesystem, format, root), where
-    ``root`` is the folder that ``source_file`` names are relative to."""
+class Listing(NamedTuple):
+    files: list[str]
+    fs: pafs.FileSystem
+    fmt: str
+    root: str  # the folder that source_file names are relative to
+
+
+def list_input_files(path: str) -> Listing:
+    """A file, a folder (every supported file below it) or a glob -> its files, their filesystem and format."""
     pattern = None
     if any(c in path for c in "*?["):
         cut = min(path.index(c) for c in "*?[" if c in path)
@@ -58,7 +65,7 @@ def list_input_files(path: str) -> tuple[list[str], pafs.FileSystem, str, str]:
     formats = {FORMATS[Path(f).suffix] for f in files}
     if len(formats) > 1:
         raise ValueError(f"input {path!r} mixes formats {sorted(formats)}; give one kind of file")
-    return files, fs, formats.pop(), root
+    return Listing(files, fs, formats.pop(), root)
 
 
 class InputFiles(FileBasedDatasource):
@@ -74,9 +81,9 @@ class InputFiles(FileBasedDatasource):
     job does not read.
     """
 
-    def __init__(self, path: str, types: dict[str, pa.DataType] | None = None):
-        files, fs, self.fmt, self.root = list_input_files(path)
-        first = peek(path)
+    def __init__(self, listing: Listing, first: pa.Table, types: dict[str, pa.DataType] | None = None):
+        """``first``: the input's first rows (``peek``); ``types``: the types of the columns the job reads."""
+        files, fs, self.fmt, self.root = listing
         fields = {f.name: pa.field(f.name, pa.string() if _as_text_type(f.type, self.fmt) else f.type)
                   for f in first.schema}
         if self.fmt == "json":
@@ -127,18 +134,18 @@ def _blocks(f, path: str, fmt: str, rows: int, schema: pa.Schema | None) -> Iter
             yield rows_to_table(block, schema)
 
 
-def peek(path: str) -> pa.Table:
+def peek(listing: Listing) -> pa.Table:
     """The input's first rows (read here, in the driver: ``PEEK_ROWS`` rows, not the input), with ``source_file``
     and ``source_row``."""
-    files, fs, fmt, root = list_input_files(path)
+    files, fs, fmt, root = listing
     with fs.open_input_file(files[0]) if fmt == "parquet" else fs.open_input_stream(files[0]) as f:
         first = next(tagged_blocks(f, files[0], fmt, root, PEEK_ROWS), None)
     return first if first is not None else pa.table({SOURCE_FILE: pa.array([], pa.string()),
                                                      SOURCE_ROW: pa.array([], pa.int64())})
 
 
-def peek_columns(path: str) -> list[str]:
-    return [c for c in peek(path).column_names if c != TYPE_ERRORS]
+def columns_of(first: pa.Table) -> list[str]:
+    return [c for c in first.column_names if c != TYPE_ERRORS]
 
 
 def json_rows(f, name: str) -> Iterator[tuple[dict, int]]:
