@@ -13,10 +13,12 @@ activations) are quantized, and whose safetensors hold, per quantized Linear ``L
 - ``int-quantized`` (W8A8, int8 activations quantized per token at run time): ``L.weight`` int8 [N, K],
   ``L.weight_scale`` [N, 1].
 
-raypress's int8 specs are symmetric per channel, so they map exactly. Its ``int4s-gN`` specs are symmetric groups
-(offset = -8 * scale) and map exactly too; its ``int4-gN`` specs keep a float offset per group (min/max), which an
-integer zero point cannot hold, so they are refused with the spec to use instead. Embeddings are written as float,
-and the output head is left out of quantization (``ignore``), as vLLM expects.
+raypress's int8 specs are symmetric per channel, so they map exactly. Its int4 groups with integer zero points map
+exactly too: ``int4-gN`` (asymmetric, ``weight_zero_point``) and ``int4s-gN`` (symmetric, zero point 8); its
+``int4m-gN`` groups are offset by their float minimum, which no integer zero point holds, so they are refused with
+the specs to use instead. Embeddings are written as float, and the output head is left out of quantization
+(``ignore``), as vLLM expects. Hugging Face's loader (transformers 5.24) refuses asymmetric W4A16 (it expects zero
+points unpacked); vLLM's GPU kernels and raypress's importer read them.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 # Export
 
 
-def _weights_args(bits: int, group_size: int | None) -> dict:
-    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group" if group_size else "channel",
+def _weights_args(bits: int, group_size: int | None, symmetric: bool = True) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group" if group_size else "channel",
             "group_size": group_size, "block_structure": None, "dynamic": False, "actorder": None,
             "observer": "minmax", "observer_kwargs": {}}
 
@@ -102,21 +104,26 @@ def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], 
             state[f"{prefix}weight_scale"] = mod.scale.detach().to(float_dtype)[:, None].clone()
             state[f"{prefix}weight_shape"] = torch.tensor([mod.out_features, mod.in_features])
         elif isinstance(mod, quantize.Int4WeightOnlyLinear):
-            if not quantize.is_symmetric(mod.scale, mod.offset):
+            zero_point = quantize.zero_points(mod.scale, mod.offset)
+            if zero_point is None:
                 raise ExportError(
-                    f"{spec!r}: layer {name!r} holds int4 groups with a float offset (min/max, raypress's int4-gN "
-                    "specs), which compressed-tensors' integer zero points cannot hold exactly; compress with "
-                    f"the symmetric int4s-g{mod.group_size} spec to export it")
+                    f"{spec!r}: layer {name!r} holds int4 groups offset by their float minimum (raypress's int4m "
+                    "grid, GGUF's Q4_1), which compressed-tensors' integer zero points cannot hold exactly; export "
+                    f"it as gguf, or compress with int4-g{mod.group_size} (integer zero points) or "
+                    f"int4s-g{mod.group_size} (symmetric) to export it here")
             if mod.in_features % mod.group_size:
                 widths = {m.in_features for m in model.modules() if isinstance(m, quantize.Int4WeightOnlyLinear)}
                 fits = [g for g in quantize.GROUP_SIZES if all(k % g == 0 for k in widths)]
                 raise ExportError(f"{spec!r}: group size {mod.group_size} does not divide layer {name!r}'s "
                                   f"{mod.in_features} inputs; compressed-tensors needs whole groups: use "
                                   f"{', '.join(f'g{g}' for g in fits) or 'int8'} for this model")
-            schemes[name] = ("pack-quantized", json.dumps([_weights_args(4, mod.group_size), None]))
+            symmetric = bool((zero_point == 8).all())
+            schemes[name] = ("pack-quantized", json.dumps([_weights_args(4, mod.group_size, symmetric), None]))
             state[f"{prefix}weight_packed"] = pack_int32(kernels.unpack_int4(mod.packed), 4)
             state[f"{prefix}weight_scale"] = mod.scale.detach().to(float_dtype).clone()
             state[f"{prefix}weight_shape"] = torch.tensor([mod.out_features, mod.in_features])
+            if not symmetric:  # w = (u - zp) * scale: stored signed (zp - 8), packed along the output rows
+                state[f"{prefix}weight_zero_point"] = pack_int32(zero_point.t(), 4).t().contiguous()
         elif isinstance(mod, quantize.Int8Embedding | quantize.Int4Embedding):
             state[f"{prefix}weight"] = mod.weight.detach().to(float_dtype).clone()
             continue

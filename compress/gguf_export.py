@@ -6,8 +6,9 @@ rotate-half order to llama.cpp's interleaved one). raypress's integer grids map 
 up to the float16 that GGUF stores scales in:
 
 - int8 (weights and embeddings, one scale per row) -> Q8_0: each block of 32 takes its row's scale.
-- int4 groups of 32/64/128 -> Q4_1 (w = q * d + m: raypress's asymmetric scale and offset) or, for the symmetric
-  int4s specs (offset = -8 * scale), Q4_0 (w = (q - 8) * d); a group of 64 is two blocks with the same d and m.
+- int4 groups of 32/64/128 -> Q4_1 (w = q * d + m: raypress's scale and offset, which holds the int4 and int4m
+  grids) or, for the symmetric int4s specs (offset = -8 * scale), Q4_0 (w = (q - 8) * d); a group of 64 is two
+  blocks with the same d and m.
 - float layers and norms -> F32.
 
 The tokenizer goes in as llama.cpp's BPE metadata: copied from the built-in model's own GGUF when the vocabulary is

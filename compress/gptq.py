@@ -32,18 +32,17 @@ class GPTQConfig:
     block_size: int = 128  # columns updated together (lazy batch updates)
     act_order: bool = True
     sequential: bool = True  # block by block, on the outputs of the blocks already quantized
-    symmetric: bool = False  # the int4s grid (integer zero points: exportable as compressed-tensors)
+    grid: str = "zero_point"  # one of quantize.INT4_GRIDS
     needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.group_size not in quantize.GROUP_SIZES:
-            raise ValueError(f"GPTQConfig.group_size={self.group_size!r}: expected one of {quantize.GROUP_SIZES}")
+        quantize.check_int4(type(self).__name__, self.group_size, self.grid)
         if not 0 < self.damp < 1:
             raise ValueError(f"GPTQConfig.damp={self.damp!r}: expected a value in (0, 1)")
 
     @property
     def token(self) -> str:
-        return f"gptq-int4{'s' if self.symmetric else ''}-g{self.group_size}"
+        return f"gptq-int4{quantize.INT4_GRIDS[self.grid]}-g{self.group_size}"
 
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> None:
         gptq_(model, self, restore=restore, blocks=blocks)
@@ -55,7 +54,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, bits: in
     H = H.clone()
     N, K = W.shape
     gs = config.group_size
-    scale, offset = quantize.quantize_groupwise(W, gs, bits, config.symmetric)[1:]  # static groups, float weights
+    scale, offset = quantize.quantize_groupwise(W, gs, bits, config.grid)[1:]  # static groups, float weights
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -90,8 +89,8 @@ def gptq_(model: nn.Module, config: GPTQConfig, *, restore: bool = False, blocks
         quantized = _quantize_layers(model, blocks, config)
     gs = config.group_size
     quantize.swap_modules_(
-        model, quantize.int4_linear_maker(gs, restore, quantized, config.symmetric),
-        quantize.int4_embedding_maker(gs, restore, config.symmetric)
+        model, quantize.int4_linear_maker(gs, restore, quantized, config.grid),
+        quantize.int4_embedding_maker(gs, restore, config.grid)
     )
 
 

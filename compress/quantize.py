@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GROUP_SIZES = (32, 64, 128)
+# int4 grids, by the letter after "int4" in a spec: an integer zero point per group (the field's asymmetric form:
+# GPTQ, AWQ, compressed-tensors), symmetric (zero point 8), or the group's own minimum as a float offset (GGUF's
+# Q4_1 grid, which re-quantizes weights that came from a Q4_1 file almost exactly, but no integer format holds).
+INT4_GRIDS = {"zero_point": "", "symmetric": "s", "min": "m"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,24 +98,30 @@ class Int8DynamicConfig(_Int8Config):
 
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
-    """int4 weights, one scale and offset per group of ``group_size`` input columns, two per byte: asymmetric
-    (min/max, ``int4-gN``) or symmetric (``int4s-gN``: offset -8 x scale, exportable as compressed-tensors)."""
+    """int4 weights, one scale and offset per group of ``group_size`` input columns, two per byte, on one of the
+    ``INT4_GRIDS``: ``int4-gN`` (integer zero points), ``int4s-gN`` (symmetric), ``int4m-gN`` (float minimum)."""
 
     group_size: int = 128
-    symmetric: bool = False
+    grid: str = "zero_point"
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"Int4WeightOnlyConfig.group_size={self.group_size!r}: expected one of {GROUP_SIZES}")
+        check_int4(type(self).__name__, self.group_size, self.grid)
 
     @property
     def token(self) -> str:
-        return f"int4{'s' if self.symmetric else ''}-g{self.group_size}"
+        return f"int4{INT4_GRIDS[self.grid]}-g{self.group_size}"
 
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
-        gs, sym = self.group_size, self.symmetric
-        swap_modules_(model, int4_linear_maker(gs, restore, symmetric=sym), int4_embedding_maker(gs, restore, sym))
+        gs, grid = self.group_size, self.grid
+        swap_modules_(model, int4_linear_maker(gs, restore, grid=grid), int4_embedding_maker(gs, restore, grid))
+
+
+def check_int4(owner: str, group_size: int, grid: str) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"{owner}.group_size={group_size!r}: expected one of {GROUP_SIZES}")
+    if grid not in INT4_GRIDS:
+        raise ValueError(f"{owner}.grid={grid!r}: expected one of {sorted(INT4_GRIDS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,28 +137,43 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     return q, scale
 
 
-def group_params(w: torch.Tensor, bits: int = 4, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale [N], offset [N]) of each row of w[N, g], w ~= q * scale + offset, q in 0..2**bits-1: min/max, or
-    symmetric (offset = -2**(bits-1) * scale: a signed integer times the scale, as integer zero points hold)."""
-    if symmetric:
+def group_params(w: torch.Tensor, bits: int = 4, grid: str = "zero_point") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [N], offset [N]) of each row of w[N, g], w ~= q * scale + offset, q in 0..2**bits-1, on one of the
+    ``INT4_GRIDS``. The integer grids have offset = -zero_point * scale with zero_point an integer in 0..2**bits-1
+    (2**(bits-1) for symmetric), so that 0 is exact and integer formats hold them; "min" has offset = the minimum."""
+    if grid == "symmetric":
         half = 2 ** (bits - 1)
         scale = (w.abs().amax(dim=1) / (half - 1)).clamp(min=1e-8)
         return scale, -half * scale
-    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)  # keep 0 representable
+    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)  # keep 0 inside the range
     scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
-    return scale, lo
+    if grid == "min":
+        return scale, lo
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, 2**bits - 1)
+    return scale, -zero_point * scale
+
+
+def zero_points(scale: torch.Tensor, offset: torch.Tensor, bits: int = 4) -> torch.Tensor | None:
+    """The integer zero points (int64, 0..2**bits-1) of int4 groups on an integer grid (offset = -zp * scale), or
+    None for groups whose offsets are not (the "min" grid): what integer formats can store exactly."""
+    zp = -offset.double() / scale.double()
+    rounded = torch.round(zp)
+    if not torch.allclose(zp, rounded, rtol=0, atol=1e-3) or rounded.min() < 0 or rounded.max() > 2**bits - 1:
+        return None
+    return rounded.to(torch.int64)
 
 
 def is_symmetric(scale: torch.Tensor, offset: torch.Tensor, bits: int = 4) -> bool:
-    """Whether int4 groups are on the symmetric grid (offset = -2**(bits-1) * scale) that ``group_params`` makes."""
-    return torch.allclose(offset, -(2 ** (bits - 1)) * scale, rtol=1e-6, atol=0)
+    """Whether int4 groups are on the symmetric grid (every zero point 2**(bits-1)) that ``group_params`` makes."""
+    zp = zero_points(scale, offset, bits)
+    return zp is not None and bool((zp == 2 ** (bits - 1)).all())
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return torch.clamp(torch.round((w - offset[:, None]) / scale[:, None]), 0, 2**bits - 1)
 
 
-def quantize_groupwise(w: torch.Tensor, group_size: int, bits: int = 4, symmetric: bool = False):
+def quantize_groupwise(w: torch.Tensor, group_size: int, bits: int = 4, grid: str = "zero_point"):
     """w[N, K] -> (q uint8 [N, K] in 0..2**bits-1, scale [N, G], offset [N, G]), G = ceil(K / group_size).
 
     The last group is shorter when K is not a multiple of group_size (SmolLM2's 576 = 4 x 128 + 64).
@@ -157,7 +182,7 @@ def quantize_groupwise(w: torch.Tensor, group_size: int, bits: int = 4, symmetri
     qs, scales, offsets = [], [], []
     for start in range(0, w.shape[1], group_size):
         g = w[:, start : start + group_size]
-        scale, offset = group_params(g, bits, symmetric)
+        scale, offset = group_params(g, bits, grid)
         qs.append(quantize_with(g, scale, offset, bits))
         scales.append(scale)
         offsets.append(offset)
@@ -240,8 +265,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> Int4WeightOnlyLinear:
-        q, scale, offset = quantize_groupwise(linear.weight.detach(), group_size, symmetric=symmetric)
+    def from_float(cls, linear: nn.Linear, group_size: int, grid: str = "zero_point") -> Int4WeightOnlyLinear:
+        q, scale, offset = quantize_groupwise(linear.weight.detach(), group_size, grid=grid)
         return cls.from_quantized(q, scale, offset, group_size, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,10 +326,10 @@ class Int4Embedding(nn.Module):
         self.register_buffer("out_dtype", torch.empty(0, dtype=dtype), persistent=False)
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, group_size: int, symmetric: bool = False) -> Int4Embedding:
+    def from_float(cls, emb: nn.Embedding, group_size: int, grid: str = "zero_point") -> Int4Embedding:
         w = emb.weight.detach()
         mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, w.dtype).to(w.device)
-        q, scale, offset = quantize_groupwise(w, group_size, symmetric=symmetric)
+        q, scale, offset = quantize_groupwise(w, group_size, grid=grid)
         mod.packed.copy_(kernels.pack_int4(q))
         mod.scale.copy_(scale)
         mod.offset.copy_(offset)
@@ -345,7 +370,7 @@ def quantize_(model: nn.Module, config, *, restore: bool = False, blocks: torch.
 
 
 def int4_linear_maker(group_size: int, restore: bool, quantized: dict | None = None,
-                      symmetric: bool = False) -> Callable:
+                      grid: str = "zero_point") -> Callable:
     """Make Int4WeightOnlyLinear modules; ``quantized`` maps a layer name to (q, scale, offset) found elsewhere."""
 
     def make(linear: nn.Linear, name: str) -> nn.Module | None:
@@ -356,19 +381,19 @@ def int4_linear_maker(group_size: int, restore: bool, quantized: dict | None = N
             return Int4WeightOnlyLinear(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         if quantized and name in quantized:
             return Int4WeightOnlyLinear.from_quantized(*quantized[name], group_size, linear.bias)
-        return Int4WeightOnlyLinear.from_float(linear, group_size, symmetric)
+        return Int4WeightOnlyLinear.from_float(linear, group_size, grid)
 
     return make
 
 
-def int4_embedding_maker(group_size: int, restore: bool, symmetric: bool = False) -> Callable:
+def int4_embedding_maker(group_size: int, restore: bool, grid: str = "zero_point") -> Callable:
     def make(emb: nn.Embedding, name: str) -> nn.Module | None:
         if emb.embedding_dim % 16:
             log.info("skip %s %s: int4 packing needs a width divisible by 16", name, tuple(emb.weight.shape))
             return None
         if restore:
             return Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, emb.weight.dtype)
-        return Int4Embedding.from_float(emb, group_size, symmetric)
+        return Int4Embedding.from_float(emb, group_size, grid)
 
     return make
 

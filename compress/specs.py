@@ -17,14 +17,15 @@ import torch
 from compress import distill, gptq, prune, quantize
 
 BASE = "base"
+_GRIDS = {letter: grid for grid, letter in quantize.INT4_GRIDS.items()}
 
 # Each step form: a pattern and the config it makes from the match.
 _STEPS: list[tuple[str, Callable]] = [
     (r"(bf16|fp16)", lambda m: quantize.CastConfig(m[1])),
     (r"int8", lambda m: quantize.Int8WeightOnlyConfig()),
     (r"int8-dynamic", lambda m: quantize.Int8DynamicConfig()),
-    (r"int4(s?)-g(\d+)", lambda m: quantize.Int4WeightOnlyConfig(group_size=int(m[2]), symmetric=bool(m[1]))),
-    (r"gptq-int4(s?)-g(\d+)", lambda m: gptq.GPTQConfig(group_size=int(m[2]), symmetric=bool(m[1]))),
+    (r"int4([sm]?)-g(\d+)", lambda m: quantize.Int4WeightOnlyConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
+    (r"gptq-int4([sm]?)-g(\d+)", lambda m: gptq.GPTQConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
     (r"prune-(\d+)%", lambda m: prune.MagnitudePruneConfig(sparsity=int(m[1]) / 100)),
     (r"prune-(\d+:\d+)", lambda m: prune.MagnitudePruneConfig(pattern=m[1])),
     (r"wanda-(\d+)%", lambda m: prune.WandaPruneConfig(sparsity=int(m[1]) / 100)),

@@ -5,13 +5,15 @@
 
 compressed-tensors (the format of llm-compressor; vLLM and Hugging Face transformers with the compressed-tensors
 package load it): int8 -> W8A16 (weights int8 per channel), int8-dynamic -> W8A8 (int8 activations per token at
-run time), int4s-gN and gptq-int4s-gN -> W4A16 (symmetric int4 groups); pruned and distilled variants and float
-models -> plain dense checkpoints. int4-gN and gptq-int4-gN (float offsets per group) are refused: compress with
-the int4s forms to export. The export writes config.json (with quantization_config), model.safetensors, the
-tokenizer and generation config, and loads back in raypress with ``models.load(OUT)``.
+run time), int4-gN and gptq-int4-gN -> W4A16 with zero points, int4s-gN and gptq-int4s-gN -> W4A16 symmetric;
+pruned and distilled variants and float models -> plain dense checkpoints. int4m-gN (groups offset by their float
+minimum) are refused: compress with the int4 or int4s forms to export. The export writes config.json (with
+quantization_config), model.safetensors, the tokenizer and generation config, and loads back in raypress with
+``models.load(OUT)``.
 
-gguf (llama.cpp, ollama; Llama-family models): int8 -> Q8_0, int4-gN -> Q4_1, int4s-gN -> Q4_0 (the same grids;
-scales in float16), float layers -> F32, one file OUT/NAME-SPEC.gguf with the tokenizer and chat template.
+gguf (llama.cpp, ollama; Llama-family models): int8 -> Q8_0, int4-gN and int4m-gN -> Q4_1, int4s-gN -> Q4_0 (the
+same grids; scales in float16), float layers -> F32, one file OUT/NAME-SPEC.gguf with the tokenizer and chat
+template.
 """
 
 from __future__ import annotations

@@ -61,17 +61,58 @@ def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logi
 
 def test_variants_the_format_cannot_hold_are_refused_with_what_would_work(tiny_causal, tmp_path, capsys):
     model = copy.deepcopy(tiny_causal.model)
-    specs.apply_(model, "int4-g32")
-    saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "asym", {"spec": "int4-g32"})
+    specs.apply_(model, "int4m-g32")
+    saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "min", {"spec": "int4m-g32"})
     with pytest.raises(SystemExit) as exit_info:  # the command: exit status 2 and the reason
         cli.run(export.main, [str(saved), "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "float offset" in err and "compress with the symmetric int4s-g32 spec" in err
+    assert "float minimum" in err and "compress with int4-g32 (integer zero points) or int4s-g32" in err
     model = copy.deepcopy(tiny_causal.model)
     specs.apply_(model, "int4s-g128")  # 64 inputs per row: one partial group
     with pytest.raises(ctensors.ExportError, match="group size 128 does not divide .* use g32, g64 for this"):
         ctensors.export_state(model, "int4s-g128")
+
+
+@pytest.mark.parametrize("spec", ["int4-g32", "gptq-int4-g64"])
+def test_asymmetric_int4_exports_decompress_in_the_package_to_the_weights_raypress_holds(
+        spec, smollm2_loaded, make_tiny_llama, tmp_path, wikitext_texts):
+    """W4A16 with zero points: the package's own ModelCompressor decompresses the export to raypress's weights
+    exactly, and raypress reads it back onto its kernels. (transformers 5.24's loader refuses this form: it expects
+    the zero points unpacked, [N, G], where the format packs them [N/8, G].)"""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = smollm2_loaded.tokenizer
+    model = make_tiny_llama(hidden=128, tie=False)  # no prior quantization
+    blocks = data.token_blocks(tokenizer, wikitext_texts, 64, 4) if specs.needs_calibration(spec) else None
+    specs.apply_(model, spec, blocks=blocks)
+    out = export.export(str(artifact.save(model, tokenizer, tmp_path / "a", {"spec": spec})), tmp_path / "ct")
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = quant["config_groups"].values()
+    assert group["weights"]["symmetric"] is False and group["weights"]["group_size"] == int(spec[-2:])
+
+    config = AutoConfig.from_pretrained(out)
+    del config.quantization_config
+    theirs = AutoModelForCausalLM.from_config(config)
+    scheme = QuantizationConfig.model_validate(quant)
+    apply_quantization_config(theirs, scheme)
+    compressor = ModelCompressor(quantization_config=scheme)
+    compressor.compress_model(theirs)  # the compressed layout, which the checkpoint's tensors fill
+    missing, unexpected = theirs.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+    assert not unexpected and not [k for k in missing if "lm_head" not in k]
+    compressor.decompress_model(theirs)
+    diffs = [(ctensors.float_weight(ours) - dict(theirs.named_modules())[name].weight).abs().max().item()
+             for name, ours in model.named_modules() if isinstance(ours, quantize.Int4WeightOnlyLinear)]
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    back = models.load(out, device="cpu").model
+    assert type(back.model.layers[1].mlp.up_proj) is quantize.Int4WeightOnlyLinear
+    logits_diff = (_logprobs(model, ids) - _logprobs(back, ids)).abs().max()
+    print(f"{spec}: {len(diffs)} layers, max |package's decompressed weight - raypress's| {max(diffs):.1e}; "
+          f"reimported max |d log p| {logits_diff:.1e}")
+    assert len(diffs) == 15 and max(diffs) < 1e-6 and logits_diff < 1e-4  # 14 block layers, the head (float)
 
 
 def _float_twin(base, quantized):

@@ -52,13 +52,16 @@ def test_blocks_hold_raypress_grids_exactly_up_to_float16_scales():
     q, scale = quantize.quantize_per_channel(w)
     got = gguf.quants.dequantize(gguf_export.q8_0(q, scale), gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(got, (q.float() * scale.half().float()[:, None]).numpy())
-    for symmetric, kind in ((False, gguf.GGMLQuantizationType.Q4_1), (True, gguf.GGMLQuantizationType.Q4_0)):
-        q, scale, offset = quantize.quantize_groupwise(w, 64, symmetric=symmetric)
+    Q41, Q40 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0
+    for grid, kind in (("zero_point", Q41), ("min", Q41), ("symmetric", Q40)):
+        q, scale, offset = quantize.quantize_groupwise(w, 64, grid=grid)
+        symmetric = quantize.is_symmetric(scale, offset)
+        assert symmetric == (grid == "symmetric")
         got = gguf.quants.dequantize(gguf_export.q4(q, scale, offset, 64, symmetric), kind)
         want = kernels.dequantize_groupwise(q, scale.half().float(), offset.half().float(), 64)
         if symmetric:  # Q4_0 stores d alone: the offset is -8 d
             want = kernels.dequantize_groupwise(q, scale.half().float(), -8 * scale.half().float(), 64)
-        assert np.allclose(got, want.numpy(), rtol=0, atol=1e-6)
+        assert np.allclose(got, want.numpy(), rtol=0, atol=1e-6), grid
 
 
 def test_models_gguf_cannot_hold_are_refused(minilm_loaded, tmp_path):

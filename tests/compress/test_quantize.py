@@ -69,6 +69,24 @@ def test_groupwise_quantization_handles_a_partial_last_group():
     assert err <= scale.max() / 2 + 1e-6  # round to nearest: at most half a step
 
 
+@pytest.mark.parametrize("grid", list(quantize.INT4_GRIDS))
+def test_each_int4_grid_rounds_to_nearest_and_says_whether_integer_zero_points_hold_it(grid):
+    from compress.kernels import dequantize_groupwise
+
+    w = torch.randn(16, 128) + torch.linspace(-0.5, 0.5, 128)  # groups skewed one way or the other
+    q, scale, offset = quantize.quantize_groupwise(w, 32, grid=grid)
+    assert (dequantize_groupwise(q, scale, offset, 32) - w).abs().max() <= scale.max() / 2 + 1e-6
+    zp = quantize.zero_points(scale, offset)
+    if grid == "min":  # offset = the float minimum: no integer zero point holds it
+        assert zp is None and not quantize.is_symmetric(scale, offset)
+        return
+    assert zp is not None and torch.allclose(-zp * scale, offset)
+    assert quantize.is_symmetric(scale, offset) == (grid == "symmetric")
+    if grid == "zero_point":  # asymmetric: the zero points follow the groups' skew, and 0 is on the grid
+        assert len(zp.unique()) > 1
+        assert torch.equal(dequantize_groupwise(zp.repeat_interleave(32, 1), scale, offset, 32), torch.zeros(16, 128))
+
+
 ALL_SPECS = ["base", "bf16", "fp16", "int8", "int8-dynamic", "int4-g32", "int4-g128", "gptq-int4-g128", "prune-50%",
              "prune-2:4", "wanda-50%", "wanda-2:4", "distill-L1", "prune-2:4+int8", "wanda-2:4+int4-g64"]
 

@@ -4,6 +4,7 @@ from compress import distill, gptq, prune, quantize, specs
 
 CANONICAL = [
     "base", "bf16", "fp16", "int8", "int8-dynamic", "int4-g32", "int4-g64", "int4-g128", "gptq-int4-g128",
+    "int4s-g64", "int4m-g32", "gptq-int4s-g32", "gptq-int4m-g128",
     "prune-50%", "prune-2:4", "wanda-50%", "wanda-2:4", "distill-L15", "prune-2:4+int8", "wanda-2:4+int8",
     "distill-L3+int8-dynamic",
 ]
@@ -18,7 +19,9 @@ def test_steps_parse_to_configs_in_order():
     steps = specs.parse("wanda-2:4+gptq-int4-g64").steps
     assert steps == (prune.WandaPruneConfig(pattern="2:4"), gptq.GPTQConfig(group_size=64))
     assert specs.parse("distill-L6").steps == (distill.DistillConfig(layers=6),)
-    assert specs.parse("int4-g32").steps == (quantize.Int4WeightOnlyConfig(group_size=32),)
+    assert specs.parse("int4-g32").steps == (quantize.Int4WeightOnlyConfig(group_size=32, grid="zero_point"),)
+    assert specs.parse("int4m-g64").steps == (quantize.Int4WeightOnlyConfig(group_size=64, grid="min"),)
+    assert specs.parse("gptq-int4s-g32").steps == (gptq.GPTQConfig(group_size=32, grid="symmetric"),)
 
 
 @pytest.mark.parametrize("bad,message", [

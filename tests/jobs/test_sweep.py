@@ -41,22 +41,24 @@ def write_config(tmp_path, model_dir, wikitext, **overrides) -> Path:
 def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local, tmp_path, tiny_model_dir, wikitext,
                                                                         caplog, capsys):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path, tiny_model_dir, wikitext, export=["compressed-tensors"])
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int8", "int4m-g{g}", "wanda-50%", "distill-L5"],
+                       export=["compressed-tensors", "gguf"])
     code = sweep.main(str(cfg), out=str(out), num_actors=2)
     assert code == 0
-    # the choice (asymmetric int4) has no compressed-tensors form: said, and the sweep's result stands
+    # the choice (int4 offset by each group's float minimum) has a GGUF form (Q4_1) and no compressed-tensors one:
+    # that is said, and the sweep's result stands
     assert "compressed-tensors: not exported" in capsys.readouterr().out
-    assert not (out / "chosen-compressed-tensors").exists()
+    assert not (out / "chosen-compressed-tensors").exists() and len(list((out / "chosen-gguf").glob("*.gguf"))) == 1
     rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
-    assert set(rows) == {"base", "int8", "int4-g32", "int4-g64", "wanda-50%", "distill-L5"}
+    assert set(rows) == {"base", "int8", "int4m-g32", "int4m-g64", "wanda-50%", "distill-L5"}
     assert "fewer layers" in rows["distill-L5"]["error"]  # a failing spec is recorded; the others finish
     for spec, row in rows.items():
         if spec != "distill-L5":
             assert row["error"] is None and row["decode_tokens_per_s_b1"] > 0 and row["artifact_bytes"] > 0
-    assert rows["int4-g64"]["artifact_bytes"] < rows["int8"]["artifact_bytes"] < rows["base"]["artifact_bytes"]
+    assert rows["int4m-g64"]["artifact_bytes"] < rows["int8"]["artifact_bytes"] < rows["base"]["artifact_bytes"]
 
     report = (out / "report.md").read_text()
-    assert "Chosen: `int4-g64`" in report and "| base |" in report and "error: ValueError" in report
+    assert "Chosen: `int4m-g64`" in report and "| base |" in report and "error: ValueError" in report
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "pareto.parquet").exists()
     serve_cfg = yaml.safe_load((out / "serve.yaml").read_text())
     assert serve_cfg["applications"][0]["args"]["model"] == str((out / "chosen").resolve())
@@ -67,8 +69,8 @@ def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local
     base, _, _ = models.load(tiny_model_dir)
     ref = evaluate.reference(base, tokenizer, kind, texts, 64, 2)
     again = evaluate.quality(chosen, tokenizer, kind, ref)
-    assert again["ppl"] == pytest.approx(rows["int4-g64"]["ppl"], rel=1e-5)
-    assert again["top1_agreement"] == pytest.approx(rows["int4-g64"]["top1_agreement"], abs=1e-6)
+    assert again["ppl"] == pytest.approx(rows["int4m-g64"]["ppl"], rel=1e-5)
+    assert again["top1_agreement"] == pytest.approx(rows["int4m-g64"]["top1_agreement"], abs=1e-6)
 
     # A rerun keeps what is done. A row measured under another config (its fingerprint differs) is run again and
     # the log says so; --retry-failed runs the failed spec again; the rest stay as they were.
