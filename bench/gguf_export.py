@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"          # llama-cpp-python==0.3.36 (built from source), bench only
     python bench/gguf_export.py        # smollm2-135m: int8 and int4-g32, 8 chat prompts, 64 greedy tokens
+    python bench/gguf_export.py --variants int8 int4-g32 int4m-g32 int4s-g32
 
 For each variant: compress SmolLM2 (whose weights were already 4-bit in the GGUF it ships as), export it with
 ``jobs.export --format gguf``, load the file in llama.cpp, and report

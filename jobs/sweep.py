@@ -19,12 +19,13 @@ Config (YAML):
     budget: {max_ppl_increase: 0.02, min_top1_agreement: 0.95}   # encoders: min_cosine, min_neighbour_overlap
     objective: smallest            # or fastest, or {fastest_under_size: 100MB}
     export: [compressed-tensors]   # also write chosen-FORMAT/ for other engines (see jobs.export)
+    checkpoints:                   # variants of the same model compressed elsewhere, measured beside these:
+      llmc-w4a16: /models/smollm2-w4a16   # NAME: a compressed-tensors checkpoint (llm-compressor's) or artifact
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -34,7 +35,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,85 +44,10 @@ import yaml
 
 from compress import artifact, data, evaluate, files, models, specs
 from jobs import export, report, storage
+from jobs.sweep_config import SweepConfig, load_config
 
 log = logging.getLogger("jobs.sweep")
-CONFIG_KEYS = {"model", "eval_data", "calib_data", "eval_column", "specs", "grid", "budget", "objective", "seq_len",
-               "eval_blocks", "calib_blocks", "speed", "export"}
 NO_VARIANT_EXIT = 3
-
-
-@dataclass
-class SweepConfig:
-    model: str
-    specs: list[str]
-    budget: dict
-    objective: tuple
-    kind: str
-    eval_data: str | None = None
-    calib_data: str | None = None
-    eval_column: str = "text"
-    seq_len: int = 256
-    eval_blocks: int = 8
-    calib_blocks: int = 32
-    speed: bool = True
-    export: list[str] = field(default_factory=list)
-    raw: dict = field(default_factory=dict)
-
-
-def load_config(path: str | os.PathLike) -> SweepConfig:
-    """Read and check a sweep config; every error names the key, before any trial starts."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sweep config {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{str(path)!r}: expected a mapping of keys, got {type(raw).__name__}")
-    unknown = set(raw) - CONFIG_KEYS
-    if unknown:
-        raise ValueError(f"{str(path)!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
-    for key in ("model", "specs"):
-        if not raw.get(key):
-            raise ValueError(f"{str(path)!r}: key {key!r} is required")
-    model = str(raw["model"])
-    kind = models.kind_of(model)
-    expanded = expand_specs(raw["specs"], raw.get("grid") or {})
-    canonical = []
-    for s in expanded:
-        try:
-            name = str(specs.parse(s))
-        except ValueError as e:
-            raise ValueError(f"specs: {e}") from None
-        if name not in canonical:
-            canonical.append(name)
-    if "base" not in canonical:
-        canonical.insert(0, "base")  # everything is measured against it
-    exports = raw.get("export") or []
-    exports = [exports] if isinstance(exports, str) else exports
-    if not isinstance(exports, list) or not set(exports) <= set(export.FORMATS):
-        raise ValueError(f"{str(path)!r}: export {raw.get('export')!r}: expected a list of {list(export.FORMATS)}")
-    return SweepConfig(
-        model=model, specs=canonical, kind=kind,
-        budget=report.check_budget(raw.get("budget") or {}, kind),
-        objective=report.check_objective(raw.get("objective", "smallest")), export=exports,
-        **{k: raw[k] for k in ("eval_data", "calib_data", "eval_column", "seq_len", "eval_blocks", "calib_blocks",
-                               "speed") if k in raw},
-        raw=raw,
-    )
-
-
-def expand_specs(templates: list, grid: dict) -> list[str]:
-    """["int4-g{g}"] x {g: [32, 128]} -> ["int4-g32", "int4-g128"]; names without placeholders pass through."""
-    if not isinstance(templates, list):
-        raise ValueError(f"specs: expected a list of spec strings, got {templates!r}")
-    out = []
-    for t in templates:
-        names = re.findall(r"{(\w+)}", str(t))
-        missing = [n for n in names if n not in grid]
-        if missing:
-            raise ValueError(f"specs: {t!r} uses {missing} but grid has only {sorted(grid)}")
-        for values in itertools.product(*(grid[n] for n in names)):
-            out.append(str(t).format(**dict(zip(names, values, strict=True))))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,6 +62,7 @@ class TrialActor:
 
         torch.set_grad_enabled(False)
         self.name, self.store, self.fingerprint = model, store, cfg["fingerprint"]
+        self.checkpoints = cfg.get("checkpoints") or {}
         self.base, self.tokenizer, self.kind = models.load(model)
         self.ref = evaluate.reference(self.base, self.tokenizer, self.kind, eval_texts, cfg["seq_len"],
                                       cfg["eval_blocks"])
@@ -152,6 +78,8 @@ class TrialActor:
         start = time.perf_counter()
         row = {"spec": spec, "error": None, "fingerprint": self.fingerprint}
         try:
+            if spec in self.checkpoints:
+                return self._checkpoint(spec, row, start)
             model = self.base if spec == "base" else copy.deepcopy(self.base)
             notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
             metrics = evaluate.quality(model, self.tokenizer, self.kind, self.ref)
@@ -170,6 +98,21 @@ class TrialActor:
         except Exception as e:  # a trial that fails is recorded, and the sweep goes on
             log.warning("trial %s failed: %s", spec, traceback.format_exc())
             row["error"] = f"{type(e).__name__}: {e}"
+        return self._finish(row, start)
+
+    def _checkpoint(self, name: str, row: dict, start: float) -> dict:
+        """A variant made elsewhere: loaded (onto raypress's kernels where its scheme has one) and measured against
+        the same base; its folder is the row's artifact, as it is."""
+        path = self.checkpoints[name]
+        model, tokenizer, kind = models.load(path)
+        if kind != self.kind or len(tokenizer) != len(self.tokenizer):
+            raise ValueError(f"checkpoint {name} ({path}) is not a variant of {self.name}: a {kind} model with "
+                             f"{len(tokenizer)} tokens against a {self.kind} model with {len(self.tokenizer)}")
+        metrics = evaluate.quality(model, self.tokenizer, self.kind, self.ref)
+        row.update(metrics, artifact=path, artifact_bytes=models.weights_bytes(path), notes=json.dumps({}))
+        return self._finish(row, start)
+
+    def _finish(self, row: dict, start: float) -> dict:
         row["seconds"] = time.perf_counter() - start
         row["finished_at"] = time.time()
         if self.kind == models.CAUSAL:
@@ -209,10 +152,11 @@ def reusable(rows: list[dict], cfg: SweepConfig, retry_failed: bool) -> list[dic
     ``retry_failed``) not failed. Says what it drops."""
     current = fingerprint(cfg)
     rows = [r for r in rows if r["spec"] in cfg.specs]
-    stale = [r["spec"] for r in rows if r.get("fingerprint") != current]
+    stale = [r["spec"] for r in rows if r.get("fingerprint") != current
+             or (r["spec"] in cfg.checkpoints and r.get("artifact") != cfg.checkpoints[r["spec"]])]
     if stale:
-        log.warning("the sweep config changed since %d result(s) were written (model, eval/calib data, seq_len or "
-                    "block counts): re-running %s", len(stale), stale)
+        log.warning("the sweep config changed since %d result(s) were written (model, eval/calib data, seq_len, "
+                    "block counts or a checkpoint's folder): re-running %s", len(stale), stale)
     failed = [r["spec"] for r in rows if r.get("error") and r["spec"] not in stale] if retry_failed else []
     if failed:
         log.info("--retry-failed: re-running %s", failed)
@@ -229,8 +173,8 @@ def run_trials(cfg: SweepConfig, out: Path, store: str, rows: list[dict], eval_t
         return rows
     actor_cls = ray.remote(TrialActor).options(**placement, max_restarts=0)
     args = (cfg.model, eval_texts, calib_texts, {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
-                                                 "calib_blocks": cfg.calib_blocks, "fingerprint": fingerprint(cfg)},
-            store)
+                                                 "calib_blocks": cfg.calib_blocks, "fingerprint": fingerprint(cfg),
+                                                 "checkpoints": cfg.checkpoints}, store)
     actors = [actor_cls.remote(*args) for _ in range(min(num_actors, len(todo)))]
     inflight = {}
     for actor in actors:
@@ -374,7 +318,7 @@ def _texts(cfg: SweepConfig, out: Path) -> tuple[list[str], list[str] | None]:
         saved = json.loads(cache.read_text())
         if saved.get("fingerprint") == fingerprint(cfg):
             return saved["eval"], saved["calib"]
-    needs_calib = any(specs.needs_calibration(s) for s in cfg.specs)
+    needs_calib = any(specs.needs_calibration(s) for s in cfg.specs if s not in cfg.checkpoints)
     eval_texts = data.read_texts(cfg.eval_data, cfg.eval_column) if cfg.eval_data else None
     calib_texts = data.read_texts(cfg.calib_data, cfg.eval_column) if cfg.calib_data else None
     if eval_texts is None or (needs_calib and calib_texts is None):

@@ -106,6 +106,44 @@ def make_tiny_llama(smollm2_loaded):
     return lambda **kw: tiny_llama(smollm2_loaded.tokenizer, **kw)
 
 
+@pytest.fixture
+def package_checkpoint():
+    """Write a model as llm-compressor writes round-to-nearest, with the compressed-tensors package's own scheme,
+    qparams and compressor: package_checkpoint(model, tokenizer, weights, activations, path, ids) (see below)."""
+    return _package_checkpoint
+
+
+def _package_checkpoint(model, tokenizer, weights, activations, path, ids=None):
+    """What llm-compressor writes for round-to-nearest: the package's own scheme, qparams and compressor. Returns
+    the log-probs of the package's own (fake-quantized) forward on ``ids`` (token ids [1, T]), before compression."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.detach()
+            if weights.strategy == "group":
+                w = w.view(w.shape[0], -1, weights.group_size)
+                lo, hi = w.amin(-1), w.amax(-1)
+            else:
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            scale, zero = calculate_qparams(lo, hi, weights)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(ids).logits.float(), -1) if ids is not None else None
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    tokenizer.save_pretrained(path)
+    return reference
+
+
 @pytest.fixture(scope="session")
 def tiny_causal_dir(tmp_path_factory, smollm2_loaded) -> Path:
     """A tiny random Llama saved once as an artifact: a fast model for job and serving tests."""

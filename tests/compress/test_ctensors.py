@@ -142,39 +142,9 @@ def test_smollm2_exports_load_in_transformers(smollm2_loaded, tmp_path):
         assert exact < 1e-4 and kernels_diff < 0.1
 
 
-def _package_checkpoint(model, tokenizer, weights, activations, path, ids):
-    """What llm-compressor writes for round-to-nearest: the package's own scheme, qparams and compressor. Returns
-    the log-probs of the package's own (fake-quantized) forward, before compression."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
-    for module in model.modules():
-        if hasattr(module, "weight_scale"):
-            w = module.weight.detach()
-            if weights.strategy == "group":
-                w = w.view(w.shape[0], -1, weights.group_size)
-                lo, hi = w.amin(-1), w.amax(-1)
-            else:
-                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-            scale, zero = calculate_qparams(lo, hi, weights)
-            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-            if hasattr(module, "weight_zero_point"):
-                module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    reference = _logprobs(model, ids)
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
-    model.save_pretrained(path)
-    compressor.update_config(path)
-    tokenizer.save_pretrained(path)
-    return reference
-
-
 @pytest.mark.parametrize("scheme", ["w4a16-asymmetric-g32", "w8a16", "w8a8-dynamic"])
 def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme, smollm2_loaded, make_tiny_llama,
-                                                                         tmp_path):
+                                                                         package_checkpoint, tmp_path):
     from compressed_tensors.quantization import QuantizationArgs
 
     weights = {"w4a16-asymmetric-g32": QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
@@ -187,7 +157,7 @@ def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme,
     model = make_tiny_llama(hidden=128, tie=False)  # no prior quantization
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     path = tmp_path / scheme
-    reference = _package_checkpoint(model, tokenizer, weights, activations, path, ids)  # the package's own math
+    reference = package_checkpoint(model, tokenizer, weights, activations, path, ids)  # the package's own math
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     assert config["format"] == ("int-quantized" if scheme == "w8a8-dynamic" else "pack-quantized")
     loaded = models.load(path, device="cpu").model

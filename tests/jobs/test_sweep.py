@@ -39,10 +39,16 @@ def write_config(tmp_path, model_dir, wikitext, **overrides) -> Path:
 
 @pytest.mark.timeout(300)
 def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local, tmp_path, tiny_model_dir, wikitext,
-                                                                        caplog, capsys):
+                                                                        tiny_causal, package_checkpoint, caplog,
+                                                                        capsys):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    # a variant of the same model compressed elsewhere (the compressed-tensors package, as llm-compressor writes)
+    w4a16 = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    package_checkpoint(tiny_causal.model, tiny_causal.tokenizer, w4a16, None, tmp_path / "llmc")
     out = tmp_path / "out"
     cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int8", "int4m-g{g}", "wanda-50%", "distill-L5"],
-                       export=["compressed-tensors", "gguf"])
+                       export=["compressed-tensors", "gguf"], checkpoints={"llmc-w4a16": str(tmp_path / "llmc")})
     code = sweep.main(str(cfg), out=str(out), num_actors=2)
     assert code == 0
     # the choice (int4 offset by each group's float minimum) has a GGUF form (Q4_1) and no compressed-tensors one:
@@ -50,7 +56,11 @@ def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local
     assert "compressed-tensors: not exported" in capsys.readouterr().out
     assert not (out / "chosen-compressed-tensors").exists() and len(list((out / "chosen-gguf").glob("*.gguf"))) == 1
     rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
-    assert set(rows) == {"base", "int8", "int4m-g32", "int4m-g64", "wanda-50%", "distill-L5"}
+    assert set(rows) == {"base", "int8", "int4m-g32", "int4m-g64", "wanda-50%", "distill-L5", "llmc-w4a16"}
+    llmc = rows["llmc-w4a16"]  # measured from its own folder, on raypress's int4 kernels, as the rest are
+    assert llmc["artifact"] == str((tmp_path / "llmc").resolve())
+    assert llmc["artifact_bytes"] < rows["base"]["artifact_bytes"]
+    assert llmc["ppl"] == pytest.approx(rows["int4m-g32"]["ppl"], rel=0.05)
     assert "fewer layers" in rows["distill-L5"]["error"]  # a failing spec is recorded; the others finish
     for spec, row in rows.items():
         if spec != "distill-L5":
@@ -110,6 +120,7 @@ def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_pa
     ({"objective": "cheapest"}, "objective 'cheapest'"),
     ({"specs": ["int4-g{gs}"], "grid": {"g": [32]}}, "uses \\['gs'\\]"),
     ({"speeed": True}, "unknown key\\(s\\) \\['speeed'\\]"),
+    ({"checkpoints": {"llmc": "/no/such/folder"}}, "checkpoints: llmc: '/no/such/folder' is not a model folder"),
 ])
 def test_config_errors_name_the_key_before_any_trial(tmp_path, tiny_model_dir, wikitext, override, message):
     cfg = write_config(tmp_path, tiny_model_dir, wikitext, **override)
