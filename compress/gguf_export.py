@@ -9,7 +9,7 @@ up to the float16 that GGUF stores scales in:
 - int4 groups of 32/64/128 -> Q4_1 (w = q * d + m: raypress's scale and offset, which holds the int4 and int4m
   grids) or, for the symmetric int4s specs (offset = -8 * scale), Q4_0 (w = (q - 8) * d); a group of 64 is two
   blocks with the same d and m.
-- float layers and norms -> F32.
+- float matrices -> F32, or F16 on request (``float_type``); norms -> F32.
 
 The tokenizer goes in as llama.cpp's BPE metadata: copied from the built-in model's own GGUF when the vocabulary is
 that one (so llama.cpp splits text exactly as that file does), else built from ``tokenizer.json`` with llama.cpp's
@@ -84,8 +84,12 @@ def q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: i
     return np.concatenate([d, m, qs], axis=1).reshape(n, -1)
 
 
-def _tensor(mod: nn.Module, rows: torch.Tensor | None):
-    """(data, GGML type) of a layer's weight, its rows reordered by ``rows`` (q/k projections)."""
+FLOAT_TYPES = ("f32", "f16")
+
+
+def _tensor(mod: nn.Module, rows: torch.Tensor | None, float_type: str = "f32"):
+    """(data, GGML type) of a layer's weight, its rows reordered by ``rows`` (q/k projections); float matrices in
+    ``float_type``, norms (vectors) in F32 always, as llama.cpp's own converter writes them."""
     import gguf
 
     pick = (lambda t: t[rows]) if rows is not None else (lambda t: t)
@@ -102,17 +106,23 @@ def _tensor(mod: nn.Module, rows: torch.Tensor | None):
         q = pick(kernels.unpack_int4(mod.packed))
         data = q4(q, pick(mod.scale), pick(mod.offset), mod.group_size, symmetric)
         return data, gguf.GGMLQuantizationType.Q4_0 if symmetric else gguf.GGMLQuantizationType.Q4_1
-    return pick(float_weight(mod).float()).numpy(), gguf.GGMLQuantizationType.F32
+    weight = pick(float_weight(mod).float())
+    if float_type == "f16" and weight.dim() == 2:
+        return weight.half().numpy(), gguf.GGMLQuantizationType.F16
+    return weight.numpy(), gguf.GGMLQuantizationType.F32
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The file
 
 
-def write(model: nn.Module, tokenizer, path: str | Path, name: str) -> Path:
-    """Write ``model`` (a raypress Llama-family causal LM, compressed or not) and ``tokenizer`` as one GGUF file."""
+def write(model: nn.Module, tokenizer, path: str | Path, name: str, float_type: str = "f32") -> Path:
+    """Write ``model`` (a raypress Llama-family causal LM, compressed or not) and ``tokenizer`` as one GGUF file,
+    its float matrices (a float model's, or layers a spec kept float) in ``float_type`` ("f32" or "f16")."""
     import gguf
 
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type {float_type!r}: expected one of {FLOAT_TYPES}")
     config = model.config
     if config.model_type != "llama":
         raise ExportError(f"GGUF export writes Llama-family models; this one is {config.model_type!r}")
@@ -152,7 +162,7 @@ def write(model: nn.Module, tokenizer, path: str | Path, name: str) -> Path:
         elif base.endswith("attn_k"):
             rows = _rope_rows(kv_heads * head_dim, kv_heads)
         try:
-            data, kind = _tensor(mod, rows)
+            data, kind = _tensor(mod, rows, float_type)
         except ExportError as e:
             raise ExportError(f"layer {module_name!r}: {e}") from None
         types.add(kind)
@@ -169,7 +179,8 @@ def _file_type(types: set) -> int:
     import gguf
 
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    for kind, ftype in ((T.Q4_1, F.MOSTLY_Q4_1), (T.Q4_0, F.MOSTLY_Q4_0), (T.Q8_0, F.MOSTLY_Q8_0)):
+    for kind, ftype in ((T.Q4_1, F.MOSTLY_Q4_1), (T.Q4_0, F.MOSTLY_Q4_0), (T.Q8_0, F.MOSTLY_Q8_0),
+                        (T.F16, F.MOSTLY_F16)):
         if kind in types:
             return ftype
     return F.ALL_F32

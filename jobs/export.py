@@ -12,8 +12,8 @@ quantization_config), model.safetensors, the tokenizer and generation config, an
 ``models.load(OUT)``.
 
 gguf (llama.cpp, ollama; Llama-family models): int8 -> Q8_0, int4-gN and int4m-gN -> Q4_1, int4s-gN -> Q4_0 (the
-same grids; scales in float16), float layers -> F32, one file OUT/NAME-SPEC.gguf with the tokenizer and chat
-template.
+same grids; scales in float16), float layers -> F32 (or F16: --gguf-float f16), one file OUT/NAME-SPEC.gguf with
+the tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ log = logging.getLogger("jobs.export")
 FORMATS = ("compressed-tensors", "gguf")
 
 
-def export(model: str, out: str | Path, format: str = "compressed-tensors") -> Path:
-    """Write ``model`` (built-in, folder or artifact) to ``out`` in ``format``; returns the folder."""
+def export(model: str, out: str | Path, format: str = "compressed-tensors", gguf_float: str = "f32") -> Path:
+    """Write ``model`` (built-in, folder or artifact) to ``out`` in ``format``; returns the folder. ``gguf_float``:
+    the GGUF type of float matrices (f32 or f16)."""
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: expected one of {FORMATS}")
+    if gguf_float not in gguf_export.FLOAT_TYPES:
+        raise ValueError(f"--gguf-float {gguf_float!r}: expected one of {gguf_export.FLOAT_TYPES}")
     from safetensors.torch import save_file
 
     path = models.resolve(model)
@@ -47,7 +50,7 @@ def export(model: str, out: str | Path, format: str = "compressed-tensors") -> P
         base = (manifest.get("base_model") or {}).get("id") or path.name
         name = f"{Path(str(base)).name}-{spec}".replace("+", "-")
         with files.new_folder(out) as tmp:
-            gguf_export.write(loaded.model, loaded.tokenizer, tmp / f"{name}.gguf", name)
+            gguf_export.write(loaded.model, loaded.tokenizer, tmp / f"{name}.gguf", name, gguf_float)
         return out
     state, quant = ctensors.export_state(loaded.model, spec)
     with files.new_folder(out) as tmp:
@@ -81,17 +84,19 @@ def export_choice(out: Path, spec: str | None, formats: list[str]) -> str:
     return said
 
 
-def main(model: str, out: str | None = None, format: str = "compressed-tensors") -> int:
+def main(model: str, out: str | None = None, format: str = "compressed-tensors", gguf_float: str = "f32") -> int:
     """Export a model or raypress artifact (e.g. a sweep's chosen/) for other engines.
 
     Args:
         model: built-in name, model folder or raypress artifact.
         out: folder to write (replaced if it exists); default exports/NAME-FORMAT.
         format: compressed-tensors (vLLM, HF transformers, llm-compressor's format) or gguf (llama.cpp).
+        gguf_float: GGUF only: f32 or f16 for float matrices (a float or distilled model's, layers a spec kept
+            float); norms stay f32.
     """
     start = time.perf_counter()
     out = out or f"exports/{Path(str(model).rstrip('/')).name}-{format}"
-    path = export(model, out, format)  # a variant the format cannot hold raises ExportError: exit 2 with why
+    path = export(model, out, format, gguf_float)  # a variant the format cannot hold: ExportError, exit 2 with why
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"exported {model} as {format} -> {path} ({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
     return 0

@@ -26,7 +26,9 @@ def _hf_load(path):
 
 
 # int8-dynamic: transformers fake-quantizes activations in float, raypress runs an int8 GEMM: rounding differs
-TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dynamic": 0.05, "prune-2:4": 1e-5}
+# distill-L1: a student with fewer layers, a plain dense checkpoint
+TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dynamic": 0.05, "prune-2:4": 1e-5,
+             "distill-L1": 1e-5}
 
 
 @pytest.mark.parametrize("spec", list(TOLERANCE))
@@ -48,8 +50,9 @@ def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logi
     assert (ours - again).abs().max() < max(TOLERANCE[spec], 1e-3)
     config = json.loads((out / "config.json").read_text())
     layer = back.model.layers[0].mlp.down_proj
-    if spec == "prune-2:4":  # the format has no sparse storage: dense weights holding their zeros, no quant config
+    if spec in ("prune-2:4", "distill-L1"):  # no sparse storage in the format: dense weights holding their zeros
         assert "quantization_config" not in config and isinstance(layer, torch.nn.Linear)
+        assert config["num_hidden_layers"] == (1 if spec == "distill-L1" else 2)
         return
     quant = config["quantization_config"]
     assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]

@@ -12,11 +12,15 @@ from compress import artifact, gguf_export, kernels, quantize, specs
 from jobs import export
 
 TEXT = "Hello world! Ünïcode café, numbers 12345, code: def f(x): return x**2\n\n  indented"
-EXPECTED = {"int8": "Q8_0", "int4-g32": "Q4_1", "int4s-g64": "Q4_0"}  # norms: F32 in every one
+# (spec, float type of the export) -> the GGML type of the layers; norms are F32 in every one. distill-L1: a student
+# with fewer layers, a plain float Llama
+EXPECTED = {("int8", "f32"): "Q8_0", ("int4-g32", "f32"): "Q4_1", ("int4s-g64", "f32"): "Q4_0",
+            ("distill-L1", "f16"): "F16"}
 
 
-@pytest.mark.parametrize("spec", list(EXPECTED))
-def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spec, tiny_causal, tmp_path):
+@pytest.mark.parametrize("spec,gguf_float", list(EXPECTED))
+def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spec, gguf_float, tiny_causal,
+                                                                            tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = copy.deepcopy(tiny_causal.model)
@@ -24,21 +28,23 @@ def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spe
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
-    specs.apply_(model, spec)
+    blocks = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(1))
+    specs.apply_(model, spec, blocks=blocks)
     saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "a", {"spec": spec, "base_model": {"id": "tiny"}})
-    out = export.export(str(saved), tmp_path / "gguf", "gguf")
+    out = export.export(str(saved), tmp_path / "gguf", "gguf", gguf_float)
     (file,) = out.glob("*.gguf")
     assert file.name == f"tiny-{spec}.gguf"
     reader = gguf.GGUFReader(str(file))
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == EXPECTED[spec]
+    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == EXPECTED[spec, gguf_float]
     assert kinds["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in kinds  # tied: llama.cpp reuses
+    assert ("blk.1.attn_q.weight" in kinds) == (spec != "distill-L1")
     ids = torch.tensor([tiny_causal.tokenizer(TEXT)["input_ids"]])
     theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
     with torch.inference_mode():
         diff = (torch.log_softmax(model(ids).logits, -1) - torch.log_softmax(theirs(ids).logits, -1)).abs().max()
-    print(f"{spec}: max |d log p| raypress vs transformers reading the GGUF {diff:.2e}")
-    assert diff < 5e-3  # scales are float16 in GGUF
+    print(f"{spec} ({gguf_float}): max |d log p| raypress vs transformers reading the GGUF {diff:.2e}")
+    assert diff < 5e-3  # scales (and F16 weights) are float16 in GGUF
     if spec != "int8":
         return  # the tokenizer is the same in every export; converting it back takes a while
     tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
