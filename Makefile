@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-peers lint clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# Checks against peer engines: llama.cpp runs raypress's GGUF exports (builds llama.cpp from source, minutes).
+test-peers: install
+	$(PIP) install -q -e ".[bench]"
+	$(PY) -m pytest tests/compress/test_gguf_llamacpp.py
 
 lint: install
 	$(VENV)/bin/ruff check .

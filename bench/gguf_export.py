@@ -3,6 +3,7 @@
     pip install -e ".[bench]"          # llama-cpp-python==0.3.36 (built from source), bench only
     python bench/gguf_export.py        # smollm2-135m: int8 and int4-g32, 8 chat prompts, 64 greedy tokens
     python bench/gguf_export.py --variants int8 int4-g32 int4m-g32 int4s-g32
+    python bench/gguf_export.py --json rows.json   # also the rows as JSON (tests/compress/test_gguf_llamacpp.py)
 
 For each variant: compress SmolLM2 (whose weights were already 4-bit in the GGUF it ships as), export it with
 ``jobs.export --format gguf``, load the file in llama.cpp, and report
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     import llama_cpp
 
@@ -61,6 +64,7 @@ def main() -> None:
     print("| variant | GGUF file | raypress weights | tokens equal | top-1 agreement | greedy prefix kept (mean, min) "
           "|")
     print("| --- | --- | --- | --- | --- | --- |")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.variants:
             model = copy.deepcopy(loaded.model)
@@ -92,7 +96,12 @@ def main() -> None:
                 kept.append(n / max(len(result.token_ids), 1))
             print(f"| {spec} | {gguf_file.stat().st_size / 1e6:.1f} MB | {artifact.weights_bytes(saved) / 1e6:.1f} MB "
                   f"| {same_tokens} | {agree / total:.1%} of {total} | {statistics.mean(kept):.0%}, {min(kept):.0%} |")
+            rows.append({"spec": spec, "gguf_bytes": gguf_file.stat().st_size, "tokens_equal": same_tokens,
+                         "top1_agreement": agree / total, "tokens": total, "prefix_kept_mean": statistics.mean(kept),
+                         "prefix_kept_min": min(kept), "cpu": cpu_description()})
             del llm
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
