@@ -107,6 +107,22 @@ def make_tiny_llama(smollm2_loaded):
 
 
 @pytest.fixture
+def quick_spec():
+    """quick_spec("distill-L1") -> the spec with distillation trained on 512 tokens instead of its default budget:
+    for tests of what a variant is (its layout, its export, its reload), which the training length does not change."""
+    import dataclasses
+
+    from compress import distill, specs
+
+    def make(spec: str):
+        steps = specs.parse(spec).steps
+        return specs.Spec(tuple(dataclasses.replace(s, tokens=512) if isinstance(s, distill.DistillConfig) else s
+                                for s in steps))
+
+    return make
+
+
+@pytest.fixture
 def package_checkpoint():
     """Write a model as llm-compressor writes round-to-nearest, with the compressed-tensors package's own scheme,
     qparams and compressor: package_checkpoint(model, tokenizer, weights, activations, path, ids) (see below)."""

@@ -100,7 +100,7 @@ def test_distilled_student_is_closer_to_its_teacher_on_text_it_never_saw(smol, t
     blocks = calib.reshape(-1, 128)  # shorter blocks: cheaper steps on 2 cores
     untrained, student = copy.deepcopy(model), copy.deepcopy(model)
     distill.distill_(untrained, distill.DistillConfig(layers=15, tokens=0), blocks=blocks)
-    report = distill.distill_(student, distill.DistillConfig(layers=15, tokens=8192), blocks=blocks)
+    report = distill.distill_(student, distill.DistillConfig(layers=15, tokens=4096), blocks=blocks)
     before = evaluate.causal_quality(untrained, tokenizer, ref)["kl_to_base"]
     after = evaluate.causal_quality(student, tokenizer, ref)["kl_to_base"]
     print(f"distill-L15: {report}; held-out KL to the teacher {before:.3f} -> {after:.3f}")

@@ -33,10 +33,10 @@ TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dyna
 
 @pytest.mark.parametrize("spec", list(TOLERANCE))
 def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logits(spec, tiny_causal, tmp_path,
-                                                                                   wikitext_texts):
+                                                                                   wikitext_texts, quick_spec):
     model = copy.deepcopy(tiny_causal.model)
     blocks = data.token_blocks(tiny_causal.tokenizer, wikitext_texts, 64, 4) if specs.needs_calibration(spec) else None
-    specs.apply_(model, spec, blocks=blocks)
+    specs.apply_(model, quick_spec(spec), blocks=blocks)
     saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "artifact", {"spec": spec})
     out = export.export(str(saved), tmp_path / "ct")
     ids = torch.tensor([tiny_causal.tokenizer(PROMPT)["input_ids"]])

@@ -20,7 +20,7 @@ EXPECTED = {("int8", "f32"): "Q8_0", ("int4-g32", "f32"): "Q4_1", ("int4s-g64", 
 
 @pytest.mark.parametrize("spec,gguf_float", list(EXPECTED))
 def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spec, gguf_float, tiny_causal,
-                                                                            tmp_path):
+                                                                            tmp_path, quick_spec):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = copy.deepcopy(tiny_causal.model)
@@ -29,7 +29,7 @@ def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spe
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
     blocks = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(1))
-    specs.apply_(model, spec, blocks=blocks)
+    specs.apply_(model, quick_spec(spec), blocks=blocks)
     saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "a", {"spec": spec, "base_model": {"id": "tiny"}})
     out = export.export(str(saved), tmp_path / "gguf", "gguf", gguf_float)
     (file,) = out.glob("*.gguf")

@@ -92,20 +92,20 @@ ALL_SPECS = ["base", "bf16", "fp16", "int8", "int8-dynamic", "int4-g32", "int4-g
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
-def test_every_method_on_a_random_model_reloads_bit_identically(tiny_causal, tmp_path, spec):
+def test_every_method_on_a_random_model_reloads_bit_identically(tiny_causal, tmp_path, spec, quick_spec):
     model, tokenizer, _ = tiny_causal
     blocks = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(1))
-    specs.apply_(model, spec, blocks=blocks)
+    specs.apply_(model, quick_spec(spec), blocks=blocks)
     path = artifact.save(model, tokenizer, tmp_path / "a", {"spec": spec})
     loaded = models.load(path).model
     assert torch.equal(logits(model), logits(loaded))
 
 
 @pytest.mark.parametrize("spec", ["int8", "int8-dynamic", "int4-g32", "gptq-int4-g64", "wanda-2:4", "distill-L1"])
-def test_every_method_on_a_random_encoder_reloads_bit_identically(tiny_encoder, tmp_path, spec):
+def test_every_method_on_a_random_encoder_reloads_bit_identically(tiny_encoder, tmp_path, spec, quick_spec):
     model, tokenizer, _ = tiny_encoder
     blocks = torch.randint(1000, 2000, (8, 32), generator=torch.Generator().manual_seed(1))
-    specs.apply_(model, spec, blocks=blocks)
+    specs.apply_(model, quick_spec(spec), blocks=blocks)
     path = artifact.save(model, tokenizer, tmp_path / "a", {"spec": spec})
     loaded, tok, _ = models.load(path)
     texts = ["one", "two sentences here"]

@@ -173,19 +173,41 @@ def test_resume_after_a_run_killed_halfway(ray_local, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_lines_that_are_not_json_objects_become_error_rows(ray_local, tmp_path, tiny_causal_dir):
+def test_every_json_line_becomes_a_row_whatever_its_kind_or_block(ray_local, tmp_path, tiny_causal_dir, monkeypatch):
+    """Lines that are not JSON objects become error rows. Read tasks type their JSON blocks apart: a column that
+    changes kind between blocks, or first appears in a later one, must neither fail the job nor the output files."""
+    from jobs import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_ROWS", 4)  # 26 lines: seven blocks
     good = [json.dumps({"prompt": f"Tell me about the number {i}."}) for i in range(3)]
+    rows = [{"prompt": f"Row {i}."} for i in range(20)]
+    rows[1]["extra"] = "text"
+    rows[9]["extra"] = {"a": 1}  # the job does not read it: kept, as JSON text
+    rows[10]["max_tokens"] = 2  # first seen in a later block: the job's own type
+    rows[11]["stop"] = [",", "."]
+    rows[12]["stop"] = "!"  # one stop string
+    rows[13]["temperature"] = 1  # an int where a float goes
+    rows[14]["prompt"] = 5  # the wrong kind in a column the job reads: that row's error
+    rows[15]["max_tokens"] = "many"
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(good[:2] + ["{not json", "[1, 2]", "7", good[2]]) + "\n")
+    src.write_text("\n".join(good[:2] + ["{not json", "[1, 2]", "7", good[2]] + [json.dumps(r) for r in rows]) + "\n")
     assert batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=3,
                             cpus_per_actor=0.5) == 0
-    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["source_row"])
-    assert [r["source_row"] for r in out] == list(range(6))
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["source_row"])  # every file reads back as one table
+    assert [r["source_row"] for r in out] == list(range(26))
     assert "line 3 of" in out[2]["error"] and "is not JSON" in out[2]["error"]
     assert "line 4 of" in out[3]["error"] and "a JSON list, not an object" in out[3]["error"]
     assert "line 5 of" in out[4]["error"] and "a JSON int, not an object" in out[4]["error"]
     for r in (out[0], out[1], out[5]):
         assert r["error"] is None and r["num_generated_tokens"] > 0
+    typed = out[6:]
+    assert (typed[1]["extra"], typed[9]["extra"], typed[0]["extra"]) == ("text", '{"a": 1}', None)
+    assert (typed[10]["max_tokens"], typed[11]["stop"], typed[12]["stop"], typed[13]["temperature"]) == \
+        (2, [",", "."], ["!"], 1.0)
+    assert typed[10]["num_generated_tokens"] <= 2
+    assert "column 'prompt': expected string" in typed[14]["error"] and "got int" in typed[14]["error"]
+    assert "column 'max_tokens': expected int64" in typed[15]["error"]
+    assert [i for i, r in enumerate(typed) if r["error"]] == [14, 15]
     array = tmp_path / "in.json"  # a JSON array of objects works as well as JSON lines
     array.write_text(json.dumps([{"prompt": "One."}, {"prompt": "Two."}, "three"]))
     # input and output as URIs (file:// here; s3:// on a cluster) go through pyarrow's filesystems end to end
@@ -259,13 +281,15 @@ def test_bad_invocations_are_refused_with_the_reason(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_the_readme_batch_commands_run_as_written(tmp_path):
+def test_the_readme_batch_commands_run_as_written(ray_local, tmp_path):
+    """As written, on the test session's Ray (RAY_ADDRESS, as a job on a cluster gets it): starting a Ray of its own
+    is what the cluster tests check."""
     import re
 
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"### Batch inference\n\n```bash\n(.*?)```", readme, re.S)[1]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PATH": f"{Path(sys.executable).parent}:"
-                                                                         + os.environ.get("PATH", "")}
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:" + os.environ.get("PATH", ""),
+                        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -313,33 +337,3 @@ def test_the_driver_never_holds_the_input(ray_local, tmp_path, tiny_causal_dir):
     grown = large["peak_mib"] - small["peak_mib"]
     print(f"driver peak RSS: {small['peak_mib']:.0f} MiB for 16 MiB of input, {large['peak_mib']:.0f} MiB for 80 MiB")
     assert grown < 32, f"the driver's peak memory grew by {grown:.0f} MiB for 64 MiB more input"
-
-
-@pytest.mark.timeout(300)
-def test_json_blocks_read_apart_agree_on_their_columns(ray_local, tmp_path, tiny_causal_dir, monkeypatch):
-    """Read tasks type their JSON blocks apart; a column that changes kind between blocks, or first appears in a
-    later one, must neither fail the job nor the output files."""
-    from jobs import inputs
-
-    monkeypatch.setattr(inputs, "BLOCK_ROWS", 4)  # 20 rows: five blocks
-    rows = [{"prompt": f"Row {i}."} for i in range(20)]
-    rows[1]["extra"] = "text"
-    rows[9]["extra"] = {"a": 1}  # the job does not read it: kept, as JSON text
-    rows[10]["max_tokens"] = 2  # first seen in a later block: the job's own type
-    rows[11]["stop"] = [",", "."]
-    rows[12]["stop"] = "!"  # one stop string
-    rows[13]["temperature"] = 1  # an int where a float goes
-    rows[14]["prompt"] = 5  # the wrong kind in a column the job reads: that row's error
-    rows[15]["max_tokens"] = "many"
-    src = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=3,
-                            cpus_per_actor=0.5) == 0
-    out = {r["source_row"]: r for r in read_out(tmp_path / "out")}  # every file reads back as one table
-    assert sorted(out) == list(range(20))
-    assert (out[1]["extra"], out[9]["extra"], out[0]["extra"]) == ("text", '{"a": 1}', None)
-    assert (out[10]["max_tokens"], out[11]["stop"], out[12]["stop"], out[13]["temperature"]) == (2, [",", "."], ["!"],
-                                                                                                1.0)
-    assert out[10]["num_generated_tokens"] <= 2
-    assert "column 'prompt': expected string" in out[14]["error"] and "got int" in out[14]["error"]
-    assert "column 'max_tokens': expected int64" in out[15]["error"]
-    assert [k for k, r in out.items() if r["error"]] == [14, 15]
