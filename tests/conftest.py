@@ -179,6 +179,29 @@ def tiny_encoder(minilm_loaded) -> models.LoadedModel:
     return models.LoadedModel(tiny_bert(minilm_loaded.tokenizer), minilm_loaded.tokenizer, models.ENCODER)
 
 
+class RayHeads:
+    """`ray start --head` clusters of a test's own, each in a process session of its own, and stopped by that
+    session: Ray's agents rename themselves (ray::DashboardAgent), so no command line names their cluster, and a
+    pattern match leaves them running, holding ports and slowing every cluster started after them."""
+
+    def start(self, args: list[str], env: dict, timeout: float = 180) -> int:
+        """Run ``ray start ARGS``; returns the id of the session that all the cluster's processes belong to."""
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, args, out, err)
+        return proc.pid
+
+    def stop(self, session: int) -> None:
+        subprocess.run(["pkill", "-9", "-s", str(session)], timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_heads() -> RayHeads:
+    return RayHeads()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole test session, sized so 2 cores never deadlock (actors take fractional CPUs)."""

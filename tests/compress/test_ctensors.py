@@ -130,16 +130,24 @@ def _float_twin(base, quantized):
 
 def test_smollm2_exports_load_in_transformers(smollm2_loaded, tmp_path):
     """The built-in model (its weights were 4-bit in the GGUF it ships as; here they are quantized again): what
-    transformers loads is exactly the variant's weights; raypress's kernels add their own float rounding."""
+    transformers loads is exactly the variant's weights; raypress's kernels add their own float rounding. W8A8
+    rounds SmolLM2's outlier activations to 8 bits on both sides, each its own way: far down the vocabulary's tail the
+    log-probs then differ by whole units, so it is compared by KL divergence and top-1 choice instead."""
     ids = torch.tensor([smollm2_loaded.tokenizer(PROMPT)["input_ids"]])
-    for spec in ("int8", "int4s-g64"):
+    for spec in ("int8", "int4s-g64", "int8-dynamic"):
         model = copy.deepcopy(smollm2_loaded.model)
         specs.apply_(model, spec)
         saved = artifact.save(model, smollm2_loaded.tokenizer, tmp_path / spec, {"spec": spec})
         out = export.export(str(saved), tmp_path / f"{spec}-ct")
-        theirs = _logprobs(_hf_load(out), ids)
+        theirs, ours = _logprobs(_hf_load(out), ids), _logprobs(model, ids)
+        if spec == "int8-dynamic":
+            kl = (ours.exp() * (ours - theirs)).sum(-1).mean()
+            top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+            print(f"smollm2 {spec}: transformers vs raypress's kernels: KL {kl:.2e}, top-1 agreement {top1:.3f}")
+            assert kl < 0.2 and top1 >= 0.9  # measured 0.081 and 1.0; each is about as far from the float model
+            continue
         exact = (theirs - _logprobs(_float_twin(smollm2_loaded.model, model), ids)).abs().max()
-        kernels_diff = (theirs - _logprobs(model, ids)).abs().max()
+        kernels_diff = (theirs - ours).abs().max()
         print(f"smollm2 {spec}: max |d log p| transformers vs the variant's weights in float {exact:.2e}, "
               f"vs raypress's kernels {kernels_diff:.2e}")
         assert exact < 1e-4 and kernels_diff < 0.1

@@ -29,8 +29,8 @@ def _prompts(tmp_path, n=6) -> Path:
 
 
 @pytest.mark.timeout(420)
-def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir):
-    temp_dir = f"/tmp/rpt-{uuid.uuid4().hex[:6]}"  # its processes carry this path: we stop exactly them
+def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir, ray_heads):
+    temp_dir = f"/tmp/rpt-{uuid.uuid4().hex[:6]}"
     env = _env() | {"RAY_AUTH_MODE": "token"}  # token authentication on, for the cluster and its clients
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
              "--dashboard-host=127.0.0.1", "--dashboard-port=8291", "--num-cpus=2", "--temp-dir", temp_dir,
@@ -38,8 +38,8 @@ def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir):
              # ports of its own: the test session's Ray already holds the defaults
              "--dashboard-agent-listen-port=52391", "--dashboard-agent-grpc-port=52392", "--metrics-export-port=52393",
              "--runtime-env-agent-port=52394", "--ray-client-server-port=52395"]
+    session = ray_heads.start(start, env)
     try:
-        subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
         out = tmp_path / "out"
         runtime_env = {"excludes": [".venv", "artifacts", ".git", "*.egg-info"], "env_vars": {"HF_HUB_OFFLINE": "1"}}
         submit = [str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", ".",
@@ -56,7 +56,7 @@ def test_job_submitted_to_a_ray_start_head_succeeds(tmp_path, tiny_causal_dir):
         assert "6 rows (6 ok, 0 errors)" in proc.stdout
         assert sorted(r["source_row"] for r in pq.read_table(out).to_pylist()) == list(range(6))
     finally:
-        subprocess.run(["pkill", "-9", "-f", temp_dir], timeout=30)
+        ray_heads.stop(session)
 
 
 _TWO_NODES = """
@@ -96,17 +96,20 @@ finally:
 
 
 @pytest.mark.timeout(500)
-def test_jobs_on_a_two_node_cluster_place_actors_and_share_artifacts(tmp_path, tiny_causal_dir, wikitext):
+def test_jobs_on_a_two_node_cluster_place_actors_and_share_artifacts(tmp_path, tiny_causal_dir, wikitext, ray_heads):
     """Model actors go to the node with the accelerator; a sweep whose trials run there writes its artifacts to a
     store URI that the driver, working in another folder on another node, reads its choice from."""
     for folder in ("nodes", "driver"):
         (tmp_path / folder).mkdir()
-    proc = subprocess.run([sys.executable, "-c", _TWO_NODES, str(tiny_causal_dir), str(_prompts(tmp_path)),
-                           str(tmp_path), str(wikitext)],
-                          cwd=ROOT, env=_env() | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=480)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    placed = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", _TWO_NODES, str(tiny_causal_dir), str(_prompts(tmp_path)),
+                             str(tmp_path), str(wikitext)], cwd=ROOT, env=_env() | {"PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=480)
+    finally:
+        ray_heads.stop(proc.pid)  # whatever the cluster left, also after a timeout
+    assert proc.returncode == 0, stderr[-3000:]
+    placed = json.loads(stdout.strip().splitlines()[-1])
     assert placed["predictor_nodes"] == [placed["worker"]] and placed["worker"] != placed["head"]
     out = tmp_path / "driver" / "out"
     assert sorted(r["source_row"] for r in pq.read_table(out).to_pylist()) == list(range(6))

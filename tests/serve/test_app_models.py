@@ -1,5 +1,6 @@
 """serve.app with models of particular kinds, each deployed on its own: an encoder, a server with an API key, a
-tokenizer that adds a BOS, a strict chat template, and a model that fails mid-stream."""
+tokenizer that adds a BOS, a strict chat template, a model that fails mid-stream, and a compressed-tensors checkpoint
+written by the package llm-compressor uses."""
 
 import concurrent.futures as cf
 import copy
@@ -164,3 +165,30 @@ def test_a_model_failure_mid_stream_ends_the_stream_with_an_error_event(deploy, 
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "index" in error["message"].lower()
     serve.delete("broken")
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_llm_compressor_wrote_is_served_on_raypress_kernels(deploy, make_tiny_llama, smollm2_loaded,
+                                                                         package_checkpoint, tmp_path):
+    """A compressed-tensors W4A16 checkpoint with zero points, written by the package as llm-compressor writes it:
+    served from its folder, its layers on raypress's int4 kernels, answering as the engine does on it directly."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from compress import quantize
+    from compress.engine import Engine
+    from compress.sampling import SamplingParams
+
+    tok = smollm2_loaded.tokenizer
+    path = tmp_path / "tiny-w4a16"
+    w4a16 = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    package_checkpoint(make_tiny_llama(hidden=128), tok, w4a16, None, path)
+    url = deploy("ct", {"model": str(path)})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["tiny-w4a16"]
+    served = client.completions.create(model="tiny-w4a16", prompt="Hello there", max_tokens=8, temperature=0)
+    serve.delete("ct")
+    loaded = models.load(path)
+    assert type(loaded.model.model.layers[0].mlp.up_proj) is quantize.Int4WeightOnlyLinear
+    (direct,) = Engine(loaded.model, tok).generate([tok("Hello there")["input_ids"]],
+                                                   [SamplingParams(max_tokens=8, temperature=0.0)])
+    assert served.choices[0].text == direct.text and served.usage.completion_tokens == len(direct.token_ids)

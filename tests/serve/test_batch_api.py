@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(600)
 class Server:
     """`ray start` once for the module; `serve run CONFIG` against it, which a test may restart."""
 
-    def __init__(self, tmp: Path, tiny_causal_dir: Path):
+    def __init__(self, tmp: Path, tiny_causal_dir: Path, ray_heads):
         self.tmp, self.temp_dir = tmp, f"/tmp/rpb-{uuid.uuid4().hex[:6]}"
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAYPRESS_API_KEY": KEY}
@@ -48,7 +48,8 @@ class Server:
                  self.temp_dir, "--include-dashboard=true", "--disable-usage-stats",
                  "--dashboard-agent-listen-port=52401", "--dashboard-agent-grpc-port=52402",
                  "--metrics-export-port=52403", "--runtime-env-agent-port=52404", "--ray-client-server-port=52405"]
-        subprocess.run(start, check=True, env=self.env, capture_output=True, timeout=180)
+        self.heads = ray_heads
+        self.session = ray_heads.start(start, self.env)
         self.proc = None
         self.start()
 
@@ -81,12 +82,12 @@ class Server:
 
     def close(self) -> None:
         self.stop()
-        subprocess.run(["pkill", "-9", "-f", self.temp_dir], timeout=30)
+        self.heads.stop(self.session)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_causal_dir):
-    s = Server(tmp_path_factory.mktemp("batch-api"), tiny_causal_dir)
+def server(tmp_path_factory, tiny_causal_dir, ray_heads):
+    s = Server(tmp_path_factory.mktemp("batch-api"), tiny_causal_dir, ray_heads)
     yield s
     s.close()
 
