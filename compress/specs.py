@@ -66,7 +66,8 @@ def _parse_step(part: str, spec: str):
 
 
 def known_forms() -> list[str]:
-    return [BASE] + [p.replace("(", "").replace(")", "") for p, _ in _STEPS]
+    """The step forms as a person reads them: int4[sm]?-gN (int4-g64, int4s-g32, int4m-g128), prune-N%, ..."""
+    return [BASE] + [p.replace("(", "").replace(")", "").replace("\\d+", "N") for p, _ in _STEPS]
 
 
 # ---------------------------------------------------------------------------------------------------------------
