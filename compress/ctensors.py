@@ -234,10 +234,9 @@ def _module(name: str, linear: nn.Linear, group: dict, t: dict[str, torch.Tensor
         mod.qweight.copy_((q - 128).to(torch.int8))
         mod.scale.copy_(scale[:, 0].to(dtype))
     elif bits == 4 and strategy == "group" and w["group_size"] in quantize.GROUP_SIZES and k % 16 == 0:
-        zero = torch.zeros_like(scale)
-        if "weight_zero_point" in t:  # signed zero points, packed along dim 0: [ceil(N/8), G]
-            zp = unpack_int32(t["weight_zero_point"].t().contiguous(), 4, n).t().to(torch.float32) - 8
-            zero = zp
+        zero = torch.zeros_like(scale)  # signed zero points, packed along dim 0: [ceil(N/8), G]; symmetric: none
+        if "weight_zero_point" in t:
+            zero = unpack_int32(t["weight_zero_point"].t().contiguous(), 4, n).t().to(torch.float32) - 8
         # w = (u - 8 - zp) * scale = u * scale + offset
         offset = -(8 + zero) * scale
         mod = quantize.Int4WeightOnlyLinear.from_quantized(q.to(torch.uint8), scale, offset, w["group_size"],
