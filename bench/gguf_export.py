@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import artifact, builtin, data, models, specs  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
-from compress.engine import Engine  # noqa: E402
-from compress.sampling import SamplingParams  # noqa: E402
+from engine.core import Engine  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 from jobs import export  # noqa: E402
 
 SAMPLE = ("Hello world! Ünïcode café, numbers 12345 and 3.14159, code: def f(x): return x**2\n\n"

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from compress import artifact, data, distill, evaluate, models, specs  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
-from compress.engine import Engine  # noqa: E402
-from compress.sampling import SamplingParams  # noqa: E402
+from engine.core import Engine  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 
 CAUSAL_SPECS = ["base", "int8", "int8-dynamic", "int4-g64", "gptq-int4-g64", "prune-2:4", "wanda-2:4+int8",
                 specs.Spec((distill.DistillConfig(layers=20, tokens=4096),))]  # a few distillation steps

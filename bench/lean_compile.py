@@ -26,24 +26,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import models, specs  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
-from compress.engine import Engine  # noqa: E402
-from compress.sampling import SamplingParams  # noqa: E402
+from engine.core import Engine  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 
 
 def decode_step(model, tokenizer, batch: int, prompt_tokens: int):
     """A function running one decode step of ``batch`` sequences on the lean forward, with its inputs fixed."""
     engine = Engine(model, tokenizer, max_num_seqs=batch, max_model_len=prompt_tokens + 64,
                     max_batch_tokens=max(512, batch * prompt_tokens))
-    if engine.lean is None:
+    if engine.runner.name != "lean":
         sys.exit("this model does not run on the lean forward")
     prompt = list(range(1000, 1000 + prompt_tokens))
     for _ in range(batch):
         engine.submit(prompt, SamplingParams(max_tokens=32))
-    while len(engine.decoding) < batch:
+    running = engine.scheduler.decoding
+    while len(running) < batch:
         engine.step()
-    layout = engine.cache.plan([s.computed + 1 for s in engine.decoding], [])
-    tokens = torch.tensor([s.output[-1] for s in engine.decoding])
-    return engine.lean, (tokens, layout, engine.cache)
+    layout = engine.cache.plan([s.computed + 1 for s in running], [])
+    tokens = torch.tensor([s.output[-1] for s in running])
+    return engine.runner, (tokens, layout, engine.cache)
 
 
 def ms_per_call(fn, args, calls: int) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import kernels, quantize
+from compress import kernels, qmodules, quantize
 
 VERSION = "0.20.0"
 QUANT_METHOD = "compressed-tensors"
@@ -94,17 +94,17 @@ def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], 
                 state[f"{prefix}weight"] = float_weight(mod).to(float_dtype)
                 _bias(state, prefix, mod)
             continue
-        if isinstance(mod, quantize.Int8DynamicLinear):
+        if isinstance(mod, qmodules.Int8DynamicLinear):
             schemes[name] = ("int-quantized", json.dumps([_weights_args(8, None), _TOKEN_ACTIVATIONS]))
             state[f"{prefix}weight"] = mod.qweight.detach().clone()
             state[f"{prefix}weight_scale"] = mod.scale.detach().to(float_dtype)[:, None].clone()
-        elif isinstance(mod, quantize.Int8WeightOnlyLinear):
+        elif isinstance(mod, qmodules.Int8WeightOnlyLinear):
             schemes[name] = ("pack-quantized", json.dumps([_weights_args(8, None), None]))
             state[f"{prefix}weight_packed"] = pack_int32(mod.qweight.to(torch.int64) + 128, 8)
             state[f"{prefix}weight_scale"] = mod.scale.detach().to(float_dtype)[:, None].clone()
             state[f"{prefix}weight_shape"] = torch.tensor([mod.out_features, mod.in_features])
-        elif isinstance(mod, quantize.Int4WeightOnlyLinear):
-            zero_point = quantize.zero_points(mod.scale, mod.offset)
+        elif isinstance(mod, qmodules.Int4WeightOnlyLinear):
+            zero_point = qmodules.zero_points(mod.scale, mod.offset)
             if zero_point is None:
                 raise ExportError(
                     f"{spec!r}: layer {name!r} holds int4 groups offset by their float minimum (raypress's int4m "
@@ -112,7 +112,7 @@ def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], 
                     f"it as gguf, or compress with int4-g{mod.group_size} (integer zero points) or "
                     f"int4s-g{mod.group_size} (symmetric) to export it here")
             if mod.in_features % mod.group_size:
-                widths = {m.in_features for m in model.modules() if isinstance(m, quantize.Int4WeightOnlyLinear)}
+                widths = {m.in_features for m in model.modules() if isinstance(m, qmodules.Int4WeightOnlyLinear)}
                 fits = [g for g in quantize.GROUP_SIZES if all(k % g == 0 for k in widths)]
                 raise ExportError(f"{spec!r}: group size {mod.group_size} does not divide layer {name!r}'s "
                                   f"{mod.in_features} inputs; compressed-tensors needs whole groups: use "
@@ -124,7 +124,7 @@ def export_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], 
             state[f"{prefix}weight_shape"] = torch.tensor([mod.out_features, mod.in_features])
             if not symmetric:  # w = (u - zp) * scale: stored signed (zp - 8), packed along the output rows
                 state[f"{prefix}weight_zero_point"] = pack_int32(zero_point.t(), 4).t().contiguous()
-        elif isinstance(mod, quantize.Int8Embedding | quantize.Int4Embedding):
+        elif isinstance(mod, qmodules.Int8Embedding | qmodules.Int4Embedding):
             state[f"{prefix}weight"] = mod.weight.detach().to(float_dtype).clone()
             continue
         else:
@@ -150,9 +150,9 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def float_weight(mod: nn.Module) -> torch.Tensor:
     """The float weight [N, K] a (quantized or float) Linear or embedding computes with."""
-    if isinstance(mod, quantize.Int4WeightOnlyLinear):
+    if isinstance(mod, qmodules.Int4WeightOnlyLinear):
         return kernels.widen_int4(mod.packed, mod.scale.float(), mod.offset.float(), mod.group_size)
-    if isinstance(mod, quantize.Int8WeightOnlyLinear):
+    if isinstance(mod, qmodules.Int8WeightOnlyLinear):
         return mod.qweight.float() * mod.scale.float()[:, None]
     return mod.weight.detach()
 
@@ -229,7 +229,7 @@ def _module(name: str, linear: nn.Linear, group: dict, t: dict[str, torch.Tensor
                          "raypress reads (it reads pack-quantized and int-quantized int4/int8)")
     if bits == 8 and strategy == "channel" and w.get("symmetric", True) and "weight_zero_point" not in t:
         dynamic = act is not None and act.get("dynamic") and act.get("strategy") == "token" and act["num_bits"] == 8
-        cls = quantize.Int8DynamicLinear if dynamic else quantize.Int8WeightOnlyLinear
+        cls = qmodules.Int8DynamicLinear if dynamic else qmodules.Int8WeightOnlyLinear
         mod = cls(k, n, "bias" in t, dtype)
         mod.qweight.copy_((q - 128).to(torch.int8))
         mod.scale.copy_(scale[:, 0].to(dtype))
@@ -239,7 +239,7 @@ def _module(name: str, linear: nn.Linear, group: dict, t: dict[str, torch.Tensor
             zero = unpack_int32(t["weight_zero_point"].t().contiguous(), 4, n).t().to(torch.float32) - 8
         # w = (u - 8 - zp) * scale = u * scale + offset
         offset = -(8 + zero) * scale
-        mod = quantize.Int4WeightOnlyLinear.from_quantized(q.to(torch.uint8), scale, offset, w["group_size"],
+        mod = qmodules.Int4WeightOnlyLinear.from_quantized(q.to(torch.uint8), scale, offset, w["group_size"],
                                                            t.get("bias"))
     else:
         raise ValueError(f"compressed-tensors layer {name!r}: {bits}-bit {strategy} weights "

@@ -2,9 +2,10 @@
 
     ref = causal_reference(base, tokenizer, blocks)        # base log-probs, computed once per sweep
     quality = causal_quality(variant, ref)                 # ppl, kl_to_base, top1_agreement, greedy_agreement
-    speed = causal_speed(variant, tokenizer)               # prefill / decode tokens per second
+    speed = encoder_speed(variant, tokenizer, texts)       # sentences per second
 
-Quality numbers compare the variant with the base on the same tokens; speed numbers are medians after warm-up.
+Quality numbers compare the variant with the base on the same tokens; speed numbers are medians after warm-up. A
+causal LM's speed is the engine's (engine.speed), since that is the path serving and batch jobs run.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def memory_bytes(model: torch.nn.Module) -> int:
 # Speed
 
 
-def _clock(model) -> float:
+def clock(model) -> float:
     """The time once the model's device has finished what was queued (CUDA runs asynchronously)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -143,52 +144,10 @@ def _median_time(model, fn, repeats: int, warmup: int = 1) -> float:
         fn()
     times = []
     for _ in range(repeats):
-        start = _clock(model)
+        start = clock(model)
         fn()
-        times.append(_clock(model) - start)
+        times.append(clock(model) - start)
     return statistics.median(times)
-
-
-@torch.inference_mode()
-def causal_speed(
-    model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, batch_sizes=(1, 8), repeats: int = 3
-) -> dict:
-    """Prefill tokens/s (one prompt) and decode tokens/s at each batch size, through ``compress.engine`` (the path
-    serving and batch jobs run): medians of ``repeats`` runs after a warm-up, on random prompts."""
-    vocab = model.config.vocab_size
-    rng = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, min(vocab, 30000), (max(batch_sizes), prompt_tokens), generator=rng).tolist()
-    result = {}
-    for b in batch_sizes:
-        runs = [engine_speed(model, tokenizer, prompts[:b], new_tokens) for _ in range(repeats + 1)][1:]
-        if b == batch_sizes[0]:
-            result["prefill_tokens_per_s"] = statistics.median(r[0] for r in runs)
-        result[f"decode_tokens_per_s_b{b}"] = statistics.median(r[1] for r in runs)
-    return result
-
-
-@torch.inference_mode()
-def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of ``prompts`` run together on a fresh engine: all prompts in one step,
-    then decode steps until every sequence has ``new_tokens`` tokens or has ended."""
-    from compress.engine import Engine
-    from compress.sampling import SamplingParams
-
-    longest = max(len(p) for p in prompts)
-    engine = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=longest + new_tokens,
-                    max_batch_tokens=max(512, sum(map(len, prompts)) + len(prompts)))
-    handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
-    start = _clock(model)
-    engine.step()  # takes the requests in; with room for every prompt, this one step prefills them all
-    while engine.waiting or engine.prefilling:
-        engine.step()
-    prefill_s, made = _clock(model) - start, engine.stats["generation_tokens"]
-    start = _clock(model)
-    while not all(h.done for h in handles):
-        engine.step()
-    decode_s = _clock(model) - start
-    decoded = engine.stats["generation_tokens"] - made
-    return sum(map(len, prompts)) / prefill_s, decoded / max(decode_s, 1e-9)
 
 
 @torch.inference_mode()
@@ -223,9 +182,3 @@ def quality(model, tokenizer, kind: str, ref) -> dict:
     q = causal_quality(model, tokenizer, ref) if kind == CAUSAL else encoder_quality(model, tokenizer, ref)
     q["memory_bytes"] = memory_bytes(model)
     return q
-
-
-def speed(model, tokenizer, kind: str, repeats: int = 3) -> dict:
-    if kind == CAUSAL:
-        return causal_speed(model, tokenizer, repeats=repeats)
-    return encoder_speed(model, tokenizer, list(BUILTIN_PROMPTS), repeats=repeats)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress import builtin, kernels, quantize
+from compress import builtin, kernels, qmodules
 from compress.ctensors import ExportError, float_weight
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,16 @@ def _tensor(mod: nn.Module, rows: torch.Tensor | None, float_type: str = "f32"):
     import gguf
 
     pick = (lambda t: t[rows]) if rows is not None else (lambda t: t)
-    if isinstance(mod, quantize.Int8WeightOnlyLinear | quantize.Int8Embedding):
+    if isinstance(mod, qmodules.Int8WeightOnlyLinear | qmodules.Int8Embedding):
         if mod.qweight.shape[1] % BLOCK:
             raise ExportError(f"Q8_0 needs a multiple of {BLOCK} inputs per row, not {mod.qweight.shape[1]}")
         return q8_0(pick(mod.qweight), pick(mod.scale)), gguf.GGMLQuantizationType.Q8_0
-    if isinstance(mod, quantize.Int4WeightOnlyLinear | quantize.Int4Embedding):
+    if isinstance(mod, qmodules.Int4WeightOnlyLinear | qmodules.Int4Embedding):
         k = mod.packed.shape[1] * 2
         if mod.group_size % BLOCK or k % mod.group_size:
             raise ExportError(f"GGUF int4 blocks hold groups of a multiple of {BLOCK} that divide the row "
                               f"({mod.group_size} in {k})")
-        symmetric = quantize.is_symmetric(mod.scale, mod.offset)
+        symmetric = qmodules.is_symmetric(mod.scale, mod.offset)
         q = pick(kernels.unpack_int4(mod.packed))
         data = q4(q, pick(mod.scale), pick(mod.offset), mod.group_size, symmetric)
         return data, gguf.GGMLQuantizationType.Q4_0 if symmetric else gguf.GGMLQuantizationType.Q4_1

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress import calibrate, kernels, quantize
+from compress import calibrate, kernels, qmodules, quantize
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, bits: in
     H = H.clone()
     N, K = W.shape
     gs = config.group_size
-    scale, offset = quantize.quantize_groupwise(W, gs, bits, config.grid)[1:]  # static groups, float weights
+    scale, offset = qmodules.quantize_groupwise(W, gs, bits, config.grid)[1:]  # static groups, float weights
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -70,7 +70,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, bits: in
         for i in range(i2 - i1):
             g = group_of[i1 + i]
             s, o = scale[:, g], offset[:, g]
-            q = quantize.quantize_with(W1[:, i : i + 1], s, o, bits)[:, 0]
+            q = qmodules.quantize_with(W1[:, i : i + 1], s, o, bits)[:, 0]
             Q[:, i1 + i] = q
             err = (W1[:, i] - (q * s + o)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

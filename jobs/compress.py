@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from compress import artifact, data, evaluate, models, specs
+from engine.speed import measure as measure_speed
 
 log = logging.getLogger("jobs.compress")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("jobs.compress")
 def measure(model, tokenizer, kind: str, reference, speed: bool) -> dict:
     metrics = evaluate.quality(model, tokenizer, kind, reference)
     if speed:
-        metrics.update(evaluate.speed(model, tokenizer, kind))
+        metrics.update(measure_speed(model, tokenizer, kind))
     return metrics
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from compress import data, models
-from compress.engine import Engine
-from compress.sampling import SamplingParams, stop_strings
+from engine.core import Engine
+from engine.interface import EngineClient
+from engine.sampling import SamplingParams, stop_strings
 from jobs.inputs import TYPE_ERRORS
 
 PARAM_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
@@ -123,9 +124,9 @@ class Predictor:
             max_memory = models.plan_sharding(models.weights_bytes(model), free)
         self.model, self.tokenizer, self.kind = models.load(model, max_memory=max_memory)
         self.task, self.column, self.max_num_seqs, self.max_model_len = task, column, max_num_seqs, max_model_len
-        self.engine = None
+        self.engine: EngineClient | None = None
 
-    def _engine(self, need: int) -> Engine:
+    def _engine(self, need: int) -> EngineClient:
         """The engine, with a KV cache as long as this call's longest row needs (in steps of 256 tokens, at most
         max_model_len): a batch of short rows does not pay memory for the longest row the job allows."""
         if self.engine is None or self.engine.max_model_len < need:

@@ -43,6 +43,7 @@ import ray
 import yaml
 
 from compress import artifact, data, evaluate, files, models, specs
+from engine import speed
 from jobs import export, report, storage
 from jobs.sweep_config import SweepConfig, load_config
 
@@ -128,7 +129,7 @@ def measure_speed(artifact_uri: str, threads: int) -> dict:
     torch.set_grad_enabled(False)
     with storage.local_folder(artifact_uri) as path:
         model, tokenizer, kind = models.load(path)
-    return evaluate.speed(model, tokenizer, kind)
+    return speed.measure(model, tokenizer, kind)
 
 
 def _slug(spec: str) -> str:

@@ -5,7 +5,7 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream: true`` sends server-sent
 events token by token), POST /v1/embeddings (encoder models), GET /health, GET /metrics (Prometheus text), GET
-/stats. Every generation request goes to the replica's engine (compress.engine): requests join and leave the
+/stats. Every generation request goes to the replica's engine (engine.core): requests join and leave the
 running batch at every decode step, streaming and non-streaming alike, and a client that goes away frees its slot
 within a step. Embeddings are batched with ``@serve.batch``. With RAYPRESS_API_KEY set where the application is
 built, requests need ``Authorization: Bearer <key>``. Bad requests get 400 with an OpenAI-style error body; a full
@@ -28,9 +28,10 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from compress import data, encoders, models
-from compress.engine import Engine
-from compress.request import Generation
-from compress.sampling import SamplingParams
+from engine.core import Engine
+from engine.interface import EngineClient
+from engine.request import Generation
+from engine.sampling import SamplingParams
 from serve import protocol as oa
 from serve import responses as rs
 from serve.batch_store import BatchStore
@@ -148,7 +149,7 @@ class ModelServer:
         self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
         self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
         self.max_upload_bytes = MAX_UPLOAD_BYTES
-        self.engine = None
+        self.engine: EngineClient | None = None
         if self.kind == models.CAUSAL:
             # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
             self.engine = Engine(self.model, copy.deepcopy(self.tokenizer), max_num_seqs=max_num_seqs,
@@ -184,13 +185,11 @@ class ModelServer:
     async def stats(self) -> dict:
         if self.engine is None:
             return {"model": self.name}
-        e = self.engine
-        return {"model": self.name, "running": e.num_running, "waiting": e.num_waiting, **e.stats,
-                "max_num_seqs": e.max_num_seqs, "generation_tokens_per_s": e.tokens_per_s()}
+        return {"model": self.name, **self.engine.stats().counters()}
 
     @api.get("/metrics", dependencies=KEY)
     async def metrics(self) -> PlainTextResponse:
-        text = prometheus_text(self.engine, self.name) if self.engine is not None else ""
+        text = prometheus_text(self.engine.stats(), self.name) if self.engine is not None else ""
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/completions", dependencies=KEY)

@@ -7,11 +7,10 @@ engine knows: running and waiting requests, tokens, time to first token and step
 
 from __future__ import annotations
 
-from compress.engine import Engine
-from compress.request import Histogram
+from engine.metrics import EngineStats, Histogram
 
 
-def prometheus_text(engine: Engine, model: str) -> str:
+def prometheus_text(stats: EngineStats, model: str) -> str:
     label = f'model="{model}"'
     lines: list[str] = []
 
@@ -25,15 +24,15 @@ def prometheus_text(engine: Engine, model: str) -> str:
             lines.append(f'{name}_bucket{{{label},le="{le}"}} {count}')
         lines.extend([f"{name}_sum{{{label}}} {h.sum}", f"{name}_count{{{label}}} {h.count}"])
 
-    metric("raypress_requests_running", "gauge", "Requests holding a KV-cache slot.", engine.num_running)
-    metric("raypress_requests_waiting", "gauge", "Requests waiting for a slot.", engine.num_waiting)
-    metric("raypress_requests_total", "counter", "Requests submitted to the engine.", engine.stats["requests"])
-    metric("raypress_prompt_tokens_total", "counter", "Prompt tokens prefilled.", engine.stats["prompt_tokens"])
-    metric("raypress_generation_tokens_total", "counter", "Tokens generated.", engine.stats["generation_tokens"])
+    metric("raypress_requests_running", "gauge", "Requests holding a KV-cache slot.", stats.running)
+    metric("raypress_requests_waiting", "gauge", "Requests waiting for a slot.", stats.waiting)
+    metric("raypress_requests_total", "counter", "Requests submitted to the engine.", stats.requests)
+    metric("raypress_prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prompt_tokens)
+    metric("raypress_generation_tokens_total", "counter", "Tokens generated.", stats.generation_tokens)
     metric("raypress_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
-           round(engine.tokens_per_s(), 3))
-    histogram("raypress_time_to_first_token_seconds", "Time from arrival to the first token.", engine.ttft_s)
+           round(stats.generation_tokens_per_s, 3))
+    histogram("raypress_time_to_first_token_seconds", "Time from arrival to the first token.", stats.ttft_s)
     histogram("raypress_step_seconds", "Time of one engine step (prompt chunks and one decode forward).",
-              engine.step_s)
-    histogram("raypress_decode_batch_size", "Sequences in each decode forward.", engine.decode_batch)
+              stats.step_s)
+    histogram("raypress_decode_batch_size", "Sequences in each decode forward.", stats.decode_batch)
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from compress.sampling import MAX_TOP_LOGPROBS, stop_strings
+from engine.sampling import MAX_TOP_LOGPROBS, stop_strings
 
 MAX_STOP = 4  # OpenAI's limit
 MAX_MESSAGES = 1024

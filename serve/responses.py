@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from compress.sampling import TokenLogprob
+from engine.request import TokenLogprob
 
 FinishReason = Literal["stop", "length"]
 

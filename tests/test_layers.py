@@ -7,11 +7,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("compress", "jobs", "serve")
-# what each package may import from the others: compress is the library (no Ray, no jobs, no server); jobs and serve
-# sit on it, side by side
-ALLOWED = {"compress": set(), "jobs": {"compress"}, "serve": {"compress", "jobs"}}
-NEVER_IN_COMPRESS = {"ray", "fastapi", "starlette", "uvicorn", "openai"}
+PACKAGES = ("compress", "engine", "jobs", "serve")
+# what each package may import from the others: compress is the library (no Ray, no engine, no jobs, no server); the
+# engine generates on compress's models; jobs and serve sit on both (the Batch API's job is a jobs pipeline, so serve
+# may run jobs, never the other way)
+ALLOWED = {"compress": set(), "engine": {"compress"}, "jobs": {"compress", "engine"},
+           "serve": {"compress", "engine", "jobs"}}
+NO_RAY_OR_HTTP = {"ray", "fastapi", "starlette", "uvicorn", "openai"}  # never imported by compress or engine
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 80
 
 
 def imports_of(file: Path) -> set[str]:
@@ -42,8 +46,8 @@ def test_packages_import_only_the_layers_below_them():
             top = target.split(".")[0]
             if top in PACKAGES and top != pkg:
                 assert top in ALLOWED[pkg], f"{name} imports {target}: {pkg} may import only {ALLOWED[pkg] or 'itself'}"
-            if pkg == "compress":
-                assert top not in NEVER_IN_COMPRESS, f"{name} imports {target}: the library stays free of Ray/serving"
+            if pkg in ("compress", "engine"):
+                assert top not in NO_RAY_OR_HTTP, f"{name} imports {target}: {pkg} stays free of Ray and serving"
 
 
 def test_no_module_imports_itself_through_others():
@@ -63,3 +67,24 @@ def test_no_module_imports_itself_through_others():
     for start in sorted(graph):
         if start not in state:
             visit(start, [start])
+
+
+def test_every_file_reads_in_one_sitting_and_every_function_fits_a_screen():
+    """Files of at most MAX_FILE_LINES lines, functions of at most MAX_FUNCTION_LINES (their docstring aside: a
+    job's main documents every flag there); each module says what it owns in a docstring."""
+    _, modules = module_graph()
+    for name, path in modules.items():
+        source = path.read_text()
+        lines = source.count("\n")
+        where = path.relative_to(ROOT)
+        assert lines <= MAX_FILE_LINES, f"{where} has {lines} lines: split it (at most {MAX_FILE_LINES})"
+        tree = ast.parse(source)
+        assert ast.get_docstring(tree), f"{where} has no module docstring saying what it owns"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):  # the docstring
+                    length -= first.end_lineno - first.lineno + 1
+                assert length <= MAX_FUNCTION_LINES, (f"{name}.{node.name} has {length} lines "
+                                                      f"(at most {MAX_FUNCTION_LINES})")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from compress import artifact, ctensors, data, kernels, models, quantize, specs
+from compress import artifact, ctensors, data, kernels, models, qmodules, specs
 from jobs import cli, export
 
 PROMPT = "The capital of France is Paris, and the capital of Spain is"
@@ -56,8 +56,8 @@ def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logi
         return
     quant = config["quantization_config"]
     assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]
-    expected = {"int8": quantize.Int8WeightOnlyLinear, "int8-dynamic": quantize.Int8DynamicLinear,
-                "int4s-g32": quantize.Int4WeightOnlyLinear, "gptq-int4s-g32": quantize.Int4WeightOnlyLinear}[spec]
+    expected = {"int8": qmodules.Int8WeightOnlyLinear, "int8-dynamic": qmodules.Int8DynamicLinear,
+                "int4s-g32": qmodules.Int4WeightOnlyLinear, "gptq-int4s-g32": qmodules.Int4WeightOnlyLinear}[spec]
     assert type(layer) is expected  # onto raypress's kernels, not decompressed to float
     assert quant["format"] == ("int-quantized" if spec == "int8-dynamic" else "pack-quantized")
 
@@ -108,10 +108,10 @@ def test_asymmetric_int4_exports_decompress_in_the_package_to_the_weights_raypre
     assert not unexpected and not [k for k in missing if "lm_head" not in k]
     compressor.decompress_model(theirs)
     diffs = [(ctensors.float_weight(ours) - dict(theirs.named_modules())[name].weight).abs().max().item()
-             for name, ours in model.named_modules() if isinstance(ours, quantize.Int4WeightOnlyLinear)]
+             for name, ours in model.named_modules() if isinstance(ours, qmodules.Int4WeightOnlyLinear)]
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     back = models.load(out, device="cpu").model
-    assert type(back.model.layers[1].mlp.up_proj) is quantize.Int4WeightOnlyLinear
+    assert type(back.model.layers[1].mlp.up_proj) is qmodules.Int4WeightOnlyLinear
     logits_diff = (_logprobs(model, ids) - _logprobs(back, ids)).abs().max()
     print(f"{spec}: {len(diffs)} layers, max |package's decompressed weight - raypress's| {max(diffs):.1e}; "
           f"reimported max |d log p| {logits_diff:.1e}")
@@ -173,8 +173,8 @@ def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme,
     assert config["format"] == ("int-quantized" if scheme == "w8a8-dynamic" else "pack-quantized")
     loaded = models.load(path, device="cpu").model
     layer = loaded.model.layers[0].self_attn.q_proj
-    assert type(layer) is {"w4a16-asymmetric-g32": quantize.Int4WeightOnlyLinear,
-                           "w8a16": quantize.Int8WeightOnlyLinear, "w8a8-dynamic": quantize.Int8DynamicLinear}[scheme]
+    assert type(layer) is {"w4a16-asymmetric-g32": qmodules.Int4WeightOnlyLinear,
+                           "w8a16": qmodules.Int8WeightOnlyLinear, "w8a8-dynamic": qmodules.Int8DynamicLinear}[scheme]
     diff = (reference - _logprobs(loaded, ids)).abs().max()
     print(f"{scheme}: max |d log p| raypress kernels vs the package's own forward {diff:.2e}")
     assert diff < (0.05 if scheme == "w8a8-dynamic" else 1e-3)

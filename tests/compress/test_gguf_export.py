@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress import artifact, gguf_export, kernels, quantize, specs
+from compress import artifact, gguf_export, kernels, qmodules, specs
 from jobs import export
 
 TEXT = "Hello world! Ünïcode café, numbers 12345, code: def f(x): return x**2\n\n  indented"
@@ -55,13 +55,13 @@ def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spe
 def test_blocks_hold_raypress_grids_exactly_up_to_float16_scales():
     torch.manual_seed(0)
     w = torch.randn(8, 128)
-    q, scale = quantize.quantize_per_channel(w)
+    q, scale = qmodules.quantize_per_channel(w)
     got = gguf.quants.dequantize(gguf_export.q8_0(q, scale), gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(got, (q.float() * scale.half().float()[:, None]).numpy())
     Q41, Q40 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0
     for grid, kind in (("zero_point", Q41), ("min", Q41), ("symmetric", Q40)):
-        q, scale, offset = quantize.quantize_groupwise(w, 64, grid=grid)
-        symmetric = quantize.is_symmetric(scale, offset)
+        q, scale, offset = qmodules.quantize_groupwise(w, 64, grid=grid)
+        symmetric = qmodules.is_symmetric(scale, offset)
         assert symmetric == (grid == "symmetric")
         got = gguf.quants.dequantize(gguf_export.q4(q, scale, offset, 64, symmetric), kind)
         want = kernels.dequantize_groupwise(q, scale.half().float(), offset.half().float(), 64)

@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from compress import calibrate, gptq, quantize, specs
+from compress import calibrate, gptq, qmodules, specs
 from compress.kernels import dequantize_int4, pack_int4
 
 
@@ -14,7 +14,7 @@ def test_gptq_reconstructs_layer_outputs_better_than_round_to_nearest():
     errors = {}
     q, s, o = gptq.gptq_quantize(w, H, gptq.GPTQConfig(group_size=64))
     errors["gptq"] = (x @ (dequantize_int4(pack_int4(q), s, o, 64) - w).T).norm().item()
-    q, s, o = quantize.quantize_groupwise(w, 64)
+    q, s, o = qmodules.quantize_groupwise(w, 64)
     errors["rtn"] = (x @ (dequantize_int4(pack_int4(q), s, o, 64) - w).T).norm().item()
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
 
@@ -24,7 +24,7 @@ def test_gptq_on_a_random_model_uses_the_int4_format(tiny_causal):
     ref = copy.deepcopy(model)
     blocks = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
     specs.apply_(model, "gptq-int4-g32", blocks=blocks)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, quantize.Int4WeightOnlyLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, qmodules.Int4WeightOnlyLinear)
     with torch.inference_mode():
         a, b = model(blocks[:2]).logits, ref(blocks[:2]).logits
     assert 0 < (a - b).norm() / b.norm() < 0.2
@@ -75,7 +75,7 @@ def test_without_act_order_gptq_still_beats_rtn_and_stores_the_same_groups():
     H = 2 * x.T @ x / len(x)
     ordered = gptq.gptq_quantize(w, H, gptq.GPTQConfig(group_size=64))
     plain = gptq.gptq_quantize(w, H, gptq.GPTQConfig(group_size=64, act_order=False))
-    rtn = output_error(x, w, *quantize.quantize_groupwise(w, 64))
+    rtn = output_error(x, w, *qmodules.quantize_groupwise(w, 64))
     assert output_error(x, w, *plain) < 0.8 * rtn
     assert not torch.equal(plain[0], ordered[0])  # the column order changed the rounding ...
     assert torch.equal(plain[1], ordered[1]) and torch.equal(plain[2], ordered[2])  # ... but not the groups
@@ -88,7 +88,7 @@ def test_inputs_never_seen_in_calibration_do_not_break_gptq():
     H = 2 * x.T @ x / len(x)
     q, s, o = gptq.gptq_quantize(w, H, gptq.GPTQConfig(group_size=64))
     assert torch.isfinite(s).all() and torch.isfinite(o).all() and int(q.max()) <= 15
-    assert output_error(x, w, q, s, o) < 0.8 * output_error(x, w, *quantize.quantize_groupwise(w, 64))
+    assert output_error(x, w, q, s, o) < 0.8 * output_error(x, w, *qmodules.quantize_groupwise(w, 64))
     # a layer whose input calibration never reached at all (H = 0): it still quantizes, to its static groups
     q, s, o = gptq.gptq_quantize(w, torch.zeros(256, 256), gptq.GPTQConfig(group_size=64))
     assert torch.isfinite(s).all() and int(q.max()) <= 15
@@ -101,7 +101,7 @@ def test_the_single_pass_variant_quantizes_every_layer_from_float_inputs(tiny_ca
     gptq.gptq_(model, gptq.GPTQConfig(group_size=32, sequential=False), blocks=blocks)
     gptq.gptq_(sequential, gptq.GPTQConfig(group_size=32), blocks=blocks)
     layers = calibrate.block_linears(ref)
-    assert all(isinstance(model.get_submodule(n), quantize.Int4WeightOnlyLinear) for n in layers)
+    assert all(isinstance(model.get_submodule(n), qmodules.Int4WeightOnlyLinear) for n in layers)
     last = "model.layers.1.mlp.down_proj"  # its Hessian differs: one pass saw float inputs, not quantized ones
     assert not torch.equal(model.get_submodule(last).packed, sequential.get_submodule(last).packed)
     with torch.inference_mode():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress import kernels, quantize
+from compress import kernels, qmodules
 
 ISAS = ["avx2", "avx512"]
 
@@ -53,7 +53,7 @@ def assert_near_float(y: torch.Tensor, exact_float: torch.Tensor, unquantized: t
 def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(ext, m, n, k):
     torch.manual_seed(m * n)
     w = torch.randn(n, k)
-    q, scale = quantize.quantize_per_channel(w)
+    q, scale = qmodules.quantize_per_channel(w)
     x = torch.randn(m, k)
     x[:, 3] *= 30  # an outlier channel, as in real models
     xq, sx = int16_rows(x)
@@ -68,7 +68,7 @@ def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(
 def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext, m, n, k, gs):
     torch.manual_seed(m + n)
     w = torch.randn(n, k)
-    q, scale, offset = quantize.quantize_groupwise(w, gs)
+    q, scale, offset = qmodules.quantize_groupwise(w, gs)
     packed = kernels.pack_int4(q)
     assert torch.equal(kernels.unpack_int4(packed), q)
     x = torch.randn(m, k)
@@ -89,11 +89,11 @@ def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext,
 def test_widen_ops_match_the_portable_dequantization(ext):
     torch.manual_seed(0)
     w = torch.randn(70, 576)
-    q, scale = quantize.quantize_per_channel(w)
+    q, scale = qmodules.quantize_per_channel(w)
     out = torch.empty(30, 576)
     ext.int8_widen_into(q, scale, 40, out)  # rows 40..69
     assert torch.allclose(out, q[40:].float() * scale[40:, None], rtol=1e-6, atol=0)
-    q4, s4, o4 = quantize.quantize_groupwise(w, 128)  # 576 = 4 x 128 + 64: a partial last group
+    q4, s4, o4 = qmodules.quantize_groupwise(w, 128)  # 576 = 4 x 128 + 64: a partial last group
     packed = kernels.pack_int4(q4)
     portable = kernels.dequantize_int4(packed, s4, o4, 128)
     out = torch.empty(70, 576)
@@ -105,8 +105,8 @@ def test_widen_ops_match_the_portable_dequantization(ext):
 def assert_linear_ops_match_the_dequantized_weights(x: torch.Tensor, n: int, group_size: int) -> None:
     torch.manual_seed(n)
     w, bias = torch.randn(n, x.shape[-1]), torch.randn(n)
-    q, scale = quantize.quantize_per_channel(w)
-    q4, s4, o4 = quantize.quantize_groupwise(w, group_size)
+    q, scale = qmodules.quantize_per_channel(w)
+    q4, s4, o4 = qmodules.quantize_groupwise(w, group_size)
     packed = kernels.pack_int4(q4)
     # decode-sized x runs on 15-bit activations (see assert_near_float); the larger ones on float GEMMs
     rows = x.reshape(-1, x.shape[-1]).shape[0]
@@ -133,7 +133,7 @@ def test_dynamic_int8_on_fbgemm_matches_exact_per_token_int8():
     torch.manual_seed(0)  # more rows than the decode kernel takes: fbgemm's GEMM
     w, x = torch.randn(64, 128) * 0.05, torch.randn(kernels.MAX_INT8_KERNEL_ROWS + 10, 128)
     x[:, 5] *= 40  # an outlier channel, as in real models
-    q, scale = quantize.quantize_per_channel(w)
+    q, scale = qmodules.quantize_per_channel(w)
     packed = kernels.fbgemm_prepack(q, scale)
     assert packed is not None, "fbgemm ships in torch's x86 CPU builds"
     xq, sx = kernels.quantize_per_token(x)
@@ -153,11 +153,11 @@ def test_a_stack_of_matrices_is_each_matrix_product_side_by_side(ext, m):
     x = torch.randn(m, k)
     ws = [torch.randn(n, k) for n in sizes]
     assert torch.equal(ext.f32_gemv(x, ws), torch.cat([ext.f32_gemv(x, [w]) for w in ws], 1))
-    q8 = [quantize.quantize_per_channel(w) for w in ws]
+    q8 = [qmodules.quantize_per_channel(w) for w in ws]
     for product in (ext.int8_gemv, ext.int8_dynamic_gemv):
         stacked = product(x, [q for q, _ in q8], [s for _, s in q8])
         assert torch.equal(stacked, torch.cat([product(x, [q], [s]) for q, s in q8], 1))
-    q4 = [quantize.quantize_groupwise(w, gs) for w in ws]
+    q4 = [qmodules.quantize_groupwise(w, gs) for w in ws]
     packed = [kernels.pack_int4(q) for q, _, _ in q4]
     stacked = ext.int4_gemv(x, packed, [s for _, s, _ in q4], [o for _, _, o in q4], gs)
     alone = [ext.int4_gemv(x, [p], [s], [o], gs) for p, (_, s, o) in zip(packed, q4, strict=True)]
@@ -176,7 +176,7 @@ def test_kernel_loops_run_on_all_of_torchs_threads(ext):
 
 
 def test_kernels_refuse_scales_of_the_wrong_shape_instead_of_reading_past_them(ext):
-    q, scale, offset = quantize.quantize_groupwise(torch.randn(8, 128), 32)  # 4 groups per row
+    q, scale, offset = qmodules.quantize_groupwise(torch.randn(8, 128), 32)  # 4 groups per row
     packed, x = kernels.pack_int4(q), torch.randn(1, 128)
     with pytest.raises(RuntimeError, match="ceil"):
         ext.int4_gemv(x, [packed], [scale[:, :2].contiguous()], [offset[:, :2].contiguous()], 32)
@@ -187,8 +187,8 @@ def test_kernels_refuse_scales_of_the_wrong_shape_instead_of_reading_past_them(e
 def test_the_ops_are_torch_ops_with_shapes_known_without_running_them(ext):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    q, scale = quantize.quantize_per_channel(torch.randn(48, 64))
-    q4, s4, o4 = quantize.quantize_groupwise(torch.randn(48, 64), 32)
+    q, scale = qmodules.quantize_per_channel(torch.randn(48, 64))
+    q4, s4, o4 = qmodules.quantize_groupwise(torch.randn(48, 64), 32)
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(3, 64)
         assert torch.ops.raypress.int8_gemv(x, [q, q[:5]], [scale, scale[:5]]).shape == (3, 53)
@@ -298,7 +298,7 @@ def test_dynamic_int8_decode_rows_are_exact_per_token_int8_on_the_kernel(ext, m)
     torch.manual_seed(m)
     w, x = torch.randn(96, 576) * 0.05, torch.randn(m, 576)
     x[:, 5] *= 40
-    q, scale = quantize.quantize_per_channel(w)
+    q, scale = qmodules.quantize_per_channel(w)
     xq, sx = kernels.quantize_per_token(x)
     exact = (xq.long() @ q.long().T).double() * scale.double() * sx.double()  # integer matmul
     with torch.inference_mode():

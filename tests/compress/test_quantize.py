@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from compress import artifact, evaluate, models, quantize, specs
+from compress import artifact, evaluate, models, qmodules, quantize, specs
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -20,10 +20,10 @@ def logits(model):
 
 
 @pytest.mark.parametrize("spec,module,bound", [
-    ("int8", quantize.Int8WeightOnlyLinear, 0.02),
-    ("int8-dynamic", quantize.Int8DynamicLinear, 0.04),
-    ("int4-g32", quantize.Int4WeightOnlyLinear, 0.2),
-    ("int4-g128", quantize.Int4WeightOnlyLinear, 0.22),
+    ("int8", qmodules.Int8WeightOnlyLinear, 0.02),
+    ("int8-dynamic", qmodules.Int8DynamicLinear, 0.04),
+    ("int4-g32", qmodules.Int4WeightOnlyLinear, 0.2),
+    ("int4-g128", qmodules.Int4WeightOnlyLinear, 0.22),
     ("bf16", torch.nn.Linear, 0.02),
 ])
 def test_quantized_causal_model_stays_close(tiny_causal, spec, module, bound):
@@ -45,7 +45,7 @@ def test_quantized_encoder_stays_close(tiny_encoder, spec, bound):
     texts = ["a first sentence", "the second one is a little longer than the first"]
     ref = models.encode(model, tokenizer, texts)
     specs.apply_(model, spec)
-    quantized = (quantize.Int8WeightOnlyLinear, quantize.Int4WeightOnlyLinear)
+    quantized = (qmodules.Int8WeightOnlyLinear, qmodules.Int4WeightOnlyLinear)
     assert isinstance(model.encoder.layer[0].intermediate.dense, quantized)
     assert not isinstance(model.embeddings.word_embeddings, torch.nn.Embedding)
     cos = torch.nn.functional.cosine_similarity(models.encode(model, tokenizer, texts), ref).min().item()
@@ -55,13 +55,13 @@ def test_quantized_encoder_stays_close(tiny_encoder, spec, bound):
 def test_tied_head_shares_the_quantized_table(tiny_causal):
     model = tiny_causal.model
     specs.apply_(model, "int4-g64")
-    assert isinstance(model.model.embed_tokens, quantize.Int4Embedding)
+    assert isinstance(model.model.embed_tokens, qmodules.Int4Embedding)
     assert model.lm_head.packed is model.model.embed_tokens.packed
 
 
 def test_groupwise_quantization_handles_a_partial_last_group():
     w = torch.randn(8, 576)
-    q, scale, offset = quantize.quantize_groupwise(w, 128)
+    q, scale, offset = qmodules.quantize_groupwise(w, 128)
     assert scale.shape == (8, 5) and q.max() <= 15
     from compress.kernels import dequantize_int4, pack_int4
 
@@ -74,14 +74,14 @@ def test_each_int4_grid_rounds_to_nearest_and_says_whether_integer_zero_points_h
     from compress.kernels import dequantize_groupwise
 
     w = torch.randn(16, 128) + torch.linspace(-0.5, 0.5, 128)  # groups skewed one way or the other
-    q, scale, offset = quantize.quantize_groupwise(w, 32, grid=grid)
+    q, scale, offset = qmodules.quantize_groupwise(w, 32, grid=grid)
     assert (dequantize_groupwise(q, scale, offset, 32) - w).abs().max() <= scale.max() / 2 + 1e-6
-    zp = quantize.zero_points(scale, offset)
+    zp = qmodules.zero_points(scale, offset)
     if grid == "min":  # offset = the float minimum: no integer zero point holds it
-        assert zp is None and not quantize.is_symmetric(scale, offset)
+        assert zp is None and not qmodules.is_symmetric(scale, offset)
         return
     assert zp is not None and torch.allclose(-zp * scale, offset)
-    assert quantize.is_symmetric(scale, offset) == (grid == "symmetric")
+    assert qmodules.is_symmetric(scale, offset) == (grid == "symmetric")
     if grid == "zero_point":  # asymmetric: the zero points follow the groups' skew, and 0 is on the grid
         assert len(zp.unique()) > 1
         assert torch.equal(dequantize_groupwise(zp.repeat_interleave(32, 1), scale, offset, 32), torch.zeros(16, 128))

@@ -174,9 +174,9 @@ def test_a_checkpoint_llm_compressor_wrote_is_served_on_raypress_kernels(deploy,
     served from its folder, its layers on raypress's int4 kernels, answering as the engine does on it directly."""
     from compressed_tensors.quantization import QuantizationArgs
 
-    from compress import quantize
-    from compress.engine import Engine
-    from compress.sampling import SamplingParams
+    from compress import qmodules
+    from engine.core import Engine
+    from engine.sampling import SamplingParams
 
     tok = smollm2_loaded.tokenizer
     path = tmp_path / "tiny-w4a16"
@@ -188,7 +188,7 @@ def test_a_checkpoint_llm_compressor_wrote_is_served_on_raypress_kernels(deploy,
     served = client.completions.create(model="tiny-w4a16", prompt="Hello there", max_tokens=8, temperature=0)
     serve.delete("ct")
     loaded = models.load(path)
-    assert type(loaded.model.model.layers[0].mlp.up_proj) is quantize.Int4WeightOnlyLinear
+    assert type(loaded.model.model.layers[0].mlp.up_proj) is qmodules.Int4WeightOnlyLinear
     (direct,) = Engine(loaded.model, tok).generate([tok("Hello there")["input_ids"]],
                                                    [SamplingParams(max_tokens=8, temperature=0.0)])
     assert served.choices[0].text == direct.text and served.usage.completion_tokens == len(direct.token_ids)

@@ -8,7 +8,7 @@ import openai.types.chat as oai_chat
 import pytest
 from pydantic import BaseModel
 
-from compress.sampling import TokenLogprob
+from engine.request import TokenLogprob
 from serve import responses as rs
 
 PAIRS = [(rs.Completion, oai.Completion), (rs.CompletionChoice, oai.CompletionChoice),

@@ -1,7 +1,7 @@
 """Per-layer speed of the quantized matrix products against this machine's memory bandwidth, in one run.
 
-    python bench/kernels.py                  # SmolLM2-135M's linear layers, M = 1, 2, 4, 8, 16 activation rows
-    python bench/kernels.py --rows 1 8 --rounds 7
+    python bench/kernel_bandwidth.py                  # SmolLM2-135M's linear layers, M = 1, 2, 4, 8, 16 activation rows
+    python bench/kernel_bandwidth.py --rows 1 8 --rounds 7
 
 A model's worth of layers (30 x q, k, v, o, gate, up, down at SmolLM2's shapes, random weights: ~540 MB in float32,
 far more than any cache) is streamed through each product, so every weight comes from memory as in a decode step.
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import kernels  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
-from compress.quantize import quantize_groupwise, quantize_per_channel  # noqa: E402
+from compress.qmodules import quantize_groupwise
+from compress.quantize import quantize_per_channel  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # N, K per layer
 

@@ -1,4 +1,5 @@
-"""What a request gives back: its events as they come, its final generation, and a handle to wait or cancel.
+"""What a request is inside the engine, and what it gives back: its events as they come, its final generation, and a
+handle to wait on or cancel.
 
     handle = engine.submit(ids, params)
     async for out in handle:          # RequestOutput events: text and token deltas, then a finish_reason
@@ -6,18 +7,26 @@
     generation = handle.result()      # or, from a thread: block until it has finished
 
 The engine's thread publishes; the handle hands events to whichever side reads them (an asyncio loop, or a thread
-waiting on ``result``), so neither the engine nor the reader ever waits on the other.
+waiting on ``result``), so neither the engine nor the reader ever waits on the other. ``Sequence`` is the engine's
+own record of a request: its tokens, where its cache is, and its detokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from compress.sampling import TokenLogprob
+import torch
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens, best first
 
 
 @dataclass(frozen=True)
@@ -119,24 +128,20 @@ class RequestHandle:
             self.cancel()  # the reader left early (a client disconnected): free the slot
 
 
-class Histogram:
-    """Counts of observations at or below each bound (Prometheus buckets), with their sum."""
+class Sequence:
+    """One request inside the engine: its prompt and output tokens, its cache slot and how much of it is computed,
+    its sampling state and detokenizer, and the handle its events go to."""
 
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # the last counts what is above every bound
-        self.sum = 0.0
-        self.count = 0
+    def __init__(self, request_id: str, prompt: list[int], params, handle: RequestHandle, detokenizer):
+        self.id, self.prompt, self.params, self.handle = request_id, prompt, params, handle
+        self.generator: torch.Generator | None = params.generator()
+        self.detok = detokenizer
+        self.slot = -1  # the cache slot it holds; -1 while waiting and after it has finished
+        self.computed = 0  # tokens in its cache slot
+        self.output: list[int] = []
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, observations <= bound), ending with (inf, count)."""
-        out, running = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
+    @property
+    def prefilled(self) -> bool:
+        return self.computed >= len(self.prompt)

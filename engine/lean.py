@@ -1,8 +1,8 @@
-"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2 and SmolLM2): the engine's step without the
+"""The lean runner for Llama-family decoders (Llama, Mistral, Qwen2 and SmolLM2): the engine's step without the
 generic machinery of Hugging Face's forward.
 
-    lean = LeanForward.for_model(model, max_model_len)   # None for other architectures: HF's forward runs
-    logits = lean(tokens, layout, cache)                   # [parts, vocab]: the engine's HF path's contract
+    runner = LeanRunner.for_model(model, cache, max_model_len)   # None for other architectures: HF's runner runs
+    logits = runner.forward(batch)                                # [parts, vocab]: every runner's contract
 
 At decode, a step of a small model spends as long in Python and per-op dispatch as in reading its weights: HF's
 forward builds masks, output records and cache objects, and goes through module hooks, for every layer of every
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from compress import kernels
-from compress.kvcache import Layout, SlotKVCache
-from compress.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+from compress.qmodules import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+from engine.kvcache import Layout, SlotKVCache
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,13 @@ class _Layer:
         self.idx = attn.layer_idx
 
 
-class LeanForward:
-    def __init__(self, model, max_model_len: int):
+class LeanRunner:
+    """The lean forward of one model, bound to the engine's cache."""
+
+    name = "lean"
+
+    def __init__(self, model, cache: SlotKVCache, max_model_len: int):
+        self.cache = cache
         config = model.config
         inner = model.model
         self.layers = [_Layer(layer) for layer in inner.layers]
@@ -112,13 +117,17 @@ class LeanForward:
         self.cos, self.sin = cos[0], sin[0]  # [max_model_len, head_dim]
 
     @classmethod
-    def for_model(cls, model, max_model_len: int) -> LeanForward | None:
-        """The lean forward of ``model``, or None (with the reason logged) where it does not apply."""
+    def for_model(cls, model, cache: SlotKVCache, max_model_len: int) -> LeanRunner | None:
+        """The lean runner of ``model``, or None (with the reason logged) where it does not apply."""
         reason = unsupported(model)
         if reason:
             log.info("raypress engine: Hugging Face's forward (%s)", reason)
             return None
-        return cls(model, max_model_len)
+        return cls(model, cache, max_model_len)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Logits [parts, vocab] of an ``engine.runner.Batch``."""
+        return self(batch.tokens, batch.layout, self.cache)
 
     def __call__(self, tokens: torch.Tensor, layout: Layout, cache: SlotKVCache) -> torch.Tensor:
         """Logits [parts, vocab] at each part's last token, for the packed ``tokens`` [N] laid out by ``layout``."""

@@ -1,6 +1,6 @@
-"""compress.scheduler: the step plan as a pure function of queues and budgets."""
+"""engine.scheduler: the step plan as a pure function of queues and budgets."""
 
-from compress.scheduler import schedule
+from engine.scheduler import schedule
 
 
 def test_running_sequences_decode_first_and_prompts_share_what_is_left():

@@ -1,8 +1,8 @@
-"""compress.detokenize: deltas that join to the full text, with UTF-8 and stop strings held back."""
+"""engine.output: deltas that join to the full text, with UTF-8 and stop strings held back."""
 
 import pytest
 
-from compress.detokenize import Detokenizer
+from engine.output import Detokenizer
 
 TEXTS = [
     "Plain ASCII text, with punctuation; and numbers 12345.",

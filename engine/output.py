@@ -1,4 +1,7 @@
-"""Incremental detokenization: text a few tokens at a time, never taken back.
+"""What the engine sends back: each sampled token turned into a request's event (text, finish reason), through an
+incremental detokenizer that never takes text back.
+
+    event = token_event(seq, token, logits, eos)     # a RequestOutput; finished when the token ended the request
 
     d = Detokenizer(tokenizer, stop=("\\n\\n",))
     for token in tokens:
@@ -6,6 +9,7 @@
         delta = d.release()           # new text that is safe to send
     delta = d.release(final=True)     # whatever was held back
 
+A request ends at an end-of-sequence token (not sent), at a stop string (cut before it), or at ``max_tokens``.
 Each step decodes only a short window of recent tokens (the window keeps the space and merge rules of the
 tokenizer right at the seam). Text is held back while it ends in an incomplete UTF-8 character or could still turn
 into a stop string, so the deltas joined are exactly ``text``: cut before the first stop string, which is never
@@ -13,6 +17,44 @@ sent.
 """
 
 from __future__ import annotations
+
+import torch
+
+from engine.request import RequestOutput, Sequence
+from engine.sampling import logprobs_of
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a sequence: from the generation config, the model config and the tokenizer."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def token_event(seq: Sequence, token: int, logits: torch.Tensor, eos: set[int]) -> RequestOutput:
+    """The event one sampled token makes for ``seq`` (whose output it joins unless it is an end token); the event is
+    finished when the token ended the request."""
+    if token in eos:
+        return final_event(seq, "stop")
+    seq.output.append(token)
+    logprobs = [logprobs_of(logits, token, seq.params.logprobs)] if seq.params.logprobs is not None else None
+    if seq.detok.push(token):
+        return final_event(seq, "stop", token, logprobs)
+    if len(seq.output) >= seq.params.max_tokens:
+        return final_event(seq, "length", token, logprobs)
+    return RequestOutput(seq.detok.release(), [token], logprobs, None, len(seq.output))
+
+
+def final_event(seq: Sequence, reason: str, token: int | None = None, logprobs=None,
+                error: str | None = None) -> RequestOutput:
+    """The last event of ``seq``: what text was held back (none after an error), and why it ended."""
+    text = seq.detok.release(final=True) if error is None else ""
+    return RequestOutput(text, [] if token is None else [token], logprobs, reason, len(seq.output), error=error)
 
 
 class Detokenizer:

@@ -10,9 +10,11 @@ token, however small ``top_p`` is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from engine.request import TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
 
@@ -53,13 +55,6 @@ class SamplingParams:
 
     def generator(self) -> torch.Generator | None:
         return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens, best first
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:

@@ -2,23 +2,20 @@
 
     cache = SlotKVCache.for_model(model, max_num_seqs=16, max_model_len=2048)
     layout = cache.plan(decode_lengths=[40, 7, 19], prefill=[(5, 0, 30)])   # 3 running; slot 5's first 30
-    with slot_attention(cache):
-        out = model(input_ids=ids, position_ids=layout.positions, attention_mask=layout.dummy_mask, cache=cache,
-                    logits_to_keep=layout.last_tokens)
+    out = cache.attend(layer_idx, query, scaling)                            # inside that forward, per layer
 
 Each layer holds keys and values as ``[max_num_seqs, kv_heads, max_model_len, head_dim]``. One engine step is one
 forward over a single packed row: first one token for each running sequence (their slots are 0..n-1), then the
 prompt chunks, each of its own slot and start. The model's projections, norms and MLPs see the packed tokens as one
 matrix, so the weights are read once per step whatever the mix; ``update`` writes every token's keys and values at
-its slot and position, and ``slot_attention`` computes attention per part: the running sequences as one batch over
-their slots' prefixes (a view, no copy), each prompt chunk causally over its own slot.
+its slot and position, and ``attend`` computes attention per part: the running sequences as one batch over their
+slots' prefixes (a view, no copy), each prompt chunk causally over its own slot. The runners (engine.runner,
+engine.lean) call these from the model's attention layers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +24,6 @@ import torch.nn.functional as F
 from compress import kernels
 
 log = logging.getLogger(__name__)
-ATTENTION_NAME = "raypress_slots"
-_active = threading.local()  # the cache of the forward running on this thread, if any
 
 
 @dataclass
@@ -60,11 +55,11 @@ class SlotKVCache:
         self.max_num_seqs, self.max_model_len, self.sliding_window = max_num_seqs, max_model_len, sliding_window
         self.layout: Layout | None = None
         self.attention_calls = 0
-        self.model_configs: list = []  # the configs whose attention implementation slot_attention switches
+        self.model_configs: list = []  # the model's configs, whose attention implementation the HF runner switches
 
     @classmethod
     def for_model(cls, model, max_num_seqs: int, max_model_len: int) -> SlotKVCache:
-        config = _text_config(model)
+        config = text_config(model)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -186,38 +181,5 @@ class SlotKVCache:
         return out[None]
 
 
-def _slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    cache = getattr(_active, "cache", None)
-    if cache is None or cache.layout is None:
-        raise RuntimeError("raypress slot attention runs only inside an engine forward")
-    return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
-
-
-@contextlib.contextmanager
-def slot_attention(cache: SlotKVCache):
-    """Route the model's attention layers to ``cache.attend`` for the duration of one forward on this thread.
-
-    The model's own attention implementation is restored afterwards, so the same model object still runs
-    ``generate`` or a plain forward as before."""
-    from transformers import AttentionInterface
-
-    if ATTENTION_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_NAME, _slot_attention)
-    saved = [c._attn_implementation_internal for c in cache.model_configs]
-    _active.cache = cache
-    cache.attention_calls = 0
-    try:
-        for c in cache.model_configs:
-            c._attn_implementation_internal = ATTENTION_NAME
-        yield
-    finally:
-        for c, name in zip(cache.model_configs, saved, strict=True):
-            c._attn_implementation_internal = name
-        _active.cache = None
-    if cache.attention_calls == 0:
-        raise NotImplementedError("this model does not use Hugging Face's attention interface, so the engine cannot "
-                                  "run it")
-
-
-def _text_config(model):
+def text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

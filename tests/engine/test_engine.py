@@ -1,4 +1,4 @@
-"""compress.engine: continuous batching that gives every request what it would get alone."""
+"""engine.core: continuous batching that gives every request what it would get alone."""
 
 import asyncio
 import random
@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from compress.engine import Engine
-from compress.sampling import SamplingParams, sample
+from engine.core import Engine
+from engine.runner import pack
+from engine.sampling import SamplingParams, sample
 
 
 def hf_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
@@ -49,13 +50,13 @@ def test_greedy_is_token_identical_to_hf_for_requests_arriving_at_different_time
                 engine.step()
         while not all(h.done for h in handles):
             engine.step()
-    assert engine.stats["max_decode_batch"] == 3  # slots were shared, moved and reused
+    assert engine.stats().max_decode_batch == 3  # slots were shared, moved and reused
     for p, n, h in zip(prompts, lengths, handles, strict=True):
         g = h.result()
         expected = hf_greedy(model, p, n, engine.eos)
         assert g.token_ids == expected and g.finish_reason == ("length" if len(expected) == n else "stop")
         assert g.text == tokenizer.decode(expected, skip_special_tokens=True)
-    assert engine.num_running == 0 and engine.free_slots == {0, 1, 2}
+    assert engine.scheduler.num_running == 0 and engine.scheduler.free_slots == {0, 1, 2}
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding(smollm2_loaded):
@@ -91,7 +92,7 @@ def test_cancel_frees_the_slot_within_a_step_and_waiting_requests_take_it(make_t
         queued = engine.submit(b, SamplingParams(max_tokens=4))
         for _ in range(3):
             engine.step()
-        assert engine.num_running == 1 and engine.num_waiting == 1
+        assert engine.stats().running == 1 and engine.stats().waiting == 1
         long.cancel()
         engine.step()
         assert long.done and long.result().finish_reason == "cancelled" and len(long.result().token_ids) < 10
@@ -198,7 +199,7 @@ async def _collect(handle):
 
 
 def test_a_request_whose_sampling_fails_fails_alone(make_tiny_llama, tok, monkeypatch):
-    import compress.sampling as sampling
+    import engine.sampling as sampling
 
     real = sampling._draw
 
@@ -226,7 +227,7 @@ def test_a_request_whose_sampling_fails_fails_alone(make_tiny_llama, tok, monkey
 
 @pytest.mark.parametrize("isa", ["avx2", "best"])
 def test_the_lean_forward_is_token_identical_to_hf_on_every_instruction_set(smollm2_loaded, isa):
-    """The engine's default step (compress.lean) against Hugging Face's own greedy decoding, with the AVX2 kernels
+    """The engine's default step (engine.lean) against Hugging Face's own greedy decoding, with the AVX2 kernels
     forced on any CPU and with the best this CPU has."""
     from compress import kernels
 
@@ -234,7 +235,7 @@ def test_the_lean_forward_is_token_identical_to_hf_on_every_instruction_set(smol
     before = kernels.use_isa("avx2" if isa == "avx2" else "")
     try:
         engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=512, max_batch_tokens=96)
-        assert engine.lean is not None
+        assert engine.runner.name == "lean"
         prompts = real_prompts(tokenizer, 4)
         lengths = [16, 5, 24, 11]
         results = engine.generate(prompts, [SamplingParams(max_tokens=n) for n in lengths])
@@ -253,18 +254,18 @@ def test_the_lean_forward_matches_hf_forward_on_quantized_modules(make_tiny_llam
     prompts = random_prompts(3, model.config.vocab_size, seed=11)
     lean = Engine(model, tok, max_num_seqs=3, max_batch_tokens=64)
     hf = Engine(model, tok, max_num_seqs=3, max_batch_tokens=64, lean=False)
-    assert lean.lean is not None and hf.lean is None
+    assert lean.runner.name == "lean" and hf.runner.name == "hf"
     first = []
     with torch.inference_mode():
         for engine in (lean, hf):  # one packed prefill of the three prompts, one slot each
             for p in prompts:
                 engine.submit(p, SamplingParams(max_tokens=6))
             engine._take_inbox(block=False)
-            parts = list(engine.waiting)
+            parts = list(engine.scheduler.waiting)
             for slot, seq in enumerate(parts):
                 seq.slot = slot
-            first.append(engine._forward([(s, len(s.prompt)) for s in parts]))
-            engine.waiting.clear()
+            first.append(engine.runner.forward(pack([(s, len(s.prompt)) for s in parts], 0, engine.cache)))
+            engine.scheduler.waiting.clear()
     assert first[0].shape == (3, model.config.vocab_size)
     # int8-dynamic rounds activations to 8 bits per token: a last-bit difference in a normalised input (the lean
     # forward's RMSNorm sums in another order) can move one across a rounding boundary
@@ -292,7 +293,7 @@ def test_the_lean_forward_without_the_extension_still_matches_hf(make_tiny_llama
     assert kernels.ops() is None
     prompts = random_prompts(3, model.config.vocab_size, seed=5)
     engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16)  # chunked prompts mixed with decodes
-    assert engine.lean is not None and engine.lean.layers[0].qkv.fast is None
+    assert engine.runner.name == "lean" and engine.runner.layers[0].qkv.fast is None
     hf = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16, lean=False)
     params = [SamplingParams(max_tokens=n, logprobs=0) for n in (7, 3, 9)]
     ours, theirs = engine.generate(prompts, params), hf.generate(prompts, params)
@@ -312,11 +313,11 @@ def test_the_lean_step_traces_as_one_graph_for_torch_compile(make_tiny_llama, to
     engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=64)
     for prompt in random_prompts(2, model.config.vocab_size, seed=3):
         engine.submit(prompt, SamplingParams(max_tokens=8))
-    while len(engine.decoding) < 2:
+    while len(engine.scheduler.decoding) < 2:
         engine.step()
-    layout = engine.cache.plan([s.computed + 1 for s in engine.decoding], [])
-    tokens = torch.tensor([s.output[-1] for s in engine.decoding])
+    layout = engine.cache.plan([s.computed + 1 for s in engine.scheduler.decoding], [])
+    tokens = torch.tensor([s.output[-1] for s in engine.scheduler.decoding])
     torch._dynamo.reset()
     with torch.inference_mode():
-        compiled = torch.compile(engine.lean.__call__, backend="aot_eager", fullgraph=True, dynamic=False)
-        assert torch.equal(compiled(tokens, layout, engine.cache), engine.lean(tokens, layout, engine.cache))
+        compiled = torch.compile(engine.runner.__call__, backend="aot_eager", fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(tokens, layout, engine.cache), engine.runner(tokens, layout, engine.cache))

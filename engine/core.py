@@ -1,0 +1,239 @@
+"""The generation engine: iteration-level batching over a fixed set of KV-cache slots, on one thread.
+
+    engine = Engine(model, tokenizer, max_num_seqs=16, max_model_len=2048, max_batch_tokens=256)
+    results = engine.generate([ids_a, ids_b], [SamplingParams(max_tokens=32), SamplingParams(temperature=0.7)])
+
+    engine.start()                                    # a background thread owns the model from here on
+    handle = engine.submit(ids, SamplingParams(max_tokens=64, stop=("\\n\\n",)))
+    async for out in handle: print(out.text, end="")  # deltas, token by token; handle.cancel() frees the slot
+    async for out in engine.stream(ids, params): ...  # the same, submitted for you
+
+Every step: take new requests and cancellations, let the scheduler (engine.scheduler) choose the step's parts, have
+the runner (engine.runner, engine.lean) turn them into logits in one packed forward, sample each row with its own
+parameters (engine.sampling), and publish each request's new text (engine.output). A sequence leaves the batch the
+step it finishes, and a waiting request takes its slot the next step, so short requests never wait for long ones.
+The batch job and the server both run on this engine, through the methods of ``engine.interface.EngineClient``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import torch
+
+from compress import hf
+from engine.kvcache import SlotKVCache
+from engine.metrics import EngineMetrics, EngineStats
+from engine.output import Detokenizer, eos_ids, final_event, token_event
+from engine.request import Generation, RequestHandle, RequestOutput, Sequence
+from engine.runner import pack, select_runner
+from engine.sampling import SamplingParams, sample
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+class Engine:
+    """Continuous batching for a Hugging Face causal LM whose layers use HF's cache and attention interfaces
+    (Llama, Qwen2, Mistral and their kin). The engine owns the model: while its thread runs, do not run the same
+    model object elsewhere (during a step its attention layers read the engine's cache).
+
+    Args:
+        model, tokenizer: as ``compress.models.load`` returns them.
+        max_num_seqs: sequences decoded together (cache slots).
+        max_model_len: prompt plus new tokens of one request; default the model's context, at most 2048.
+        max_batch_tokens: tokens one step runs: one per running sequence plus prompt chunks.
+        num_threads: torch threads for the engine's thread (CPU).
+        lean: run steps on ``engine.lean.LeanRunner`` (Llama-family float32 models; default: wherever it
+            applies) instead of the model's Hugging Face forward.
+    """
+
+    def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 max_batch_tokens: int = 512, num_threads: int | None = None, lean: bool = True):
+        limit = hf.context_length(model.config)
+        max_model_len = min(limit, 2048) if max_model_len is None else max_model_len
+        if not 1 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len={max_model_len}: expected 1..{limit} (the model's context)")
+        if max_num_seqs < 1 or max_batch_tokens <= max_num_seqs:
+            raise ValueError(f"max_num_seqs={max_num_seqs}, max_batch_tokens={max_batch_tokens}: expected "
+                             "max_num_seqs >= 1 and max_batch_tokens > max_num_seqs (each running sequence takes a "
+                             "token of every step)")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_num_seqs, self.max_model_len, self.max_batch_tokens = max_num_seqs, max_model_len, max_batch_tokens
+        self.num_threads = num_threads
+        self.cache = SlotKVCache.for_model(model, max_num_seqs, max_model_len)
+        self.runner = select_runner(model, self.cache, max_model_len, lean=lean)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_batch_tokens)
+        self.eos = eos_ids(model, tokenizer)
+        self.metrics = EngineMetrics()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    # -- requests -------------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
+        """Queue a request; its events arrive on the returned handle. Raises ValueError if it cannot fit."""
+        self._check(prompt, params)
+        request_id = request_id or f"req-{next(_ids)}"
+        handle = RequestHandle(request_id, len(prompt), cancel=lambda: self.cancel(request_id))
+        detok = Detokenizer(self.tokenizer, params.stop)
+        self._inbox.put(("add", Sequence(request_id, list(prompt), params, handle, detok)))
+        return handle
+
+    async def stream(self, prompt: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit and yield the request's events; leaving the loop early cancels the request."""
+        async for out in self.submit(prompt, params, request_id):
+            yield out
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (its slot is free within a step); its last event has finish_reason 'cancelled'."""
+        self._inbox.put(("cancel", request_id))
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
+        """Run requests to completion; steps on the calling thread unless the engine's thread is running."""
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        for p, s in zip(prompts, params, strict=True):  # all or nothing: refuse before queueing any
+            self._check(p, s)
+        handles = [self.submit(p, s) for p, s in zip(prompts, params, strict=True)]
+        if self._thread is None:
+            with torch.inference_mode():
+                while not all(h.done for h in handles):
+                    self.step()
+        return [h.result() for h in handles]
+
+    def stats(self) -> EngineStats:
+        """Counters and histograms now (requests, tokens, steps, time to first token, step time, decode batch)."""
+        s = self.scheduler
+        return self.metrics.snapshot(s.num_running, s.num_waiting, self.max_num_seqs)
+
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
+                             f"max_model_len of {self.max_model_len} tokens")
+
+    # -- the thread -----------------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Own the model on a background thread; from now on requests only go through ``submit``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="raypress-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        if self.num_threads:  # OpenMP keeps its thread count per calling thread
+            torch.set_num_threads(self.num_threads)
+        with torch.inference_mode():
+            while self._take_inbox(block=not (self.scheduler.num_waiting or self.scheduler.num_running)):
+                try:
+                    self.step(take_inbox=False)
+                except Exception as e:  # never let the thread die with requests waiting on it
+                    log.exception("raypress engine: a step failed")
+                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Move queued requests and cancellations into the engine; False when asked to stop."""
+        try:
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, value = item
+            if kind == "stop":
+                self._fail_all("the engine was shut down")
+                return False
+            if kind == "add":
+                self.scheduler.add(value)
+                self.metrics.requests += 1
+            else:
+                self._cancel(value)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def step(self, take_inbox: bool = True) -> None:
+        """Admit, then one forward: a token for every running sequence plus the planned prompt chunks; publish."""
+        if take_inbox:
+            self._take_inbox(block=False)
+        s = self.scheduler
+        if not (s.num_waiting or s.num_running):
+            return
+        start = time.perf_counter()
+        num_decode = len(s.decoding)
+        self._run(s.schedule(), num_decode)
+        self.metrics.observe_step(time.perf_counter() - start, num_decode)
+
+    def _run(self, parts: list[tuple[Sequence, int]], num_decode: int) -> None:
+        """One forward over the step's parts; sample where a part ends a prompt or is a decode, and publish."""
+        try:
+            logits = self.runner.forward(pack(parts, num_decode, self.cache))
+        except Exception as e:  # the step's requests fail with the reason; the engine goes on with new ones
+            log.exception("raypress engine: a forward over %d requests failed", len(parts))
+            for seq, _ in parts:
+                self._finish(seq, final_event(seq, "error", error=f"{type(e).__name__}: {e}"))
+            return
+        ready = self.scheduler.advance(parts)
+        if not ready:
+            return
+        seqs = [parts[r][0] for r in ready]
+        try:
+            tokens = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # one row's parameters must not fail the others: sample row by row
+            tokens = [self._sample_one(seq, logits[r]) for r, seq in zip(ready, seqs, strict=True)]
+        for r, seq, token in zip(ready, seqs, tokens, strict=True):
+            if token is not None:
+                self._emit(seq, token, logits[r])
+
+    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        try:
+            return sample(logits[None], [seq.params], [seq.generator])[0]
+        except Exception as e:
+            log.exception("raypress engine: sampling failed for %s", seq.id)
+            self._finish(seq, final_event(seq, "error", error=f"sampling failed: {type(e).__name__}: {e}"))
+            return None
+
+    # -- results --------------------------------------------------------------------------------------------------
+
+    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            self.metrics.observe_first_token(seq.first_token_at - seq.arrival, len(seq.prompt))
+            self.scheduler.start_decoding(seq)
+        out = token_event(seq, token, logits, self.eos)
+        self.metrics.generation_tokens += len(out.token_ids)
+        if out.finished:
+            self._finish(seq, out)
+        else:
+            seq.handle.publish(out)
+
+    def _finish(self, seq: Sequence, out: RequestOutput) -> None:
+        self.scheduler.free(seq)
+        seq.handle.publish(out)
+
+    def _cancel(self, request_id: str) -> None:
+        seq = next((s for s in self.scheduler.sequences() if s.id == request_id), None)
+        if seq is not None:
+            self._finish(seq, RequestOutput("", [], None, "cancelled", len(seq.output)))
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.scheduler.sequences()):
+            self._finish(seq, final_event(seq, "error", error=message))

@@ -1,0 +1,109 @@
+"""What the engine counts: requests, tokens, steps, and histograms of time to first token, step time and decode batch.
+
+    metrics = EngineMetrics()
+    metrics.observe_step(seconds, decode_batch=8, generated=8)
+    snapshot = metrics.snapshot(running=3, waiting=0, max_num_seqs=16)   # an EngineStats, for /stats and /metrics
+
+The engine's thread writes; readers take a snapshot, whose counters are plain numbers and whose histograms are
+copies, so a reader never sees a histogram half updated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+class Histogram:
+    """Counts of observations at or below each bound (Prometheus buckets), with their sum."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last counts what is above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= bound), ending with (inf, count)."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """One reading of an engine: what ``/stats`` answers and ``/metrics`` exports."""
+
+    running: int
+    waiting: int
+    max_num_seqs: int
+    requests: int
+    prompt_tokens: int
+    generation_tokens: int
+    steps: int
+    max_decode_batch: int
+    generation_tokens_per_s: float
+    ttft_s: Histogram
+    step_s: Histogram
+    decode_batch: Histogram
+
+    def counters(self) -> dict:
+        """The plain numbers, by name (what /stats answers)."""
+        return {"running": self.running, "waiting": self.waiting, "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
+                "steps": self.steps, "max_decode_batch": self.max_decode_batch, "max_num_seqs": self.max_num_seqs,
+                "generation_tokens_per_s": self.generation_tokens_per_s}
+
+
+class EngineMetrics:
+    """The engine's counters and histograms, written by its thread."""
+
+    RATE_WINDOW_S = 10.0
+
+    def __init__(self):
+        self.requests = self.prompt_tokens = self.generation_tokens = self.steps = self.max_decode_batch = 0
+        self.decode_batch = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
+        self.ttft_s = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.step_s = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, generation tokens) after each step
+
+    def observe_step(self, seconds: float, decode_batch: int) -> None:
+        """A step ended: it took ``seconds`` and decoded ``decode_batch`` running sequences."""
+        if decode_batch:
+            self.decode_batch.observe(decode_batch)
+            self.max_decode_batch = max(self.max_decode_batch, decode_batch)
+        self.steps += 1
+        self.step_s.observe(seconds)
+        self._recent.append((time.perf_counter(), self.generation_tokens))
+
+    def observe_first_token(self, seconds: float, prompt_tokens: int) -> None:
+        self.ttft_s.observe(seconds)
+        self.prompt_tokens += prompt_tokens
+
+    def tokens_per_s(self, window_s: float = RATE_WINDOW_S) -> float:
+        """Generated tokens per second over the last ``window_s`` seconds of steps."""
+        recent = list(self._recent)
+        now = time.perf_counter()
+        inside = [(t, n) for t, n in recent if t >= now - window_s]
+        if not inside:
+            return 0.0
+        before = next((n for t, n in reversed(recent) if t < now - window_s), 0)
+        return (inside[-1][1] - before) / window_s
+
+    def snapshot(self, running: int, waiting: int, max_num_seqs: int) -> EngineStats:
+        return EngineStats(
+            running=running, waiting=waiting, max_num_seqs=max_num_seqs, requests=self.requests,
+            prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, steps=self.steps,
+            max_decode_batch=self.max_decode_batch, generation_tokens_per_s=self.tokens_per_s(),
+            ttft_s=copy.deepcopy(self.ttft_s), step_s=copy.deepcopy(self.step_s),
+            decode_batch=copy.deepcopy(self.decode_batch))

@@ -1,0 +1,112 @@
+"""Model runners: a scheduled step in, the logits of each part's last token out.
+
+    runner = select_runner(model, cache, max_model_len)     # the lean runner where it applies, else Hugging Face's
+    logits = runner.forward(pack(parts, num_decode, cache))  # [parts, vocab]
+
+A step is packed into one row of tokens (``pack``): first one token for each running sequence, then the prompt
+chunks, laid out in the cache by ``SlotKVCache.plan``. A runner turns that packed batch into logits:
+``engine.lean.LeanRunner`` runs Llama-family float32 models with the fewest operations (the CPU path),
+``HFRunner`` runs any Hugging Face decoder whose layers use HF's cache and attention interfaces, with attention
+routed to the cache's ``attend``. Every runner has ``name`` and ``forward(batch)``; the engine knows no other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from engine.kvcache import Layout, SlotKVCache
+from engine.lean import LeanRunner
+from engine.request import Sequence
+
+log = logging.getLogger(__name__)
+ATTENTION_NAME = "raypress_slots"
+_active = threading.local()  # the cache of the forward running on this thread, if any
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's tokens, packed: ``tokens`` [N] and where each goes in the cache (``layout``)."""
+
+    tokens: torch.Tensor
+    layout: Layout
+
+
+class Runner(Protocol):
+    name: str
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits [parts, vocab] at the last token of each part of ``batch``."""
+        ...
+
+
+def pack(parts: list[tuple[Sequence, int]], num_decode: int, cache: SlotKVCache) -> Batch:
+    """The step's parts (the first ``num_decode`` one decode token each, in slots 0..num_decode-1; then prompt
+    chunks) as one row of tokens and its cache layout."""
+    tokens = [s.output[-1] for s, _ in parts[:num_decode]]
+    prefill = []
+    for seq, count in parts[num_decode:]:
+        tokens += seq.prompt[seq.computed : seq.computed + count]
+        prefill.append((seq.slot, seq.computed, count))
+    layout = cache.plan([s.computed + 1 for s, _ in parts[:num_decode]], prefill)
+    return Batch(torch.tensor(tokens, device=cache.keys[0].device), layout)
+
+
+def select_runner(model, cache: SlotKVCache, max_model_len: int, lean: bool = True) -> Runner:
+    """The lean runner where it applies to ``model`` (and ``lean`` is set), else the Hugging Face runner."""
+    runner = LeanRunner.for_model(model, cache, max_model_len) if lean else None
+    return runner if runner is not None else HFRunner(model, cache)
+
+
+class HFRunner:
+    """The model's own Hugging Face forward over the packed step, its attention layers reading the engine's cache."""
+
+    name = "hf"
+
+    def __init__(self, model, cache: SlotKVCache):
+        self.model, self.cache = model, cache
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        lay = batch.layout
+        with slot_attention(self.cache):
+            out = self.model(input_ids=batch.tokens[None], position_ids=lay.positions, attention_mask=lay.dummy_mask,
+                             cache=self.cache, use_cache=True, logits_to_keep=lay.last_tokens)
+        return out.logits[0]
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    cache = getattr(_active, "cache", None)
+    if cache is None or cache.layout is None:
+        raise RuntimeError("raypress slot attention runs only inside an engine forward")
+    return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+
+
+@contextlib.contextmanager
+def slot_attention(cache: SlotKVCache):
+    """Route the model's attention layers to ``cache.attend`` for the duration of one forward on this thread.
+
+    The model's own attention implementation is restored afterwards, so the same model object still runs
+    ``generate`` or a plain forward as before."""
+    from transformers import AttentionInterface
+
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _slot_attention)
+    saved = [c._attn_implementation_internal for c in cache.model_configs]
+    _active.cache = cache
+    cache.attention_calls = 0
+    try:
+        for c in cache.model_configs:
+            c._attn_implementation_internal = ATTENTION_NAME
+        yield
+    finally:
+        for c, name in zip(cache.model_configs, saved, strict=True):
+            c._attn_implementation_internal = name
+        _active.cache = None
+    if cache.attention_calls == 0:
+        raise NotImplementedError("this model does not use Hugging Face's attention interface, so the engine cannot "
+                                  "run it")

@@ -1,0 +1,65 @@
+"""A variant's speed as serving and batch jobs see it: prefill and decode through the engine; encoders' sentences/s.
+
+    measure(model, tokenizer, kind)  # {"prefill_tokens_per_s", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8"}
+    engine_speed(model, tokenizer, prompts, new_tokens)   # (prefill tokens/s, decode tokens/s) of one run
+
+Medians of ``repeats`` runs after a warm-up, on random prompts (the same ones for every variant of a model).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from compress.data import BUILTIN_PROMPTS
+from compress.evaluate import clock, encoder_speed
+from compress.hf import CAUSAL
+from engine.core import Engine
+from engine.sampling import SamplingParams
+
+
+def measure(model, tokenizer, kind: str, repeats: int = 3) -> dict:
+    """The engine's speed for a causal LM, sentences per second for an encoder."""
+    if kind == CAUSAL:
+        return causal_speed(model, tokenizer, repeats=repeats)
+    return encoder_speed(model, tokenizer, list(BUILTIN_PROMPTS), repeats=repeats)
+
+
+@torch.inference_mode()
+def causal_speed(
+    model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, batch_sizes=(1, 8), repeats: int = 3
+) -> dict:
+    """Prefill tokens/s (one prompt) and decode tokens/s at each batch size, through the engine (the path serving
+    and batch jobs run): medians of ``repeats`` runs after a warm-up, on random prompts."""
+    vocab = model.config.vocab_size
+    rng = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, min(vocab, 30000), (max(batch_sizes), prompt_tokens), generator=rng).tolist()
+    result = {}
+    for b in batch_sizes:
+        runs = [engine_speed(model, tokenizer, prompts[:b], new_tokens) for _ in range(repeats + 1)][1:]
+        if b == batch_sizes[0]:
+            result["prefill_tokens_per_s"] = statistics.median(r[0] for r in runs)
+        result[f"decode_tokens_per_s_b{b}"] = statistics.median(r[1] for r in runs)
+    return result
+
+
+@torch.inference_mode()
+def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of ``prompts`` run together on a fresh engine: all prompts in one step,
+    then decode steps until every sequence has ``new_tokens`` tokens or has ended."""
+    longest = max(len(p) for p in prompts)
+    engine = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=longest + new_tokens,
+                    max_batch_tokens=max(512, sum(map(len, prompts)) + len(prompts)))
+    handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
+    start = clock(model)
+    engine.step()  # takes the requests in; with room for every prompt, this one step prefills them all
+    while engine.scheduler.waiting or engine.scheduler.prefilling:
+        engine.step()
+    prefill_s, made = clock(model) - start, engine.metrics.generation_tokens
+    start = clock(model)
+    while not all(h.done for h in handles):
+        engine.step()
+    decode_s = clock(model) - start
+    decoded = engine.metrics.generation_tokens - made
+    return sum(map(len, prompts)) / prefill_s, decoded / max(decode_s, 1e-9)
