@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -317,34 +316,15 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / sx), sx
 
 
-def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
-
-
-def fbgemm_prepack(qweight: torch.Tensor, scale: torch.Tensor):
-    """Pack int8 weights [N, K] with per-row scales for fbgemm's int8 x int8 GEMM (CPU); None where torch no
-    longer offers these ops (its quantized tensors are deprecated), and callers then take the portable path."""
-    n = qweight.shape[0]
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            wq = torch._make_per_channel_quantized_tensor(
-                qweight.cpu(), scale.detach().double().cpu(), torch.zeros(n, dtype=torch.long), 0
-            )
-            return torch.ops.quantized.linear_prepack(wq, None)
-    except (AttributeError, RuntimeError) as e:
-        log.warning("fbgemm int8 GEMM unavailable (%s); int8-dynamic uses the portable path", e)
-        return None
-
-
 def int8_dynamic_linear(x, qweight, scale, bias, packed=None):
     """y = quant8(x) @ (qweight * scale).T + bias with x quantized per token (symmetric, dynamic).
 
     With ``packed`` (CPU, fbgemm): every row is first divided by its own scale so that its values span [-127, 127];
     fbgemm's per-tensor dynamic quantization of the result then rounds each row on its own int8 grid, so this is
-    per-token quantization on fbgemm's int8 GEMM (about 3x float32's matmul speed on AVX2 CPUs). reduce_range stays
-    off: with it the activations would get 7 bits. Decode-sized x (a few rows) runs on raypress's int8 kernel with the
-    same per-token rounding, where fbgemm's per-call cost would dominate.
+    per-token quantization on fbgemm's int8 GEMM (about 3x float32's matmul speed on CPUs with VNNI). reduce_range
+    stays off: with it the activations would get 7 bits. Decode-sized x (a few rows) runs on raypress's int8 kernel
+    with the same per-token rounding, where fbgemm's per-call cost would dominate. Otherwise the per-token int8
+    values go through the int8 weight-only product (the same arithmetic on a float GEMM).
     """
     k = qweight.shape[1]
     if _use_extension(x, k, scale) and x.numel() // k <= MAX_INT8_KERNEL_ROWS:  # decode: the int8 kernel's loop
@@ -358,7 +338,7 @@ def int8_dynamic_linear(x, qweight, scale, bias, packed=None):
         y = y.view(*shape[:-1], -1)
     else:
         xq, sx = quantize_per_token(x)
-        y = F.linear(xq, qweight.to(x.dtype)) * scale.to(x.dtype) * sx
+        y = int8_linear(xq, qweight, scale, None) * sx
     return y + bias if bias is not None else y
 
 

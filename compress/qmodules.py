@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import kernels
+from compress import fbgemm, kernels
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor math
@@ -126,7 +126,7 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None and x.device.type == "cpu":
-            packed = kernels.fbgemm_prepack(self.qweight, self.scale) if kernels.fbgemm_available() else None
+            packed = fbgemm.prepack(self.qweight, self.scale)
             self._packed = packed if packed is not None else False
         packed = self._packed if x.device.type == "cpu" and self._packed is not False else None
         return kernels.int8_dynamic_linear(x, self.qweight, self.scale, self.bias, packed)
