@@ -39,11 +39,11 @@ def decode_step(model, tokenizer, batch: int, prompt_tokens: int):
     prompt = list(range(1000, 1000 + prompt_tokens))
     for _ in range(batch):
         engine.submit(prompt, SamplingParams(max_tokens=32))
-    running = engine.scheduler.decoding
-    while len(running) < batch:
+    running = engine.scheduler.running
+    while len(running) < batch or any(s.num_tokens - s.computed != 1 for s in running):
         engine.step()
-    layout = engine.cache.plan([s.computed + 1 for s in running], [])
-    tokens = torch.tensor([s.output[-1] for s in running])
+    layout = engine.cache.plan([(s.block_table, s.computed + 1) for s in running], [])
+    tokens = torch.tensor([s.tokens[-1] for s in running])
     return engine.runner, (tokens, layout, engine.cache)
 
 

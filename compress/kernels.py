@@ -119,7 +119,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(lib + "decode_attention")
-    def _(q, keys, values, lengths, scale, window):
+    def _(q, keys, values, tables, lengths, scale, window):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake(lib + "int8_widen_into")
@@ -225,12 +225,12 @@ def decode_attention_applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
     return on_cpu_kernels(q, keys) and q.shape[-1] % ATTENTION_HEAD_DIM_MULTIPLE == 0
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, window: int) -> torch.Tensor:
-    """q [n, heads, D], each row attending over the first lengths[i] positions of slot i of keys/values
-    [slots, kv heads, max_len, D] (their last ``window`` when window > 0); the extension's op (see
-    ``decode_attention_applies``)."""
-    return _extension().decode_attention(q, keys, values, lengths, scale, window)
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                     lengths: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """q [n, heads, D], row i attending over the first lengths[i] positions of its sequence in keys/values
+    [blocks, kv heads, block_size, D], position p in block tables[i, p // block_size] (the last ``window``
+    positions when window > 0); the extension's op (see ``decode_attention_applies``)."""
+    return _extension().decode_attention(q, keys, values, tables, lengths, scale, window)
 
 
 def _use_extension(x: torch.Tensor, k: int, scale: torch.Tensor) -> bool:

@@ -1,17 +1,20 @@
-"""The generation engine: iteration-level batching over a fixed set of KV-cache slots, on one thread.
+"""The generation engine: iteration-level batching over a paged KV cache with prefix caching, on one thread.
 
     engine = Engine(model, tokenizer, max_num_seqs=16, max_model_len=2048, max_batch_tokens=256)
     results = engine.generate([ids_a, ids_b], [SamplingParams(max_tokens=32), SamplingParams(temperature=0.7)])
 
     engine.start()                                    # a background thread owns the model from here on
     handle = engine.submit(ids, SamplingParams(max_tokens=64, stop=("\\n\\n",)))
-    async for out in handle: print(out.text, end="")  # deltas, token by token; handle.cancel() frees the slot
+    async for out in handle: print(out.text, end="")  # deltas, token by token; handle.cancel() frees its blocks
     async for out in engine.stream(ids, params): ...  # the same, submitted for you
 
 Every step: take new requests and cancellations, let the scheduler (engine.scheduler) choose the step's parts, have
 the runner (engine.runner, engine.lean) turn them into logits in one packed forward, sample each row with its own
 parameters (engine.sampling), and publish each request's new text (engine.output). A sequence leaves the batch the
-step it finishes, and a waiting request takes its slot the next step, so short requests never wait for long ones.
+step it finishes, and a waiting request takes its place the next step, so short requests never wait for long ones.
+The KV cache is a pool of blocks (engine.blocks): a request holds the blocks its tokens fill, and the full blocks of
+every prompt and answer stay cached after it ends, so a later prompt that starts the same way (a system prompt, a
+conversation sent again with its next turn, a batch's shared instructions) prefills only what follows them.
 The batch job and the server both run on this engine, through the methods of ``engine.interface.EngineClient``.
 """
 
@@ -27,13 +30,14 @@ from collections.abc import AsyncIterator
 import torch
 
 from compress import hf
-from engine.kvcache import SlotKVCache
-from engine.metrics import EngineMetrics, EngineStats
+from engine.blocks import BlockPool
+from engine.kvcache import PagedKVCache
+from engine.metrics import CacheStats, EngineMetrics, EngineStats
 from engine.output import Detokenizer, eos_ids, final_event, token_event
 from engine.request import Generation, RequestHandle, RequestOutput, Sequence
 from engine.runner import pack, select_runner
 from engine.sampling import SamplingParams, sample
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, Step
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -46,30 +50,41 @@ class Engine:
 
     Args:
         model, tokenizer: as ``compress.models.load`` returns them.
-        max_num_seqs: sequences decoded together (cache slots).
+        max_num_seqs: sequences decoded together.
         max_model_len: prompt plus new tokens of one request; default the model's context, at most 2048.
         max_batch_tokens: tokens one step runs: one per running sequence plus prompt chunks.
         num_threads: torch threads for the engine's thread (CPU).
         lean: run steps on ``engine.lean.LeanRunner`` (Llama-family float32 models; default: wherever it
             applies) instead of the model's Hugging Face forward.
+        block_size: positions per KV-cache block (the unit of memory and of prefix sharing).
+        kv_cache_tokens: positions the KV cache holds over all requests; default max_num_seqs x max_model_len
+            (every sequence at its longest). Requests take what they use, so less memory runs as many requests
+            when they are shorter; one that does not fit waits.
+        prefix_caching: keep full blocks after a request ends and reuse them for prompts that start the same way.
     """
 
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 max_batch_tokens: int = 512, num_threads: int | None = None, lean: bool = True):
+                 max_batch_tokens: int = 512, num_threads: int | None = None, lean: bool = True,
+                 block_size: int = 16, kv_cache_tokens: int | None = None, prefix_caching: bool = True):
         limit = hf.context_length(model.config)
         max_model_len = min(limit, 2048) if max_model_len is None else max_model_len
         if not 1 <= max_model_len <= limit:
             raise ValueError(f"max_model_len={max_model_len}: expected 1..{limit} (the model's context)")
-        if max_num_seqs < 1 or max_batch_tokens <= max_num_seqs:
-            raise ValueError(f"max_num_seqs={max_num_seqs}, max_batch_tokens={max_batch_tokens}: expected "
-                             "max_num_seqs >= 1 and max_batch_tokens > max_num_seqs (each running sequence takes a "
-                             "token of every step)")
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size}: expected >= 1")
+        kv_cache_tokens = max_num_seqs * max_model_len if kv_cache_tokens is None else kv_cache_tokens
+        if kv_cache_tokens < max_model_len:
+            raise ValueError(f"kv_cache_tokens={kv_cache_tokens}: expected at least max_model_len={max_model_len} "
+                             "(the longest request must fit)")
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs, self.max_model_len, self.max_batch_tokens = max_num_seqs, max_model_len, max_batch_tokens
         self.num_threads = num_threads
-        self.cache = SlotKVCache.for_model(model, max_num_seqs, max_model_len)
+        num_blocks = -(-kv_cache_tokens // block_size)
+        name = f"{type(model).__name__}:{getattr(model.config, '_name_or_path', '')}"
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching, salt=name.encode())
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_batch_tokens)
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
         self.runner = select_runner(model, self.cache, max_model_len, lean=lean)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_batch_tokens)
         self.eos = eos_ids(model, tokenizer)
         self.metrics = EngineMetrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -93,7 +108,7 @@ class Engine:
             yield out
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request (its slot is free within a step); its last event has finish_reason 'cancelled'."""
+        """Stop a request (its blocks are free within a step); its last event has finish_reason 'cancelled'."""
         self._inbox.put(("cancel", request_id))
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
@@ -111,8 +126,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """Counters and histograms now (requests, tokens, steps, time to first token, step time, decode batch)."""
-        s = self.scheduler
-        return self.metrics.snapshot(s.num_running, s.num_waiting, self.max_num_seqs)
+        s, pool = self.scheduler, self.pool
+        cache = CacheStats(pool.num_blocks, pool.block_size, pool.num_free, pool.num_cached, s.prompt_tokens,
+                           s.cached_tokens, s.preemptions)
+        return self.metrics.snapshot(s.num_running, s.num_waiting, self.max_num_seqs, cache)
 
     def _check(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -120,6 +137,7 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
                              f"max_model_len of {self.max_model_len} tokens")
+        # (the pool holds at least max_model_len positions, so such a request fits once the others are done)
 
     # -- the thread -----------------------------------------------------------------------------------------------
 
@@ -178,14 +196,16 @@ class Engine:
         if not (s.num_waiting or s.num_running):
             return
         start = time.perf_counter()
-        num_decode = len(s.decoding)
-        self._run(s.schedule(), num_decode)
-        self.metrics.observe_step(time.perf_counter() - start, num_decode)
+        step = s.schedule()
+        if step.parts:
+            self._run(step)
+        self.metrics.observe_step(time.perf_counter() - start, step.num_decode)
 
-    def _run(self, parts: list[tuple[Sequence, int]], num_decode: int) -> None:
-        """One forward over the step's parts; sample where a part ends a prompt or is a decode, and publish."""
+    def _run(self, step: Step) -> None:
+        """One forward over the step's parts; sample where a part reaches the end of its tokens, and publish."""
+        parts = step.parts
         try:
-            logits = self.runner.forward(pack(parts, num_decode, self.cache))
+            logits = self.runner.forward(pack(step, self.cache))
         except Exception as e:  # the step's requests fail with the reason; the engine goes on with new ones
             log.exception("raypress engine: a forward over %d requests failed", len(parts))
             for seq, _ in parts:
@@ -217,7 +237,6 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self.metrics.observe_first_token(seq.first_token_at - seq.arrival, len(seq.prompt))
-            self.scheduler.start_decoding(seq)
         out = token_event(seq, token, logits, self.eos)
         self.metrics.generation_tokens += len(out.token_ids)
         if out.finished:
@@ -232,7 +251,8 @@ class Engine:
     def _cancel(self, request_id: str) -> None:
         seq = next((s for s in self.scheduler.sequences() if s.id == request_id), None)
         if seq is not None:
-            self._finish(seq, RequestOutput("", [], None, "cancelled", len(seq.output)))
+            self._finish(seq, RequestOutput("", [], None, "cancelled", len(seq.output),
+                                            num_cached_tokens=seq.num_cached_tokens))
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self.scheduler.sequences()):

@@ -10,7 +10,7 @@ step. This forward runs the same modules' weights (float, int8, int4: whatever `
 fewest operations. Per layer, on the CPU extension: the residual add and RMSNorm are one op; q, k and v are one
 product over the three matrices (so are gate and up), with each layer's weights bound once; RoPE (from a cos/sin
 table built once from the model's own rotary embedding, so its scaling variants carry over) and the cache write are
-one op; a decode-only step's attention is one op, otherwise ``SlotKVCache.attend`` (the code the HF path uses);
+one op; a decode-only step's attention is one op, otherwise ``PagedKVCache.attend`` (the code the HF path uses);
 SiLU times up is one op. That is 9 calls per layer where HF's forward makes dozens. Greedy output is the same token
 for token as HF's ``generate`` (tested).
 """
@@ -25,7 +25,7 @@ from torch import nn
 
 from compress import kernels
 from compress.qmodules import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
-from engine.kvcache import Layout, SlotKVCache
+from engine.kvcache import Layout, PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class LeanRunner:
 
     name = "lean"
 
-    def __init__(self, model, cache: SlotKVCache, max_model_len: int):
+    def __init__(self, model, cache: PagedKVCache, max_model_len: int):
         self.cache = cache
         config = model.config
         inner = model.model
@@ -117,7 +117,7 @@ class LeanRunner:
         self.cos, self.sin = cos[0], sin[0]  # [max_model_len, head_dim]
 
     @classmethod
-    def for_model(cls, model, cache: SlotKVCache, max_model_len: int) -> LeanRunner | None:
+    def for_model(cls, model, cache: PagedKVCache, max_model_len: int) -> LeanRunner | None:
         """The lean runner of ``model``, or None (with the reason logged) where it does not apply."""
         reason = unsupported(model)
         if reason:
@@ -129,7 +129,7 @@ class LeanRunner:
         """Logits [parts, vocab] of an ``engine.runner.Batch``."""
         return self(batch.tokens, batch.layout, self.cache)
 
-    def __call__(self, tokens: torch.Tensor, layout: Layout, cache: SlotKVCache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, layout: Layout, cache: PagedKVCache) -> torch.Tensor:
         """Logits [parts, vocab] at each part's last token, for the packed ``tokens`` [N] laid out by ``layout``."""
         n, heads, dim = tokens.shape[0], self.heads, self.head_dim
         pos = layout.positions[0]
@@ -148,7 +148,7 @@ class LeanRunner:
             self._rope_write(ops, layer.idx, qkv, cos, sin, layout, cache)
             q = qkv[:, : heads * dim].view(n, heads, dim)
             if direct_attention:  # decode only: straight to the op
-                attn = ops.decode_attention(q, cache.keys[layer.idx], cache.values[layer.idx],
+                attn = ops.decode_attention(q, cache.keys[layer.idx], cache.values[layer.idx], layout.decode_tables,
                                             layout.decode_lengths, layer.scaling, cache.sliding_window or 0)
             else:
                 attn = cache.attend(layer.idx, q.transpose(0, 1)[None], layer.scaling)
@@ -157,11 +157,11 @@ class LeanRunner:
         last = layout.last_tokens
         return self.head(kernels.rms_norm(h[last] + delta[last], self.norm, self.eps))
 
-    def _rope_write(self, ops, idx: int, qkv: torch.Tensor, cos, sin, layout: Layout, cache: SlotKVCache) -> None:
+    def _rope_write(self, ops, idx: int, qkv: torch.Tensor, cos, sin, layout: Layout, cache: PagedKVCache) -> None:
         """The rotary embedding of qkv's q and k heads, in place, and its k and v heads into the cache."""
         cache_k, cache_v = cache.keys[idx], cache.values[idx]
         if ops is not None and qkv.is_contiguous():
-            ops.rope_write_(qkv, cos, sin, cache_k, cache_v, layout.token_slots, layout.positions[0], self.heads)
+            ops.rope_write_(qkv, cos, sin, cache_k, cache_v, layout.token_blocks, layout.token_offsets, self.heads)
             return
         n, dim = qkv.shape[0], self.head_dim
         q_width, kv_width = self.heads * dim, self.kv_heads * dim

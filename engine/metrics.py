@@ -1,8 +1,8 @@
 """What the engine counts: requests, tokens, steps, and histograms of time to first token, step time and decode batch.
 
     metrics = EngineMetrics()
-    metrics.observe_step(seconds, decode_batch=8, generated=8)
-    snapshot = metrics.snapshot(running=3, waiting=0, max_num_seqs=16)   # an EngineStats, for /stats and /metrics
+    metrics.observe_step(seconds, decode_batch=8)
+    snapshot = metrics.snapshot(running=3, waiting=0, max_num_seqs=16, cache=CacheStats(...))   # an EngineStats
 
 The engine's thread writes; readers take a snapshot, whose counters are plain numbers and whose histograms are
 copies, so a reader never sees a histogram half updated.
@@ -41,6 +41,24 @@ class Histogram:
 
 
 @dataclass(frozen=True)
+class CacheStats:
+    """The KV cache's blocks, and what the prefix cache saved."""
+
+    blocks: int
+    block_size: int
+    free_blocks: int  # free to allocate: never used, or cached and held by no request
+    cached_blocks: int  # full blocks known by their prefix, held or not
+    prompt_tokens: int  # of requests admitted so far (each once)
+    cached_tokens: int  # of those, the tokens found in the cache
+    preemptions: int  # running requests sent back to wait for blocks (recomputed later)
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens served from the cache / prompt tokens."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """One reading of an engine: what ``/stats`` answers and ``/metrics`` exports."""
 
@@ -56,13 +74,17 @@ class EngineStats:
     ttft_s: Histogram
     step_s: Histogram
     decode_batch: Histogram
+    cache: CacheStats
 
     def counters(self) -> dict:
         """The plain numbers, by name (what /stats answers)."""
         return {"running": self.running, "waiting": self.waiting, "requests": self.requests,
                 "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
                 "steps": self.steps, "max_decode_batch": self.max_decode_batch, "max_num_seqs": self.max_num_seqs,
-                "generation_tokens_per_s": self.generation_tokens_per_s}
+                "generation_tokens_per_s": self.generation_tokens_per_s, "kv_blocks": self.cache.blocks,
+                "kv_blocks_free": self.cache.free_blocks, "kv_blocks_cached": self.cache.cached_blocks,
+                "prefix_cache_hit_rate": self.cache.hit_rate, "cached_prompt_tokens": self.cache.cached_tokens,
+                "preemptions": self.cache.preemptions}
 
 
 class EngineMetrics:
@@ -100,10 +122,10 @@ class EngineMetrics:
         before = next((n for t, n in reversed(recent) if t < now - window_s), 0)
         return (inside[-1][1] - before) / window_s
 
-    def snapshot(self, running: int, waiting: int, max_num_seqs: int) -> EngineStats:
+    def snapshot(self, running: int, waiting: int, max_num_seqs: int, cache: CacheStats) -> EngineStats:
         return EngineStats(
             running=running, waiting=waiting, max_num_seqs=max_num_seqs, requests=self.requests,
             prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, steps=self.steps,
             max_decode_batch=self.max_decode_batch, generation_tokens_per_s=self.tokens_per_s(),
             ttft_s=copy.deepcopy(self.ttft_s), step_s=copy.deepcopy(self.step_s),
-            decode_batch=copy.deepcopy(self.decode_batch))
+            decode_batch=copy.deepcopy(self.decode_batch), cache=cache)

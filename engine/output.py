@@ -41,20 +41,22 @@ def token_event(seq: Sequence, token: int, logits: torch.Tensor, eos: set[int]) 
     finished when the token ended the request."""
     if token in eos:
         return final_event(seq, "stop")
-    seq.output.append(token)
+    seq.append(token)
     logprobs = [logprobs_of(logits, token, seq.params.logprobs)] if seq.params.logprobs is not None else None
     if seq.detok.push(token):
         return final_event(seq, "stop", token, logprobs)
     if len(seq.output) >= seq.params.max_tokens:
         return final_event(seq, "length", token, logprobs)
-    return RequestOutput(seq.detok.release(), [token], logprobs, None, len(seq.output))
+    return RequestOutput(seq.detok.release(), [token], logprobs, None, len(seq.output),
+                         num_cached_tokens=seq.num_cached_tokens)
 
 
 def final_event(seq: Sequence, reason: str, token: int | None = None, logprobs=None,
                 error: str | None = None) -> RequestOutput:
     """The last event of ``seq``: what text was held back (none after an error), and why it ended."""
     text = seq.detok.release(final=True) if error is None else ""
-    return RequestOutput(text, [] if token is None else [token], logprobs, reason, len(seq.output), error=error)
+    return RequestOutput(text, [] if token is None else [token], logprobs, reason, len(seq.output), error=error,
+                         num_cached_tokens=seq.num_cached_tokens)
 
 
 class Detokenizer:

@@ -8,7 +8,7 @@ handle to wait on or cancel.
 
 The engine's thread publishes; the handle hands events to whichever side reads them (an asyncio loop, or a thread
 waiting on ``result``), so neither the engine nor the reader ever waits on the other. ``Sequence`` is the engine's
-own record of a request: its tokens, where its cache is, and its detokenizer.
+own record of a request: its tokens, the cache blocks they fill, and its detokenizer.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class RequestOutput:
     finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error" at the end
     num_generated_tokens: int
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache (OpenAI's usage.cached_tokens)
 
     @property
     def finished(self) -> bool:
@@ -55,6 +56,7 @@ class Generation:
     num_prompt_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0
 
 
 class RequestHandle:
@@ -79,6 +81,7 @@ class RequestHandle:
         g.token_ids.extend(out.token_ids)
         if out.logprobs is not None:
             g.logprobs = (g.logprobs or []) + out.logprobs
+        g.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             g.finish_reason, g.error = out.finish_reason, out.error
         with self._lock:
@@ -93,7 +96,7 @@ class RequestHandle:
             self._done.set()
 
     def cancel(self) -> None:
-        """Stop generating (the slot is freed within one step); the last event has finish_reason 'cancelled'."""
+        """Stop generating (its cache blocks are freed within a step); the last event has finish_reason 'cancelled'."""
         if not self.done:
             self._cancel()
 
@@ -125,23 +128,33 @@ class RequestHandle:
                 if out.finished:
                     return
         finally:
-            self.cancel()  # the reader left early (a client disconnected): free the slot
+            self.cancel()  # the reader left early (a client disconnected): free its blocks
 
 
 class Sequence:
-    """One request inside the engine: its prompt and output tokens, its cache slot and how much of it is computed,
-    its sampling state and detokenizer, and the handle its events go to."""
+    """One request inside the engine: its tokens (prompt, then output), how many of them are in the KV cache and
+    in which blocks, its sampling state and detokenizer, and the handle its events go to."""
 
-    def __init__(self, request_id: str, prompt: list[int], params, handle: RequestHandle, detokenizer):
+    def __init__(self, request_id: str, prompt: list[int], params, handle: RequestHandle | None, detokenizer):
         self.id, self.prompt, self.params, self.handle = request_id, prompt, params, handle
         self.generator: torch.Generator | None = params.generator()
         self.detok = detokenizer
-        self.slot = -1  # the cache slot it holds; -1 while waiting and after it has finished
-        self.computed = 0  # tokens in its cache slot
+        self.tokens = list(prompt)  # prompt + output: what the cache holds once computed
         self.output: list[int] = []
+        self.computed = 0  # tokens whose keys and values are in the cache
+        self.block_table: list[int] = []  # the cache blocks of its positions, in order
+        self.digests: list[bytes] = []  # of its full blocks (engine.blocks), computed as they are needed
+        self.registered = 0  # full blocks offered to the prefix cache
+        self.admitted = False
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
 
     @property
-    def prefilled(self) -> bool:
-        return self.computed >= len(self.prompt)
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def append(self, token: int) -> None:
+        """A generated token joins the output (its keys and values are computed the next step)."""
+        self.tokens.append(token)
+        self.output.append(token)

@@ -1,10 +1,10 @@
 """Model runners: a scheduled step in, the logits of each part's last token out.
 
     runner = select_runner(model, cache, max_model_len)     # the lean runner where it applies, else Hugging Face's
-    logits = runner.forward(pack(parts, num_decode, cache))  # [parts, vocab]
+    logits = runner.forward(pack(step, cache))               # [parts, vocab]
 
-A step is packed into one row of tokens (``pack``): first one token for each running sequence, then the prompt
-chunks, laid out in the cache by ``SlotKVCache.plan``. A runner turns that packed batch into logits:
+A step is packed into one row of tokens (``pack``): first one token for each decoding sequence, then the prompt
+chunks, laid out in the cache's blocks by ``PagedKVCache.plan``. A runner turns that packed batch into logits:
 ``engine.lean.LeanRunner`` runs Llama-family float32 models with the fewest operations (the CPU path),
 ``HFRunner`` runs any Hugging Face decoder whose layers use HF's cache and attention interfaces, with attention
 routed to the cache's ``attend``. Every runner has ``name`` and ``forward(batch)``; the engine knows no other.
@@ -20,12 +20,12 @@ from typing import Protocol
 
 import torch
 
-from engine.kvcache import Layout, SlotKVCache
+from engine.kvcache import Layout, PagedKVCache
 from engine.lean import LeanRunner
-from engine.request import Sequence
+from engine.scheduler import Step
 
 log = logging.getLogger(__name__)
-ATTENTION_NAME = "raypress_slots"
+ATTENTION_NAME = "raypress_paged"
 _active = threading.local()  # the cache of the forward running on this thread, if any
 
 
@@ -45,19 +45,20 @@ class Runner(Protocol):
         ...
 
 
-def pack(parts: list[tuple[Sequence, int]], num_decode: int, cache: SlotKVCache) -> Batch:
-    """The step's parts (the first ``num_decode`` one decode token each, in slots 0..num_decode-1; then prompt
-    chunks) as one row of tokens and its cache layout."""
-    tokens = [s.output[-1] for s, _ in parts[:num_decode]]
+def pack(step: Step, cache: PagedKVCache) -> Batch:
+    """The step's parts (the first ``step.num_decode`` one token each; then prompt chunks) as one row of tokens and
+    its cache layout: every part runs the next of its sequence's tokens that are not in the cache yet."""
+    decodes, chunks = step.parts[: step.num_decode], step.parts[step.num_decode :]
+    tokens = [s.tokens[s.computed] for s, _ in decodes]
     prefill = []
-    for seq, count in parts[num_decode:]:
-        tokens += seq.prompt[seq.computed : seq.computed + count]
-        prefill.append((seq.slot, seq.computed, count))
-    layout = cache.plan([s.computed + 1 for s, _ in parts[:num_decode]], prefill)
-    return Batch(torch.tensor(tokens, device=cache.keys[0].device), layout)
+    for seq, count in chunks:
+        tokens += seq.tokens[seq.computed : seq.computed + count]
+        prefill.append((seq.block_table, seq.computed, count))
+    layout = cache.plan([(s.block_table, s.computed + 1) for s, _ in decodes], prefill)
+    return Batch(torch.tensor(tokens, device=cache.device), layout)
 
 
-def select_runner(model, cache: SlotKVCache, max_model_len: int, lean: bool = True) -> Runner:
+def select_runner(model, cache: PagedKVCache, max_model_len: int, lean: bool = True) -> Runner:
     """The lean runner where it applies to ``model`` (and ``lean`` is set), else the Hugging Face runner."""
     runner = LeanRunner.for_model(model, cache, max_model_len) if lean else None
     return runner if runner is not None else HFRunner(model, cache)
@@ -68,26 +69,26 @@ class HFRunner:
 
     name = "hf"
 
-    def __init__(self, model, cache: SlotKVCache):
+    def __init__(self, model, cache: PagedKVCache):
         self.model, self.cache = model, cache
 
     def forward(self, batch: Batch) -> torch.Tensor:
         lay = batch.layout
-        with slot_attention(self.cache):
+        with cache_attention(self.cache):
             out = self.model(input_ids=batch.tokens[None], position_ids=lay.positions, attention_mask=lay.dummy_mask,
                              cache=self.cache, use_cache=True, logits_to_keep=lay.last_tokens)
         return out.logits[0]
 
 
-def _slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def _cache_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     cache = getattr(_active, "cache", None)
     if cache is None or cache.layout is None:
-        raise RuntimeError("raypress slot attention runs only inside an engine forward")
+        raise RuntimeError("raypress cache attention runs only inside an engine forward")
     return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
 
 
 @contextlib.contextmanager
-def slot_attention(cache: SlotKVCache):
+def cache_attention(cache: PagedKVCache):
     """Route the model's attention layers to ``cache.attend`` for the duration of one forward on this thread.
 
     The model's own attention implementation is restored afterwards, so the same model object still runs
@@ -95,7 +96,7 @@ def slot_attention(cache: SlotKVCache):
     from transformers import AttentionInterface
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_NAME, _slot_attention)
+        AttentionInterface.register(ATTENTION_NAME, _cache_attention)
     saved = [c._attn_implementation_internal for c in cache.model_configs]
     _active.cache = cache
     cache.attention_calls = 0

@@ -1,19 +1,23 @@
-"""What the engine runs in one step, and the queues and cache slots it decides from.
+"""What the engine runs each step, and the KV blocks each request holds while it runs.
 
-    plan = schedule(num_decoding=3, prefilling=[("b", 700)], waiting=[("c", 40)], free_slots=4, max_batch_tokens=256)
-    plan.prefill   # (("b", 253),): b's next chunk; c waits, the budget is spent
+    scheduler = Scheduler(BlockPool(num_blocks=2048, block_size=16), max_num_seqs=16, max_batch_tokens=512)
+    scheduler.add(seq)
+    step = scheduler.schedule()      # step.parts: [(sequence, tokens to run)], the step.num_decode decodes first
+    ready = scheduler.advance(step.parts)   # after the forward: the rows to sample
 
-    scheduler = Scheduler(cache, max_num_seqs=16, max_batch_tokens=512)
-    parts = scheduler.schedule()          # [(sequence, tokens to run)]: one per running sequence, then prompt chunks
+Every step runs one token for each running sequence that is one token behind (a decode: what users are waiting
+on), then spends what is left of the token budget (``max_batch_tokens``) on prompt chunks: first those of requests
+already running, oldest first, then new requests in arrival order while fewer than ``max_num_seqs`` run. A prompt
+longer than the budget is prefilled over several steps, so it delays running streams by at most one budget's worth
+of compute per step.
 
-``schedule`` is a pure function of the queues' sizes and the budgets, so it is testable without a model;
-``Scheduler`` holds the queues (waiting, prefilling, decoding) and the cache slots, admits what the plan admits and
-keeps the running sequences in the first slots, so that a decode step reads slots 0..n-1 as one view.
-
-Every step decodes one token for every running sequence first (they are what users are waiting on), then spends
-what is left of the token budget on prompts: first the chunks of prompts already being prefilled, then new requests
-in arrival order while a slot is free. A prompt longer than the budget is prefilled in chunks over several steps, so
-a long prompt delays running streams by at most one budget's worth of compute per step.
+Memory is the pool's blocks (engine.blocks): a request holds the blocks its tokens fill, taken as its chunks need
+them. A new request first looks up the longest cached prefix of its prompt (full blocks whose digests match) and
+starts after it; it is admitted only while blocks remain for its first chunk (and a small reserve for the running
+sequences' next tokens), otherwise it waits, first in line. When a running sequence needs a block and none is free,
+the newest running request is preempted: its blocks go back (its full ones stay cached) and it waits at the front of
+the queue, to be recomputed from its tokens, prompt and output, when blocks free up; its text so far is kept. The
+scheduler needs no model: its tests run on the pool alone.
 """
 
 from __future__ import annotations
@@ -21,145 +25,169 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterator
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from engine.kvcache import SlotKVCache
+from engine.blocks import BlockPool
 from engine.request import Sequence
 
 
 @dataclass(frozen=True)
-class Plan:
-    num_decoding: int  # running sequences that decode one token each
-    prefill: tuple[tuple[str, int], ...]  # (request id, prompt tokens to run this step), in order
-    admit: tuple[str, ...]  # waiting requests that get a slot this step (their first chunk is in ``prefill``)
+class Step:
+    """One step's work: (sequence, tokens) parts, the first ``num_decode`` of them one token each."""
+
+    parts: list[tuple[Sequence, int]]
+    num_decode: int
 
     @property
     def num_tokens(self) -> int:
-        return self.num_decoding + sum(n for _, n in self.prefill)
-
-
-def schedule(
-    num_decoding: int,
-    prefilling: Seq[tuple[str, int]],
-    waiting: Seq[tuple[str, int]],
-    free_slots: int,
-    max_batch_tokens: int,
-) -> Plan:
-    """Plan one step.
-
-    Args:
-        num_decoding: sequences past their prompt; each takes one token of the budget.
-        prefilling: (request id, prompt tokens not yet in the cache) of admitted requests, oldest first.
-        waiting: (request id, prompt tokens) of requests without a slot, in arrival order.
-        free_slots: cache slots not held by any request.
-        max_batch_tokens: tokens one step may run (decode tokens plus prompt chunks).
-    """
-    budget = max_batch_tokens - num_decoding
-    prefill: list[tuple[str, int]] = []
-    for request_id, remaining in prefilling:
-        if budget <= 0:
-            break
-        n = min(remaining, budget)
-        prefill.append((request_id, n))
-        budget -= n
-    admit: list[str] = []
-    for request_id, prompt_tokens in waiting:
-        if budget <= 0 or free_slots <= 0:
-            break
-        n = min(prompt_tokens, budget)
-        prefill.append((request_id, n))
-        admit.append(request_id)
-        budget -= n
-        free_slots -= 1
-    return Plan(num_decoding, tuple(prefill), tuple(admit))
+        return sum(n for _, n in self.parts)
 
 
 class Scheduler:
-    """The engine's requests by state, and the cache slots they hold.
+    """The engine's requests (``waiting`` in arrival order, ``running`` in admission order) and their blocks."""
 
-    ``waiting`` have no slot yet (arrival order); ``prefilling`` hold a slot while their prompt goes into the cache;
-    ``decoding`` generate one token a step, ``decoding[i]`` in slot i. Prompts take slots from the top and running
-    sequences fill them from the bottom: a prompt that is done moves to the first slot after the running ones, and
-    the last running sequence fills the hole that a finished one leaves.
-    """
-
-    def __init__(self, cache: SlotKVCache, max_num_seqs: int, max_batch_tokens: int):
-        self.cache, self.max_batch_tokens = cache, max_batch_tokens
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_batch_tokens: int):
+        if max_num_seqs < 1 or max_batch_tokens <= max_num_seqs:
+            raise ValueError(f"max_num_seqs={max_num_seqs}, max_batch_tokens={max_batch_tokens}: expected "
+                             "max_num_seqs >= 1 and max_batch_tokens > max_num_seqs (each running sequence takes a "
+                             "token of every step)")
+        self.pool, self.max_num_seqs, self.max_batch_tokens = pool, max_num_seqs, max_batch_tokens
+        self.reserve = max(1, pool.num_blocks // 100)  # kept free at admission, for the running sequences' growth
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: list[Sequence] = []
-        self.decoding: list[Sequence] = []
-        self.free_slots = set(range(max_num_seqs))
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.prompt_tokens = self.cached_tokens = 0  # first admissions: prompt tokens, and those found cached
 
     @property
     def num_running(self) -> int:
-        return len(self.prefilling) + len(self.decoding)
+        return len(self.running)
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_prefilling(self) -> int:
+        """Requests whose prompt is not all in the cache yet (waiting ones included)."""
+        return len(self.waiting) + sum(s.computed < len(s.prompt) for s in self.running)
+
     def sequences(self) -> Iterator[Sequence]:
-        """Every request the engine holds: waiting, prefilling, decoding."""
-        return itertools.chain(self.waiting, self.prefilling, self.decoding)
+        """Every request the engine holds: waiting, then running."""
+        return itertools.chain(self.waiting, self.running)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """This step's parts: (sequence, tokens to run), one token for every running sequence, then prompt chunks
-        (admitting waiting requests into free slots as the plan says)."""
-        plan = schedule(len(self.decoding), [(s.id, len(s.prompt) - s.computed) for s in self.prefilling],
-                        [(s.id, len(s.prompt)) for s in self.waiting], len(self.free_slots), self.max_batch_tokens)
-        for _ in plan.admit:
-            seq = self.waiting.popleft()
-            seq.slot = max(self.free_slots)  # prompts fill from the top; running sequences from the bottom
-            self.free_slots.discard(seq.slot)
-            self.prefilling.append(seq)
-        by_id = {s.id: s for s in self.prefilling}
-        return [(s, 1) for s in self.decoding] + [(by_id[i], n) for i, n in plan.prefill]
+    # -- one step -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def advance(parts: list[tuple[Sequence, int]]) -> list[int]:
-        """The parts' tokens are in the cache now; returns the rows whose part ends a prompt or is a decode (the
-        rows to sample)."""
+    def schedule(self) -> Step:
+        """This step's parts: a token for every sequence one behind, then prompt chunks, then new requests."""
+        behind = [s for s in self.running if s.num_tokens - s.computed == 1]
+        chunk_budget = self.max_batch_tokens - len(behind)
+        decodes, chunks = [], []
+        for seq in list(self.running):  # oldest first: preemption takes the newest, never one already planned
+            if seq not in self.running:
+                continue  # preempted for an older one this step
+            remaining = seq.num_tokens - seq.computed
+            if remaining == 1:
+                if self._grow(seq, 1):
+                    decodes.append((seq, 1))
+            elif chunk_budget > 0:
+                n = self._grow(seq, min(remaining, chunk_budget))
+                if n:
+                    chunks.append((seq, n))
+                    chunk_budget -= n
+        while self.waiting and chunk_budget > 0 and len(self.running) < self.max_num_seqs:
+            n = self._admit(self.waiting[0], chunk_budget)
+            if not n:
+                break  # first come, first served: the head of the queue waits for blocks
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            chunks.append((seq, n))
+            chunk_budget -= n
+        return Step(decodes + chunks, len(decodes))
+
+    def advance(self, parts: list[tuple[Sequence, int]]) -> list[int]:
+        """The parts' tokens are in the cache now; caches their newly full blocks, and returns the rows whose part
+        reached the end of its tokens (the rows to sample)."""
         ready = []
         for row, (seq, n) in enumerate(parts):
             seq.computed += n
-            if seq.prefilled:
+            self._register(seq)
+            if seq.computed >= seq.num_tokens:
                 ready.append(row)
         return ready
 
-    def start_decoding(self, seq: Sequence) -> None:
-        """A prompt is done: move its cache to the first slot after the running sequences (swap with whoever is
-        prefilling there), so that decode steps see slots 0..n-1 as one view."""
-        self.prefilling.remove(seq)
-        target = len(self.decoding)
-        if seq.slot != target:
-            other = next((s for s in self.prefilling if s.slot == target), None)
-            if other is not None:
-                self.cache.swap(seq.slot, target, seq.computed, other.computed)
-                other.slot = seq.slot
-            else:
-                self.cache.move(seq.slot, target, seq.computed)
-                self.free_slots.add(seq.slot)
-                self.free_slots.discard(target)
-            seq.slot = target
-        self.decoding.append(seq)
-
     def free(self, seq: Sequence) -> None:
-        """``seq`` leaves the engine (finished, cancelled or failed): its slot is free from the next step."""
-        if seq.slot < 0:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
+        """``seq`` leaves the engine (finished, cancelled or failed): its blocks go back to the pool."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    # -- blocks ---------------------------------------------------------------------------------------------------
+
+    def _blocks_for(self, positions: int) -> int:
+        return -(-positions // self.pool.block_size)
+
+    def _grow(self, seq: Sequence, n: int) -> int:
+        """Blocks for ``seq``'s next ``n`` tokens; returns how many of them it may run. While blocks are short,
+        newer requests are preempted; when ``seq`` is itself the newest, it runs as many tokens as fit, and is
+        preempted when not one does (0)."""
+        pool = self.pool
+        while self._blocks_for(seq.computed + n) - len(seq.block_table) > pool.num_free:
+            if self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+                continue
+            n = (len(seq.block_table) + pool.num_free) * pool.block_size - seq.computed
+            if n <= 0:
+                self._preempt(seq)
+                return 0
+        need = self._blocks_for(seq.computed + n) - len(seq.block_table)
+        seq.block_table += [pool.allocate() for _ in range(need)]
+        return n
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Start ``seq`` after its longest cached prefix, with blocks for its first chunk; 0 when they are not
+        free (it stays first in line)."""
+        pool = self.pool
+        hit = []
+        if pool.prefix_caching:  # at least the last token is computed: its logits give the next one
+            seq.digests = pool.digests(seq.tokens[: seq.num_tokens - 1], seq.digests)
+            hit = pool.lookup(seq.digests[: (seq.num_tokens - 1) // pool.block_size])
+        computed = len(hit) * pool.block_size
+        n = min(seq.num_tokens - computed, budget)
+        need = self._blocks_for(computed + n) - len(hit)
+        free = pool.num_free - sum(1 for b in hit if pool.refs[b] == 0)  # held cached blocks stop being free
+        if need > free - (self.reserve if self.running else 0):
+            return 0
+        pool.hold(hit)
+        seq.block_table = hit + [pool.allocate() for _ in range(need)]
+        seq.computed, seq.registered = computed, len(hit)
+        if not seq.admitted:  # hit counts are per request, not per (re)admission after a preemption
+            seq.admitted, seq.num_cached_tokens = True, computed
+            self.prompt_tokens += len(seq.prompt)
+            self.cached_tokens += computed
+        return n
+
+    def _register(self, seq: Sequence) -> None:
+        """Cache the blocks ``seq`` has filled since the last call (by the digest of what they hold)."""
+        full = seq.computed // self.pool.block_size
+        if not self.pool.prefix_caching or full <= seq.registered:
             return
-        if seq in self.decoding:
-            last = self.decoding.pop()
-            if last is not seq:  # the last running sequence fills the hole
-                self.cache.move(last.slot, seq.slot, last.computed)
-                self.decoding[seq.slot] = last
-                last.slot, seq.slot = seq.slot, last.slot
-        else:
-            self.prefilling.remove(seq)
-        self.free_slots.add(seq.slot)
-        seq.slot = -1
+        seq.digests = self.pool.digests(seq.tokens[: full * self.pool.block_size], seq.digests)
+        for b in range(seq.registered, full):
+            self.pool.register(seq.block_table[b], seq.digests[b])
+        seq.registered = full
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take ``seq``'s blocks back; it waits first in line and is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self._release(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.block_table, seq.computed, seq.registered = [], 0, 0

@@ -54,7 +54,7 @@ def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) ->
     handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
     start = clock(model)
     engine.step()  # takes the requests in; with room for every prompt, this one step prefills them all
-    while engine.scheduler.waiting or engine.scheduler.prefilling:
+    while engine.scheduler.num_prefilling:
         engine.step()
     prefill_s, made = clock(model) - start, engine.metrics.generation_tokens
     start = clock(model)

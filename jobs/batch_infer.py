@@ -8,12 +8,13 @@ Pipeline: read (parquet, jsonl or csv; a file, folder or glob; any filesystem py
 tokenize (CPU tasks) -> model actors (--num-actors, --num-gpus-per-actor; each batch sorted by length so padding
 wastes little) -> decode and format (CPU tasks) -> parquet files in OUTPUT.
 
-Columns: generate adds generated_text, num_generated_tokens, finish_reason (per-row max_tokens, temperature, top_p,
-seed, stop columns override the flags); embed adds embedding (list<float32>, pooled as the model's
-sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every task adds
-num_prompt_tokens, and error: null or why that row got no answer; and source_file, source_row: where the row came
-from (its file relative to INPUT, its row number in that file). Output rows = input rows. The input streams from
-storage through Ray Data read tasks; the driver never holds it. --resume skips rows already in OUTPUT (by
+Columns: generate adds generated_text, num_generated_tokens, finish_reason and num_cached_tokens (prompt tokens the
+engine's prefix cache already held: rows that share a prefix, such as instructions, prefill it once per actor);
+per-row max_tokens, temperature, top_p, seed, stop columns override the flags. embed adds embedding (list<float32>,
+pooled as the model's sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every
+task adds num_prompt_tokens, and error: null or why that row got no answer; and source_file, source_row: where the
+row came from (its file relative to INPUT, its row number in that file). Output rows = input rows. The input streams
+from storage through Ray Data read tasks; the driver never holds it. --resume skips rows already in OUTPUT (by
 --id-column, or by source_file and source_row). OUTPUT and INPUT are local paths or URIs of any filesystem pyarrow
 knows.
 """
@@ -59,15 +60,19 @@ def done_ids(output: str, id_columns: list[str]) -> set:
 def summarize(output: str, task: str, seconds: float) -> tuple[str, float]:
     """The summary line of everything in OUTPUT, and the fraction of its rows that got an error."""
     fs, root = storage.resolve(output)
-    columns = ["error"] + (["num_prompt_tokens", "num_generated_tokens"] if task == "generate" else [])
-    table = pads.dataset(storage.files(fs, root, ".parquet"), filesystem=fs, format="parquet").to_table(columns)
+    dataset = pads.dataset(storage.files(fs, root, ".parquet"), filesystem=fs, format="parquet")
+    counts = ["num_prompt_tokens", "num_generated_tokens", "num_cached_tokens"] if task == "generate" else []
+    counts = [c for c in counts if c in dataset.schema.names]  # a resumed run's older files may lack one
+    table = dataset.to_table(["error", *counts])
     errors = table.column("error").to_pylist()
     n, bad = table.num_rows, sum(e is not None for e in errors)
-    tin = sum(x or 0 for x in table.column("num_prompt_tokens").to_pylist()) if task == "generate" else 0
-    tout = sum(x or 0 for x in table.column("num_generated_tokens").to_pylist()) if task == "generate" else 0
+    total = {c: sum(x or 0 for x in table.column(c).to_pylist()) for c in counts}
+    tin, tout = total.get("num_prompt_tokens", 0), total.get("num_generated_tokens", 0)
     line = (f"{n} rows ({n - bad} ok, {bad} errors), {tin} tokens in, {tout} tokens out, {seconds:.1f} s, "
-            f"{n / seconds:.2f} rows/s, {(tin + tout) / seconds:.1f} tokens/s -> {output}")
-    return line, bad / max(n, 1)
+            f"{n / seconds:.2f} rows/s, {(tin + tout) / seconds:.1f} tokens/s")
+    if "num_cached_tokens" in total:
+        line += f", prefix cache {total['num_cached_tokens'] / max(tin, 1):.0%} of prompt tokens"
+    return f"{line} -> {output}", bad / max(n, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

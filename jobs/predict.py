@@ -183,7 +183,8 @@ class Predictor:
             if g is not None and g.error:
                 out["_error"][i] = f"model error: {g.error}"
             elif g is not None:
-                out["_out"][i] = json.dumps({"n": len(g.token_ids), "text": g.text, "finish_reason": g.finish_reason})
+                out["_out"][i] = json.dumps({"n": len(g.token_ids), "text": g.text, "finish_reason": g.finish_reason,
+                                             "cached": g.num_cached_tokens})
 
 
 def _score(model, ids: list[list[int]], pad: int) -> list[dict]:
@@ -203,7 +204,8 @@ def _score(model, ids: list[list[int]], pad: int) -> list[dict]:
 
 OUTPUT_TYPES = {"generated_text": pa.string(), "num_generated_tokens": pa.int64(), "finish_reason": pa.string(),
                 "logprob_sum": pa.float64(), "logprob_mean": pa.float64(), "perplexity": pa.float64(),
-                "embedding": pa.list_(pa.float32()), "num_prompt_tokens": pa.int64(), "error": pa.string()}
+                "embedding": pa.list_(pa.float32()), "num_prompt_tokens": pa.int64(), "num_cached_tokens": pa.int64(),
+                "error": pa.string()}
 
 
 def postprocess(batch: dict, task: str, schema: pa.Schema) -> pa.Table:
@@ -216,6 +218,7 @@ def postprocess(batch: dict, task: str, schema: pa.Schema) -> pa.Table:
         batch["generated_text"] = [o and o["text"] for o in outs]
         batch["num_generated_tokens"] = [o and o["n"] for o in outs]
         batch["finish_reason"] = [o and o["finish_reason"] for o in outs]
+        batch["num_cached_tokens"] = [o and o["cached"] for o in outs]
     elif task == "score":
         batch["logprob_sum"] = [o["sum"] if o else None for o in outs]
         batch["logprob_mean"] = [o["mean"] if o else None for o in outs]

@@ -128,6 +128,9 @@ class ModelServer:
         max_num_seqs: int = 16,
         max_model_len: int | None = None,
         max_batch_tokens: int = 512,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        prefix_caching: bool = True,
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.01,
         default_max_tokens: int = 64,
@@ -154,7 +157,8 @@ class ModelServer:
             # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
             self.engine = Engine(self.model, copy.deepcopy(self.tokenizer), max_num_seqs=max_num_seqs,
                                  max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
-                                 num_threads=num_threads).start()
+                                 num_threads=num_threads, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                                 prefix_caching=prefix_caching).start()
             self.context = self.engine.max_model_len
         else:
             self._encode_tokenizer = copy.deepcopy(self.tokenizer)
@@ -204,7 +208,8 @@ class ModelServer:
         results = await self._generate(ids, params)
         logprobs = [rs.completion_logprobs(r.logprobs, self._token_text) for r in results]
         return rs.completion(self.name, [r.text for r in results], [r.finish_reason for r in results],
-                             sum(map(len, ids)), sum(len(r.token_ids) for r in results), logprobs)
+                             sum(map(len, ids)), sum(len(r.token_ids) for r in results), logprobs,
+                             sum(r.num_cached_tokens for r in results))
 
     @api.post("/v1/chat/completions", dependencies=KEY)
     async def chat_completions(self, body: ChatRequest):
@@ -223,7 +228,7 @@ class ModelServer:
             return self._sse(ids, params, chat=True)
         (r,) = await self._generate([ids], params)
         return rs.chat_completion(self.name, r.text, r.finish_reason, len(ids), len(r.token_ids),
-                                  rs.chat_logprobs(r.logprobs, self._token_text))
+                                  rs.chat_logprobs(r.logprobs, self._token_text), r.num_cached_tokens)
 
     @api.post("/v1/embeddings", dependencies=KEY)
     async def embeddings(self, body: EmbeddingRequest):
@@ -345,7 +350,8 @@ class ModelServer:
                         logprobs = rs.completion_logprobs(out.logprobs, self._token_text, offset)
                         choice = rs.CompletionChoice(index=0, text=out.text, finish_reason=finish, logprobs=logprobs)
                     offset += len(out.text)
-                    yield chunk(choice, rs.usage(len(ids), out.num_generated_tokens) if finish else None)
+                    usage = rs.usage(len(ids), out.num_generated_tokens, out.num_cached_tokens) if finish else None
+                    yield chunk(choice, usage)
                 yield "data: [DONE]\n\n"
             finally:
                 handle.cancel()  # the client went away before the end: free the slot now

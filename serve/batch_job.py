@@ -132,11 +132,13 @@ def prepare(fs, folder: str, requests: list[tuple[str, dict]], endpoint: str, se
 
 
 def _results(fs, folder: str, columns: list[str]) -> list[dict]:
-    """Finished rows; a file cut short by a cancelled job is skipped (its rows count as not run)."""
+    """Finished rows; a file cut short by a cancelled job is skipped (its rows count as not run). Columns a file
+    lacks (written by an older version) are left out of its rows."""
     found = []
     for f in storage.files(fs, f"{folder}/results", ".parquet"):
         try:
-            found += pq.read_table(f, columns=columns, filesystem=fs).to_pylist()
+            names = pq.read_schema(f, filesystem=fs).names
+            found += pq.read_table(f, columns=[c for c in columns if c in names], filesystem=fs).to_pylist()
         except (pa.ArrowInvalid, OSError):
             continue
     return found
@@ -179,9 +181,10 @@ def _body(endpoint: str, served: str, rows: list[dict]) -> dict:
     generated = sum(r["num_generated_tokens"] for r in rows)
     if endpoint == "/v1/chat/completions":
         (r,) = rows
-        return rs.chat_completion(served, r["generated_text"], r["finish_reason"], prompt_tokens, generated)
+        return rs.chat_completion(served, r["generated_text"], r["finish_reason"], prompt_tokens, generated,
+                                  cached_tokens=r.get("num_cached_tokens") or 0)
     return rs.completion(served, [r["generated_text"] for r in rows], [r["finish_reason"] for r in rows],
-                         prompt_tokens, generated)
+                         prompt_tokens, generated, cached_tokens=sum(r.get("num_cached_tokens") or 0 for r in rows))
 
 
 def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str, served: str,
@@ -191,7 +194,7 @@ def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str,
     folder = f"{root}/batches/{batch_id}"
     expected, rejected = _rows_per_line(fs, folder), _rejected(fs, folder)
     extra = ["embedding", "encoding_format"] if endpoint == "/v1/embeddings" else \
-        ["generated_text", "finish_reason", "num_generated_tokens"]
+        ["generated_text", "finish_reason", "num_generated_tokens", "num_cached_tokens"]
     by_line = defaultdict(list)
     for r in _results(fs, folder, ["line", "k", "error", "num_prompt_tokens", *extra]):
         by_line[r["line"]].append(r)

@@ -2,7 +2,8 @@
 
 Ray Serve exports its own request metrics (``ray_serve_num_http_requests``, ``ray_serve_http_request_latency_ms``,
 ``ray_serve_replica_processing_queries``, ...) for every replica on Ray's metrics port; this page adds what only the
-engine knows: running and waiting requests, tokens, time to first token and step time.
+engine knows: running and waiting requests, tokens, time to first token and step time, the KV cache's blocks, the
+prefix cache's hits and preemptions.
 """
 
 from __future__ import annotations
@@ -24,13 +25,26 @@ def prometheus_text(stats: EngineStats, model: str) -> str:
             lines.append(f'{name}_bucket{{{label},le="{le}"}} {count}')
         lines.extend([f"{name}_sum{{{label}}} {h.sum}", f"{name}_count{{{label}}} {h.count}"])
 
-    metric("raypress_requests_running", "gauge", "Requests holding a KV-cache slot.", stats.running)
-    metric("raypress_requests_waiting", "gauge", "Requests waiting for a slot.", stats.waiting)
+    metric("raypress_requests_running", "gauge", "Requests running (holding KV blocks).", stats.running)
+    metric("raypress_requests_waiting", "gauge", "Requests waiting to start.", stats.waiting)
     metric("raypress_requests_total", "counter", "Requests submitted to the engine.", stats.requests)
     metric("raypress_prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prompt_tokens)
     metric("raypress_generation_tokens_total", "counter", "Tokens generated.", stats.generation_tokens)
     metric("raypress_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
            round(stats.generation_tokens_per_s, 3))
+    c = stats.cache
+    metric("raypress_kv_blocks", "gauge", f"KV-cache blocks of {c.block_size} positions.", c.blocks)
+    metric("raypress_kv_blocks_used", "gauge", "KV-cache blocks held by running requests.", c.blocks - c.free_blocks)
+    metric("raypress_kv_blocks_cached", "gauge", "Full KV blocks known to the prefix cache (held or not).",
+           c.cached_blocks)
+    metric("raypress_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           c.prompt_tokens)
+    metric("raypress_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+           c.cached_tokens)
+    metric("raypress_prefix_cache_hit_rate", "gauge", "Prompt tokens served from the cache / prompt tokens.",
+           round(c.hit_rate, 4))
+    metric("raypress_preemptions_total", "counter", "Running requests sent back to wait for KV blocks.",
+           c.preemptions)
     histogram("raypress_time_to_first_token_seconds", "Time from arrival to the first token.", stats.ttft_s)
     histogram("raypress_step_seconds", "Time of one engine step (prompt chunks and one decode forward).",
               stats.step_s)

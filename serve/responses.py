@@ -20,10 +20,15 @@ from engine.request import TokenLogprob
 FinishReason = Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose keys and values came from the engine's prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(BaseModel):
@@ -166,27 +171,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def completion(model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
-               logprobs: list | None = None) -> dict:
+               logprobs: list | None = None, cached_tokens: int = 0) -> dict:
     """A whole ``text_completion``: one choice per prompt."""
     logprobs = logprobs or [None] * len(texts)
     choices = [CompletionChoice(index=k, text=t, finish_reason=f, logprobs=lp)
                for k, (t, f, lp) in enumerate(zip(texts, finish_reasons, logprobs, strict=True))]
     return Completion(id=new_id("cmpl-"), object="text_completion", created=int(time.time()), model=model,
-                      choices=choices, usage=usage(prompt_tokens, completion_tokens)).model_dump(exclude_unset=True)
+                      choices=choices, usage=usage(prompt_tokens, completion_tokens, cached_tokens)
+                      ).model_dump(exclude_unset=True)
 
 
 def chat_completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                    logprobs: dict | None = None) -> dict:
+                    logprobs: dict | None = None, cached_tokens: int = 0) -> dict:
     choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text),
                         finish_reason=finish_reason, logprobs=logprobs)
     body = ChatCompletion(id=new_id("chatcmpl-"), object="chat.completion", created=int(time.time()), model=model,
-                          choices=[choice], usage=usage(prompt_tokens, completion_tokens))
+                          choices=[choice], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
     return body.model_dump(exclude_unset=True)
 
 

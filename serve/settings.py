@@ -19,13 +19,17 @@ def served_name(model: str, config) -> str:
     return base if spec == "base" else f"{base}-{spec}"
 
 
-BUILD_ARGS = {"model", "model_name", "max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size",
+BUILD_ARGS = {"model", "model_name", "max_num_seqs", "max_model_len", "max_batch_tokens", "block_size",
+              "kv_cache_tokens", "prefix_caching", "max_batch_size",
               "batch_wait_timeout_s", "default_max_tokens", "num_threads", "api_key_file", "batch_storage", "batch_db",
               "batch_actors", "batch_cpus_per_actor", "batch_max_requests", "batch_max_num_seqs", "batch_jobs_address",
               "max_items_per_request", "max_request_bytes"}
-INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "max_batch_size", "default_max_tokens", "num_threads",
-            "batch_actors", "batch_max_requests", "batch_max_num_seqs", "max_items_per_request", "max_request_bytes")
+INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "block_size", "kv_cache_tokens", "max_batch_size",
+            "default_max_tokens", "num_threads", "batch_actors", "batch_max_requests", "batch_max_num_seqs",
+            "max_items_per_request", "max_request_bytes")
 FLOAT_ARGS = ("batch_wait_timeout_s", "batch_cpus_per_actor")
+BOOL_ARGS = ("prefix_caching",)
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def server_args(args: dict | None) -> dict:
@@ -51,4 +55,10 @@ def server_args(args: dict | None) -> dict:
     for key in FLOAT_ARGS:
         if args.get(key) is not None:
             args[key] = float(args[key])
+    for key in BOOL_ARGS:
+        value = args.get(key)
+        if isinstance(value, str):
+            if value.lower() not in _BOOLS:
+                raise ValueError(f"{key}={value!r}: expected true or false")
+            args[key] = _BOOLS[value.lower()]
     return args

@@ -7,15 +7,17 @@
 //   raypress::rms_norm(x[N,D], weight[D], eps)                 -> x / sqrt(mean(x^2) + eps) * weight
 //   raypress::add_rms_norm_(h[N,D], delta[N,D], weight, eps)   h += delta (the residual), then -> rms_norm(h)
 //   raypress::silu_mul(gu[N,2I])                               -> silu(gu[:, :I]) * gu[:, I:]
-//   raypress::cache_write_(keys, values, k[N,KVH,D], v, slots[N], positions[N])
-//       keys[slots[t], :, positions[t]] = k[t] (and values), for the packed tokens of a step
-//   raypress::rope_write_(qkv[N,(H+2KVH)*D], cos[N,D], sin[N,D], keys, values, slots, positions, H)
+//   raypress::cache_write_(keys, values, k[N,KVH,D], v, blocks[N], offsets[N])
+//       keys[blocks[t], :, offsets[t]] = k[t] (and values), for the packed tokens of a step; the cache is
+//       [num_blocks, KVH, block_size, D]
+//   raypress::rope_write_(qkv[N,(H+2KVH)*D], cos[N,D], sin[N,D], keys, values, blocks, offsets, H)
 //       the rotary embedding (rotate-half: x * cos + rotate_half(x) * sin) of the q and k heads of a fused
 //       projection's output, in place, then cache_write_ of its k and v heads
-//   raypress::decode_attention(q[n,H,D], keys[S,KVH,L,D], values, lengths[n], scale, window)
-//       -> [n,H,D]: query i attends over the first lengths[i] positions of cache slot i (the last `window` of them
-//          when window > 0); the H query heads share KVH key/value heads in groups (grouped-query attention).
-//          q's rows may be strided (the q heads of rope_write_'s qkv); its heads must be contiguous.
+//   raypress::decode_attention(q[n,H,D], keys[B,KVH,BS,D], values, tables[n,T], lengths[n], scale, window)
+//       -> [n,H,D]: query i attends over the first lengths[i] positions of its sequence, position j at row j % BS
+//          of block tables[i][j / BS] (the last `window` positions when window > 0); the H query heads share KVH
+//          key/value heads in groups (grouped-query attention). q's rows may be strided (the q heads of
+//          rope_write_'s qkv); its heads must be contiguous.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -63,20 +65,20 @@ void check_norm_weight(const torch::Tensor& weight, int64_t D) {
   TORCH_CHECK(weight.size(0) == D, "weight has ", weight.size(0), " values for rows of ", D);
 }
 
-// keys[slots[t], :, positions[t]] = k rows (and values), each token's KVH heads of D floats at k + t * stride.
+// keys[blocks[t], :, offsets[t]] = k rows (and values), each token's KVH heads of D floats at k + t * stride.
 void write_tokens(torch::Tensor& keys, torch::Tensor& values, const float* kp, const float* vp, int64_t stride,
-                  int64_t N, const torch::Tensor& slots, const torch::Tensor& positions) {
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
-                  slots.is_contiguous() && positions.is_contiguous() && slots.numel() == N && positions.numel() == N,
-              "slots and positions must be contiguous int64 with one entry per token");
-  const int64_t KVH = keys.size(1), L = keys.size(2), D = keys.size(3);
-  const int64_t *sp = slots.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
+                  int64_t N, const torch::Tensor& blocks, const torch::Tensor& offsets) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kInt64 && offsets.scalar_type() == torch::kInt64 &&
+                  blocks.is_contiguous() && offsets.is_contiguous() && blocks.numel() == N && offsets.numel() == N,
+              "blocks and offsets must be contiguous int64 with one entry per token");
+  const int64_t KVH = keys.size(1), BS = keys.size(2), D = keys.size(3);
+  const int64_t *bp = blocks.data_ptr<int64_t>(), *op = offsets.data_ptr<int64_t>();
   float *kc = keys.data_ptr<float>(), *vc = values.data_ptr<float>();
   for (int64_t t = 0; t < N; ++t) {
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < keys.size(0) && pp[t] >= 0 && pp[t] < L, "slot ", sp[t], " position ", pp[t],
+    TORCH_CHECK(bp[t] >= 0 && bp[t] < keys.size(0) && op[t] >= 0 && op[t] < BS, "block ", bp[t], " offset ", op[t],
                 " outside the cache");
     for (int64_t h = 0; h < KVH; ++h) {
-      const int64_t dst = ((sp[t] * KVH + h) * L + pp[t]) * D, src = t * stride + h * D;
+      const int64_t dst = ((bp[t] * KVH + h) * BS + op[t]) * D, src = t * stride + h * D;
       std::copy(kp + src, kp + src + D, kc + dst);
       std::copy(vp + src, vp + src + D, vc + dst);
     }
@@ -107,7 +109,7 @@ torch::Tensor add_rms_norm_(torch::Tensor h, const torch::Tensor& delta, const t
 }
 
 void rope_write_(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
-                 torch::Tensor values, const torch::Tensor& slots, const torch::Tensor& positions, int64_t heads) {
+                 torch::Tensor values, const torch::Tensor& blocks, const torch::Tensor& offsets, int64_t heads) {
   check_f32(qkv, 2, "qkv");
   check_f32(cos, 2, "cos");
   check_f32(sin, 2, "sin");
@@ -115,7 +117,7 @@ void rope_write_(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tenso
   check_f32(values, 4, "values");
   const int64_t N = qkv.size(0), KVH = keys.size(1), D = keys.size(3), half = D / 2, width = (heads + 2 * KVH) * D;
   TORCH_CHECK(keys.sizes() == values.sizes() && qkv.size(1) == width && D % 2 == 0,
-              "qkv must be [tokens, (heads + 2 kv heads) * head_dim] for the cache [slots, kv heads, max_len, ",
+              "qkv must be [tokens, (heads + 2 kv heads) * head_dim] for the cache [blocks, kv heads, block_size, ",
               "head_dim] (an even head_dim)");
   TORCH_CHECK(cos.size(0) == N && cos.size(1) == D && sin.sizes() == cos.sizes(),
               "cos and sin must be [tokens, head_dim]");
@@ -132,7 +134,7 @@ void rope_write_(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tenso
       }
     }
   }
-  write_tokens(keys, values, xp + heads * D, xp + (heads + KVH) * D, width, N, slots, positions);
+  write_tokens(keys, values, xp + heads * D, xp + (heads + KVH) * D, width, N, blocks, offsets);
 }
 
 namespace {
@@ -188,21 +190,6 @@ void softmax_(float* s, int64_t count) {
   for (; j < count; ++j) s[j] /= total;
 }
 
-// o[0..D) = sum over j of p[j] * v[j * D ..], 64 outputs at a time in registers.
-void weighted_rows(const float* p, const float* v, int64_t count, int64_t D, float* o) {
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int w = static_cast<int>(std::min<int64_t>(64, D - d0)) / 8;
-    __m256 acc[8];
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < count; ++j) {
-      const __m256 pj = _mm256_set1_ps(p[j]);
-      const float* row = v + j * D + d0;
-      for (int c = 0; c < w; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 8 * c), acc[c]);
-    }
-    for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
-  }
-}
-
 }  // namespace
 
 torch::Tensor silu_mul(const torch::Tensor& gu) {
@@ -228,44 +215,75 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 }
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               const torch::Tensor& lengths, double scale, int64_t window) {
+                               const torch::Tensor& tables, const torch::Tensor& lengths, double scale,
+                               int64_t window) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be float32 [n, heads, head_dim] with contiguous heads");
   check_f32(keys, 4, "keys");
   check_f32(values, 4, "values");
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.dim() == 1 && lengths.is_contiguous(),
               "lengths must be a contiguous int64 vector");
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.dim() == 2 && tables.is_contiguous(),
+              "tables must be a contiguous int64 [n, blocks] matrix");
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = keys.size(1), L = keys.size(2);
-  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(3) == D && keys.size(0) >= n && lengths.size(0) == n &&
+  const int64_t blocks = keys.size(0), KVH = keys.size(1), BS = keys.size(2), T = tables.size(1);
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(3) == D && lengths.size(0) == n && tables.size(0) == n &&
                   KVH > 0 && H % KVH == 0,
-              "keys/values [slots, kv heads, max_len, head_dim] must match q [n, heads, head_dim]");
+              "keys/values [blocks, kv heads, block_size, head_dim] must match q [n, heads, head_dim]");
   TORCH_CHECK(D % 8 == 0, "head_dim ", D, " is not a multiple of 8");
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(len[i] >= 1 && len[i] <= L, "length ", len[i], " out of 1..", L);
+  const int64_t *len = lengths.data_ptr<int64_t>(), *tp = tables.data_ptr<int64_t>();
+  int64_t longest = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(len[i] >= 1 && len[i] <= T * BS, "length ", len[i], " out of 1..", T * BS, " (the block table's)");
+    for (int64_t t = 0; t < (len[i] + BS - 1) / BS; ++t)
+      TORCH_CHECK(tp[i * T + t] >= 0 && tp[i * T + t] < blocks, "block ", tp[i * T + t], " outside the cache");
+    longest = std::max(longest, len[i]);
+  }
   auto out = torch::empty({n, H, D}, q.options());
   const int64_t q_stride = q.stride(0), group = H / KVH;
   const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // One work item per (sequence, kv head): each key and value row is read once for the query heads sharing it.
   // Threads only where there is work to share: waking them costs more than a few short prefixes.
-  int64_t longest = 1;
-  for (int64_t i = 0; i < n; ++i) longest = std::max(longest, len[i]);
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (longest * D * group));
   at::parallel_for(0, n * KVH, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores(group * L);
+    std::vector<float> scores(group * longest);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i = b / KVH, kvh = b % KVH;
       const int64_t end = len[i], start = window > 0 ? std::max<int64_t>(0, end - window) : 0, count = end - start;
-      const float* k = kp + ((i * KVH + kvh) * L + start) * D;
-      const float* v = vp + ((i * KVH + kvh) * L + start) * D;
+      const int64_t* table = tp + i * T;
       const float* qh = qp + i * q_stride + kvh * group * D;  // the group's query heads, one after another
-      for (int64_t j = 0; j < count; ++j)
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * L + j] = dot8(qh + g * D, k + j * D, D) * static_cast<float>(scale);
+      // positions start..end-1 lie in runs of consecutive rows, one run per block: (first row, rows, score index)
+      auto each_run = [&](auto&& fn) {
+        for (int64_t j = start; j < end;) {
+          const int64_t off = j % BS, rows = std::min(BS - off, end - j);
+          fn((table[j / BS] * KVH + kvh) * BS + off, rows, j - start);
+          j += rows;
+        }
+      };
+      each_run([&](int64_t row, int64_t rows, int64_t at) {
+        const float* k = kp + row * D;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < group; ++g)
+            scores[g * longest + at + r] = dot8(qh + g * D, k + r * D, D) * static_cast<float>(scale);
+      });
       for (int64_t g = 0; g < group; ++g) {
-        softmax_(scores.data() + g * L, count);
-        weighted_rows(scores.data() + g * L, v, count, D, op + (i * H + kvh * group + g) * D);
+        const float* p = scores.data() + g * longest;
+        softmax_(scores.data() + g * longest, count);
+        float* o = op + (i * H + kvh * group + g) * D;
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {  // o = sum of p[j] * v[j], 64 outputs at a time in registers
+          const int w = static_cast<int>(std::min<int64_t>(64, D - d0)) / 8;
+          __m256 acc[8];
+          for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+          each_run([&](int64_t row, int64_t rows, int64_t at) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const __m256 pj = _mm256_set1_ps(p[at + r]);
+              const float* vr = vp + (row + r) * D + d0;
+              for (int c = 0; c < w; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+            }
+          });
+          for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
+        }
       }
     }
   });
@@ -273,26 +291,27 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
 }
 
 void cache_write_(torch::Tensor keys, torch::Tensor values, const torch::Tensor& k, const torch::Tensor& v,
-                  const torch::Tensor& slots, const torch::Tensor& positions) {
+                  const torch::Tensor& blocks, const torch::Tensor& offsets) {
   check_f32(keys, 4, "keys");
   check_f32(values, 4, "values");
   check_f32(k, 3, "k");
   check_f32(v, 3, "v");
   TORCH_CHECK(keys.sizes() == values.sizes() && k.sizes() == v.sizes() && k.size(1) == keys.size(1) &&
                   k.size(2) == keys.size(3),
-              "k/v [tokens, kv heads, head_dim] must match the cache [slots, kv heads, max_len, head_dim]");
-  write_tokens(keys, values, k.data_ptr<float>(), v.data_ptr<float>(), k.size(1) * k.size(2), k.size(0), slots,
-               positions);
+              "k/v [tokens, kv heads, head_dim] must match the cache [blocks, kv heads, block_size, head_dim]");
+  write_tokens(keys, values, k.data_ptr<float>(), v.data_ptr<float>(), k.size(1) * k.size(2), k.size(0), blocks,
+               offsets);
 }
 
 TORCH_LIBRARY_FRAGMENT(raypress, m) {
-  m.def("cache_write_(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, Tensor slots, Tensor positions) -> ()");
+  m.def("cache_write_(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) h, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
-  m.def("rope_write_(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) keys, Tensor(c!) values, Tensor slots, "
-        "Tensor positions, int heads) -> ()");
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale, int window) -> Tensor");
+  m.def("rope_write_(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) keys, Tensor(c!) values, Tensor blocks, "
+        "Tensor offsets, int heads) -> ()");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor tables, Tensor lengths, float scale, "
+        "int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(raypress, CPU, m) {

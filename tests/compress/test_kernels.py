@@ -279,25 +279,30 @@ def test_rope_write_rotates_q_and_k_in_place_and_caches_k_and_v(ops):
 
 
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_attention_matches_sdpa_over_each_slots_prefix(ops, window):
+def test_decode_attention_matches_sdpa_over_each_sequences_blocks(ops, window):
     torch.manual_seed(window)
-    n, heads, kv_heads, max_len, d = 4, 9, 3, 40, 64
-    keys, values = torch.randn(6, kv_heads, max_len, d), torch.randn(6, kv_heads, max_len, d)
+    n, heads, kv_heads, block, d = 4, 9, 3, 8, 64
+    keys, values = torch.randn(24, kv_heads, block, d), torch.randn(24, kv_heads, block, d)
+    tables = torch.randperm(24)[:20].view(n, 5)  # each sequence's 5 blocks, anywhere in the pool
     qkv, lengths = torch.randn(n, (heads + 2 * kv_heads) * d), torch.tensor([1, 17, 40, 9])
     q = qkv[:, : heads * d].view(n, heads, d)  # rows strided, as the lean forward passes them
-    out = ops.decode_attention(q, keys, values, lengths, 0.125, window)
-    assert torch.equal(out, ops.decode_attention(q.contiguous(), keys, values, lengths, 0.125, window))
+    out = ops.decode_attention(q, keys, values, tables, lengths, 0.125, window)
+    assert torch.equal(out, ops.decode_attention(q.contiguous(), keys, values, tables, lengths, 0.125, window))
     for i, length in enumerate(lengths.tolist()):
         start = max(0, length - window) if window else 0
-        k = keys[i, :, start:length].repeat_interleave(heads // kv_heads, 0)
-        v = values[i, :, start:length].repeat_interleave(heads // kv_heads, 0)
+        k_seq = keys[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d)  # [kv heads, 40, d] in position order
+        v_seq = values[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d)
+        k = k_seq[:, start:length].repeat_interleave(heads // kv_heads, 0)
+        v = v_seq[:, start:length].repeat_interleave(heads // kv_heads, 0)
         ref = F.scaled_dot_product_attention(q[i][:, None], k, v, scale=0.125)[:, 0]
         assert torch.allclose(out[i], ref, atol=1e-5), i
     with pytest.raises(RuntimeError, match="out of 1..40"):
-        ops.decode_attention(q, keys, values, torch.tensor([1, 2, 41, 3]), 0.125, 0)
+        ops.decode_attention(q, keys, values, tables, torch.tensor([1, 2, 41, 3]), 0.125, 0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.decode_attention(q, keys, values, tables + 24, lengths, 0.125, 0)
 
 
-def test_cache_write_puts_each_token_at_its_slot_and_position(ops):
+def test_cache_write_puts_each_token_at_its_block_and_offset(ops):
     torch.manual_seed(1)
     keys, values = torch.zeros(4, 3, 16, 64), torch.zeros(4, 3, 16, 64)
     k, v = torch.randn(5, 3, 64), torch.randn(5, 3, 64)

@@ -56,14 +56,14 @@ def test_greedy_is_token_identical_to_hf_for_requests_arriving_at_different_time
         expected = hf_greedy(model, p, n, engine.eos)
         assert g.token_ids == expected and g.finish_reason == ("length" if len(expected) == n else "stop")
         assert g.text == tokenizer.decode(expected, skip_special_tokens=True)
-    assert engine.scheduler.num_running == 0 and engine.scheduler.free_slots == {0, 1, 2}
+    assert engine.scheduler.num_running == 0 and engine.pool.num_free == engine.pool.num_blocks
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding(smollm2_loaded):
     model, tokenizer, _ = smollm2_loaded
     short = real_prompts(tokenizer, 1)[0]
     long = real_prompts(tokenizer, 4)[3]
-    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=512, max_batch_tokens=20)
+    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=512, max_batch_tokens=20, prefix_caching=False)
     with torch.inference_mode():
         first = engine.submit(short, SamplingParams(max_tokens=30))
         while not first.generation.token_ids:
@@ -252,20 +252,20 @@ def test_the_lean_forward_matches_hf_forward_on_quantized_modules(make_tiny_llam
     model = make_tiny_llama()
     specs.apply_(model, scheme)
     prompts = random_prompts(3, model.config.vocab_size, seed=11)
-    lean = Engine(model, tok, max_num_seqs=3, max_batch_tokens=64)
-    hf = Engine(model, tok, max_num_seqs=3, max_batch_tokens=64, lean=False)
+    lean = Engine(model, tok, max_num_seqs=3, max_batch_tokens=128)
+    hf = Engine(model, tok, max_num_seqs=3, max_batch_tokens=128, lean=False)
     assert lean.runner.name == "lean" and hf.runner.name == "hf"
     first = []
     with torch.inference_mode():
-        for engine in (lean, hf):  # one packed prefill of the three prompts, one slot each
+        for engine in (lean, hf):  # one packed prefill of the three prompts
             for p in prompts:
                 engine.submit(p, SamplingParams(max_tokens=6))
             engine._take_inbox(block=False)
-            parts = list(engine.scheduler.waiting)
-            for slot, seq in enumerate(parts):
-                seq.slot = slot
-            first.append(engine.runner.forward(pack([(s, len(s.prompt)) for s in parts], 0, engine.cache)))
-            engine.scheduler.waiting.clear()
+            step = engine.scheduler.schedule()
+            assert [n for _, n in step.parts] == [len(p) for p in prompts] and step.num_decode == 0
+            first.append(engine.runner.forward(pack(step, engine.cache)))
+            for seq, _ in step.parts:
+                engine.scheduler.free(seq)
     assert first[0].shape == (3, model.config.vocab_size)
     # int8-dynamic rounds activations to 8 bits per token: a last-bit difference in a normalised input (the lean
     # forward's RMSNorm sums in another order) can move one across a rounding boundary
@@ -313,10 +313,11 @@ def test_the_lean_step_traces_as_one_graph_for_torch_compile(make_tiny_llama, to
     engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=64)
     for prompt in random_prompts(2, model.config.vocab_size, seed=3):
         engine.submit(prompt, SamplingParams(max_tokens=8))
-    while len(engine.scheduler.decoding) < 2:
+    running = engine.scheduler.running
+    while len(running) < 2 or any(s.num_tokens - s.computed != 1 for s in running):
         engine.step()
-    layout = engine.cache.plan([s.computed + 1 for s in engine.scheduler.decoding], [])
-    tokens = torch.tensor([s.output[-1] for s in engine.scheduler.decoding])
+    layout = engine.cache.plan([(s.block_table, s.computed + 1) for s in running], [])
+    tokens = torch.tensor([s.tokens[-1] for s in running])
     torch._dynamo.reset()
     with torch.inference_mode():
         compiled = torch.compile(engine.runner.__call__, backend="aot_eager", fullgraph=True, dynamic=False)
