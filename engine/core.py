@@ -20,6 +20,7 @@ The batch job and the server both run on this engine, through the methods of ``e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -31,11 +32,13 @@ import torch
 
 from compress import hf
 from engine.blocks import BlockPool
+from engine.guided import Guide
 from engine.kvcache import PagedKVCache
+from engine.logits import shape_
 from engine.metrics import CacheStats, EngineMetrics, EngineStats
-from engine.output import Detokenizer, eos_ids, final_event, token_event
+from engine.output import Detokenizer, add_prompt_logprobs, eos_ids, final_event, token_event
 from engine.request import Generation, RequestHandle, RequestOutput, Sequence
-from engine.runner import pack, select_runner
+from engine.runner import pack, select_runner, unsupported_attention
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler, Step
 
@@ -72,6 +75,10 @@ class Engine:
             raise ValueError(f"max_model_len={max_model_len}: expected 1..{limit} (the model's context)")
         if block_size < 1:
             raise ValueError(f"block_size={block_size}: expected >= 1")
+        reason = unsupported_attention(model)
+        if reason:
+            raise ValueError(f"{type(model).__name__} uses {reason}, which raypress's engine does not implement; "
+                             "serve this model on vLLM, or generate with transformers")
         kv_cache_tokens = max_num_seqs * max_model_len if kv_cache_tokens is None else kv_cache_tokens
         if kv_cache_tokens < max_model_len:
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens}: expected at least max_model_len={max_model_len} "
@@ -89,17 +96,63 @@ class Engine:
         self.metrics = EngineMetrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # submit against shutdown: nothing is queued once the engine has closed
+        self.guide: Guide | None = None  # guided decoding (engine.guided), made at the first request that asks
 
     # -- requests -------------------------------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
-        """Queue a request; its events arrive on the returned handle. Raises ValueError if it cannot fit."""
-        self._check(prompt, params)
+        """Queue a request; its events arrive on the returned handle. Raises ValueError for one that cannot run (too
+        long for max_model_len, a grammar that does not compile)."""
+        self.check(prompt, params)
+        return self._queue(prompt, params, request_id, None)[0]
+
+    def submit_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[RequestHandle]:
+        """``n`` sequences of one prompt (OpenAI's ``n``). The first is prefilled and the others start from its
+        cached blocks, so the prompt is computed once (with prefix caching on). With a seed, sequence i draws
+        with seed + i, so the n differ and a repeated request repeats all of them."""
+        if n < 1:
+            raise ValueError(f"n={n}: expected >= 1")
+        self.check(prompt, params)
+        handles, leader = [], None
+        for i in range(n):
+            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            handle, seq = self._queue(prompt, p, None, leader)
+            handles.append(handle)
+            leader = leader or seq
+        return handles
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (with the reason) for a request this engine cannot run; compiles its grammar."""
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
+                             f"max_model_len of {self.max_model_len} tokens")
+        # (the pool holds at least max_model_len positions, so such a request fits once the others are done)
+        if params.guided is not None:
+            self._guide().compile(params.guided)  # cached by its text: _queue's compile finds it
+
+    def _queue(self, prompt, params, request_id, leader) -> tuple[RequestHandle, Sequence]:
         request_id = request_id or f"req-{next(_ids)}"
         handle = RequestHandle(request_id, len(prompt), cancel=lambda: self.cancel(request_id))
-        detok = Detokenizer(self.tokenizer, params.stop)
-        self._inbox.put(("add", Sequence(request_id, list(prompt), params, handle, detok)))
-        return handle
+        seq = Sequence(request_id, list(prompt), params, handle, Detokenizer(self.tokenizer, params.stop))
+        seq.leader = leader
+        if params.guided is not None:  # compiled here, in the caller's thread: never on the engine's
+            guide = self._guide()
+            seq.matcher = guide.matcher(guide.compile(params.guided))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine has been shut down: it takes no more requests")
+            self._inbox.put(("add", seq))
+        return handle, seq
+
+    def _guide(self) -> Guide:
+        with self._lock:  # made at the first guided request: reading the vocabulary takes a moment
+            if self.guide is None:
+                self.guide = Guide(self.tokenizer, self.model.config.vocab_size)
+            return self.guide
 
     async def stream(self, prompt: list[int], params: SamplingParams,
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -116,7 +169,7 @@ class Engine:
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
         for p, s in zip(prompts, params, strict=True):  # all or nothing: refuse before queueing any
-            self._check(p, s)
+            self.check(p, s)
         handles = [self.submit(p, s) for p, s in zip(prompts, params, strict=True)]
         if self._thread is None:
             with torch.inference_mode():
@@ -131,14 +184,6 @@ class Engine:
                            s.cached_tokens, s.preemptions)
         return self.metrics.snapshot(s.num_running, s.num_waiting, self.max_num_seqs, cache)
 
-    def _check(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
-                             f"max_model_len of {self.max_model_len} tokens")
-        # (the pool holds at least max_model_len positions, so such a request fits once the others are done)
-
     # -- the thread -----------------------------------------------------------------------------------------------
 
     def start(self) -> Engine:
@@ -149,10 +194,20 @@ class Engine:
         return self
 
     def shutdown(self) -> None:
-        if self._thread is not None:
+        """Stop taking requests; those queued or running end with an error event."""
+        with self._lock:
+            self._closed = True
             self._inbox.put(("stop", None))
+        if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        else:
+            self._take_inbox(block=False)  # no thread: fail what was queued here
+
+    def check_health(self) -> None:
+        """Raise if the engine's thread has died (a started engine that can no longer answer)."""
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("the engine's thread has died; see the replica's log for the exception")
 
     def _loop(self) -> None:
         if self.num_threads:  # OpenMP keeps its thread count per calling thread
@@ -175,6 +230,7 @@ class Engine:
             kind, value = item
             if kind == "stop":
                 self._fail_all("the engine was shut down")
+                self._drain()
                 return False
             if kind == "add":
                 self.scheduler.add(value)
@@ -205,27 +261,42 @@ class Engine:
         """One forward over the step's parts; sample where a part reaches the end of its tokens, and publish."""
         parts = step.parts
         try:
-            logits = self.runner.forward(pack(step, self.cache))
+            batch = pack(step, self.cache)
+            logits = self.runner.forward(batch)
         except Exception as e:  # the step's requests fail with the reason; the engine goes on with new ones
             log.exception("raypress engine: a forward over %d requests failed", len(parts))
             for seq, _ in parts:
                 self._finish(seq, final_event(seq, "error", error=f"{type(e).__name__}: {e}"))
             return
+        rows = batch.layout.part_rows  # each part's rows of the logits: all of a chunk's for prompt logprobs
+        for (seq, _), part in zip(parts, rows, strict=True):
+            if len(part) > 1:
+                add_prompt_logprobs(seq, logits[part.start : part.stop])
         ready = self.scheduler.advance(parts)
         if not ready:
             return
         seqs = [parts[r][0] for r in ready]
+        last = [rows[r][-1] for r in ready]
+        chosen = logits[last]  # a copy: penalties, bias and grammars change it; logprobs report the model's own
         try:
-            tokens = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+            shape_(chosen, seqs, self.eos, self.guide)
+            tokens = sample(chosen, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception:  # one row's parameters must not fail the others: sample row by row
-            tokens = [self._sample_one(seq, logits[r]) for r, seq in zip(ready, seqs, strict=True)]
-        for r, seq, token in zip(ready, seqs, tokens, strict=True):
-            if token is not None:
-                self._emit(seq, token, logits[r])
+            chosen = logits[last]
+            tokens = [self._sample_one(seq, chosen[i : i + 1]) for i, seq in enumerate(seqs)]
+        for row, seq, token in zip(last, seqs, tokens, strict=True):
+            if token is None:
+                continue
+            try:
+                self._emit(seq, token, logits[row])
+            except Exception as e:  # a fault in one request's output (its detokenizer, its logprobs) is its own
+                log.exception("raypress engine: the output of %s failed", seq.id)
+                self._finish(seq, final_event(seq, "error", error=f"output failed: {type(e).__name__}: {e}"))
 
     def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int | None:
         try:
-            return sample(logits[None], [seq.params], [seq.generator])[0]
+            shape_(logits, [seq], self.eos, self.guide)
+            return sample(logits, [seq.params], [seq.generator])[0]
         except Exception as e:
             log.exception("raypress engine: sampling failed for %s", seq.id)
             self._finish(seq, final_event(seq, "error", error=f"sampling failed: {type(e).__name__}: {e}"))
@@ -237,7 +308,14 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self.metrics.observe_first_token(seq.first_token_at - seq.arrival, len(seq.prompt))
-        out = token_event(seq, token, logits, self.eos)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise ValueError(f"token {token} is not in the request's grammar")
+        if seq.matcher is not None and seq.matcher.is_terminated():  # the grammar's end token: the output is whole
+            out = final_event(seq, "stop")
+        else:
+            out = token_event(seq, token, logits, self.eos)
+        if seq.prompt_logprobs is not None and not seq.sent_prompt_logprobs:  # on the request's first event
+            out, seq.sent_prompt_logprobs = dataclasses.replace(out, prompt_logprobs=seq.prompt_logprobs), True
         self.metrics.generation_tokens += len(out.token_ids)
         if out.finished:
             self._finish(seq, out)
@@ -246,7 +324,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, out: RequestOutput) -> None:
         self.scheduler.free(seq)
-        seq.handle.publish(out)
+        if not seq.handle.done:  # a request ends once, whatever failed after its end
+            seq.handle.publish(out)
 
     def _cancel(self, request_id: str) -> None:
         seq = next((s for s in self.scheduler.sequences() if s.id == request_id), None)
@@ -257,3 +336,13 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for seq in list(self.scheduler.sequences()):
             self._finish(seq, final_event(seq, "error", error=message))
+
+    def _drain(self) -> None:
+        """Requests still in the inbox once the engine has stopped get their error."""
+        while True:
+            try:
+                kind, value = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                value.handle.publish(final_event(value, "error", error="the engine was shut down"))

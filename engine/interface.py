@@ -48,5 +48,9 @@ class EngineClient(Protocol):
         ...
 
     def shutdown(self) -> None:
-        """Stop; requests still running end with an error."""
+        """Stop; requests still running end with an error, and later submits raise."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise when the engine can no longer answer (its thread or its workers died)."""
         ...

@@ -2,7 +2,7 @@
 reads them, for Hugging Face decoder models.
 
     cache = PagedKVCache.for_model(model, num_blocks=2048, block_size=16)
-    layout = cache.plan(decode=[([3, 9], 20), ([4], 7)], prefill=[([5, 6, 8], 16, 30)])
+    layout = cache.plan(decode=[([3, 9], 20), ([4], 7)], prefill=[([5, 6, 8], 16, 30, False)])
     out = cache.attend(layer_idx, query, scaling)          # inside that forward, per layer
 
 Each layer holds keys and values as ``[num_blocks, kv_heads, block_size, head_dim]``; a sequence's positions live
@@ -41,7 +41,9 @@ class Layout:
     decode_tables: torch.Tensor | None  # [num_decode, blocks] int64: each decoding sequence's blocks, padded
     decode_lengths: torch.Tensor | None  # [num_decode] int64: its positions after this step
     prefill: list[tuple[int, torch.Tensor, int, int, torch.Tensor]]  # (packed offset, blocks, start, count, mask)
-    last_tokens: torch.Tensor  # [parts] packed index of each part's last token (whose logits are kept)
+    logit_rows: torch.Tensor  # packed indices whose logits the forward returns: each part's last token, or all of
+    # a chunk's tokens where its request asked for prompt log-probabilities
+    part_rows: list[range]  # for each part, its rows of the returned logits (the last one is sampled)
     dummy_mask: torch.Tensor  # a 4D placeholder: makes HF skip its own mask building
 
 
@@ -99,28 +101,32 @@ class PagedKVCache:
 
     # -- the engine's side ----------------------------------------------------------------------------------------
 
-    def plan(self, decode: list[tuple[list[int], int]], prefill: list[tuple[list[int], int, int]]) -> Layout:
+    def plan(self, decode: list[tuple[list[int], int]], prefill: list[tuple[list[int], int, int, bool]]) -> Layout:
         """Lay out one forward.
 
         Args:
             decode: (block table, positions after this step) of each decoding sequence: its one new token goes at
                 the last of them.
-            prefill: (block table, start, count) of each prompt chunk: ``count`` tokens at positions start..
+            prefill: (block table, start, count, all logits) of each prompt chunk: ``count`` tokens at positions
+                start..; with ``all logits``, the logits of every one of them come back, else of the last.
         """
         device, size = self.device, self.block_size
         n = len(decode)
         positions = [length - 1 for _, length in decode]
         blocks = [table[(length - 1) // size] for table, length in decode]
-        parts, last, offset = [], list(range(n)), n
-        for table, start, count in prefill:
+        parts, keep, offset = [], list(range(n)), n
+        part_rows = [range(i, i + 1) for i in range(n)]
+        for table, start, count, all_logits in prefill:
             span = range(start, start + count)
             positions += span
             blocks += [table[p // size] for p in span]
             query_pos = torch.arange(start, start + count, device=device)[:, None]
             used = torch.tensor(table[: -(-(start + count) // size)], device=device)
             parts.append((offset, used, start, count, self._visible(query_pos, start + count)[None, None]))
+            kept = range(offset, offset + count) if all_logits else range(offset + count - 1, offset + count)
+            part_rows.append(range(len(keep), len(keep) + len(kept)))
+            keep += kept
             offset += count
-            last.append(offset - 1)
         tables = lengths = None
         if n:
             width = max(len(table) for table, _ in decode)
@@ -130,7 +136,7 @@ class PagedKVCache:
         self.layout = Layout(
             positions=pos, token_blocks=torch.tensor(blocks, device=device), token_offsets=pos[0] % size,
             num_decode=n, decode_len=max((length for _, length in decode), default=0), decode_tables=tables,
-            decode_lengths=lengths, prefill=parts, last_tokens=torch.tensor(last, device=device),
+            decode_lengths=lengths, prefill=parts, logit_rows=torch.tensor(keep, device=device), part_rows=part_rows,
             dummy_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool))
         return self.layout
 

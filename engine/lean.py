@@ -154,7 +154,7 @@ class LeanRunner:
                 attn = cache.attend(layer.idx, q.transpose(0, 1)[None], layer.scaling)
             x = kernels.add_rms_norm_(h, layer.o(attn.view(n, -1)), layer.norm2, self.eps)  # h += attention's
             delta = layer.down(kernels.silu_mul(layer.gate_up(x)))
-        last = layout.last_tokens
+        last = layout.logit_rows
         return self.head(kernels.rms_norm(h[last] + delta[last], self.norm, self.eps))
 
     def _rope_write(self, ops, idx: int, qkv: torch.Tensor, cos, sin, layout: Layout, cache: PagedKVCache) -> None:

@@ -97,7 +97,8 @@ class EngineMetrics:
         self.decode_batch = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
         self.ttft_s = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.step_s = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, generation tokens) after each step
+        # (time, generation tokens) after each step of the last RATE_WINDOW_S, and the one step before them
+        self._recent: deque[tuple[float, int]] = deque()
 
     def observe_step(self, seconds: float, decode_batch: int) -> None:
         """A step ended: it took ``seconds`` and decoded ``decode_batch`` running sequences."""
@@ -106,7 +107,10 @@ class EngineMetrics:
             self.max_decode_batch = max(self.max_decode_batch, decode_batch)
         self.steps += 1
         self.step_s.observe(seconds)
-        self._recent.append((time.perf_counter(), self.generation_tokens))
+        now = time.perf_counter()
+        self._recent.append((now, self.generation_tokens))
+        while len(self._recent) > 2 and self._recent[1][0] < now - self.RATE_WINDOW_S:
+            self._recent.popleft()  # a count of steps, not of entries: right at any step rate
 
     def observe_first_token(self, seconds: float, prompt_tokens: int) -> None:
         self.ttft_s.observe(seconds)

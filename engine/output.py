@@ -18,10 +18,13 @@ sent.
 
 from __future__ import annotations
 
+import json
+import re
+
 import torch
 
 from engine.request import RequestOutput, Sequence
-from engine.sampling import logprobs_of
+from engine.sampling import logprobs_at, logprobs_of
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -36,10 +39,68 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's scheme) writes each byte as one printable character: the printable ASCII and Latin-1
+    bytes as themselves, the others as the code points from 256 up, in byte order. Character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = iter(range(256, 512))
+    return {(chr(b) if b in printable else chr(next(extra))): b for b in range(256)}
+
+
+class TokenBytes:
+    """The bytes each token id stands for, and a text form of them: what logprobs report per token.
+
+    ``tokenizer.decode([id])`` cannot say this: a token holding part of a UTF-8 character decodes to U+FFFD. Byte-
+    level BPE vocabularies (GPT-2, Llama 3, SmolLM2) are read through their byte alphabet, SentencePiece byte
+    fallback tokens (``<0xE2>``) as their byte, other pieces as their text (with SentencePiece's word boundary as a
+    space). Special tokens are their own text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        try:
+            decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        except (AttributeError, ValueError):
+            decoder = {}
+        self._alphabet = _byte_level_alphabet() if decoder.get("type") == "ByteLevel" else None
+
+    def bytes(self, token_id: int) -> bytes:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            cached = self._cache[token_id] = self._bytes(token_id)
+        return cached
+
+    def text(self, token_id: int) -> str:
+        """The token's bytes as text; ``bytes:\\xe2\\x80`` (OpenAI's and vLLM's form) where they are not whole UTF-8."""
+        raw = self.bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self._special:
+            return self.tokenizer.decode([token_id]).encode("utf-8")
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if self._alphabet is not None and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        byte = _BYTE_TOKEN.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+
 def token_event(seq: Sequence, token: int, logits: torch.Tensor, eos: set[int]) -> RequestOutput:
     """The event one sampled token makes for ``seq`` (whose output it joins unless it is an end token); the event is
     finished when the token ended the request."""
-    if token in eos:
+    p = seq.params
+    if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
         return final_event(seq, "stop")
     seq.append(token)
     logprobs = [logprobs_of(logits, token, seq.params.logprobs)] if seq.params.logprobs is not None else None
@@ -49,6 +110,20 @@ def token_event(seq: Sequence, token: int, logits: torch.Tensor, eos: set[int]) 
         return final_event(seq, "length", token, logprobs)
     return RequestOutput(seq.detok.release(), [token], logprobs, None, len(seq.output),
                          num_cached_tokens=seq.num_cached_tokens)
+
+
+def add_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+    """Gather the log-probabilities of ``seq``'s prompt tokens from the logits [count, V] of the chunk just run
+    (positions ``seq.computed``..): position j's logits score the prompt token at j + 1. A chunk run again after a
+    preemption adds nothing twice."""
+    got, start = seq.prompt_logprobs, seq.computed
+    if got is None:
+        return
+    lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    for j in range(lp.shape[0]):
+        nxt = start + j + 1
+        if nxt == len(got) and nxt < len(seq.prompt):
+            got.append(logprobs_at(lp[j], seq.prompt[nxt], seq.params.prompt_logprobs))
 
 
 def final_event(seq: Sequence, reason: str, token: int | None = None, logprobs=None,

@@ -40,6 +40,7 @@ class RequestOutput:
     num_generated_tokens: int
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache (OpenAI's usage.cached_tokens)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -57,6 +58,7 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, None for the first
 
 
 class RequestHandle:
@@ -82,6 +84,8 @@ class RequestHandle:
         if out.logprobs is not None:
             g.logprobs = (g.logprobs or []) + out.logprobs
         g.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            g.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             g.finish_reason, g.error = out.finish_reason, out.error
         with self._lock:
@@ -147,12 +151,22 @@ class Sequence:
         self.registered = 0  # full blocks offered to the prefix cache
         self.admitted = False
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
+        self.matcher = None  # guided decoding: where the output is in its grammar (engine.guided)
+        self.leader: Sequence | None = None  # n > 1: the sibling whose prefill this one waits for, then shares
+        # the log-probability of each prompt token given those before it, gathered as the prefill runs
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
+        self.sent_prompt_logprobs = False
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Whether the prefill must keep the logits of every prompt position (for ``prompt_logprobs``)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
 
     def append(self, token: int) -> None:
         """A generated token joins the output (its keys and values are computed the next step)."""

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from engine.kvcache import Layout, PagedKVCache
+from engine.kvcache import Layout, PagedKVCache, text_config
 from engine.lean import LeanRunner
 from engine.scheduler import Step
 
@@ -41,7 +41,7 @@ class Runner(Protocol):
     name: str
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits [parts, vocab] at the last token of each part of ``batch``."""
+        """Logits [rows, vocab] at ``batch.layout.logit_rows`` (each part's last token, or all of its tokens)."""
         ...
 
 
@@ -53,7 +53,7 @@ def pack(step: Step, cache: PagedKVCache) -> Batch:
     prefill = []
     for seq, count in chunks:
         tokens += seq.tokens[seq.computed : seq.computed + count]
-        prefill.append((seq.block_table, seq.computed, count))
+        prefill.append((seq.block_table, seq.computed, count, seq.wants_prompt_logits))
     layout = cache.plan([(s.block_table, s.computed + 1) for s, _ in decodes], prefill)
     return Batch(torch.tensor(tokens, device=cache.device), layout)
 
@@ -76,14 +76,40 @@ class HFRunner:
         lay = batch.layout
         with cache_attention(self.cache):
             out = self.model(input_ids=batch.tokens[None], position_ids=lay.positions, attention_mask=lay.dummy_mask,
-                             cache=self.cache, use_cache=True, logits_to_keep=lay.last_tokens)
+                             cache=self.cache, use_cache=True, logits_to_keep=lay.logit_rows)
         return out.logits[0]
 
 
-def _cache_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+# attention variants that models pass to HF's attention interface and the engine's attention does not compute
+_UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
+                       "sinks": "attention sinks"}
+
+
+def unsupported_attention(model) -> str | None:
+    """Why the engine's attention would compute something else than ``model``'s own (None when it would not)."""
+    config = text_config(model)
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})"
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if len(kinds) > 1:
+        return f"layers of different attention kinds ({sorted(kinds)}: a sliding window on some layers only)"
+    if any("sink" in name for name in vars(config)) and any(getattr(config, n) for n in vars(config) if "sink" in n):
+        return "attention sinks"
+    return None
+
+
+def _cache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     **kwargs):
     cache = getattr(_active, "cache", None)
     if cache is None or cache.layout is None:
         raise RuntimeError("raypress cache attention runs only inside an engine forward")
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"this model's attention uses {what} ({name}), which raypress's engine does "
+                                      "not compute")
+    if sliding_window is not None and sliding_window != cache.sliding_window:
+        raise NotImplementedError(f"this layer's sliding window ({sliding_window}) is not the cache's "
+                                  f"({cache.sliding_window}): raypress's engine applies one window to every layer")
     return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
 
 

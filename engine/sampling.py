@@ -1,15 +1,19 @@
-"""Per-request sampling parameters and the sampler that applies them to a batch of logits.
+"""Per-request sampling parameters and the sampler that draws a token per row of a batch of logits.
 
-    params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=1, stop=("\\n\\n",), logprobs=2)
+    params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=1, stop=("\\n\\n",), logprobs=2,
+                            frequency_penalty=0.5, logit_bias=((42, -100.0),), guided=Guided("json_object"))
     tokens = sample(logits, [params, ...], [generator, ...])            # logits [B, V] -> B token ids
 
 ``temperature == 0`` is greedy. A seed gives the request its own random generator, so a seeded request draws the
 same tokens whatever else runs beside it. Every accepted parameter samples: top-p always keeps the most likely
-token, however small ``top_p`` is.
+token, however small ``top_p`` is. What changes the logits before sampling (penalties, bias, ``min_tokens``,
+guided decoding) is engine.logits; the guided grammars are engine.guided.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,7 @@ import torch
 from engine.request import TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 def stop_strings(value) -> tuple[str, ...]:
@@ -31,6 +36,35 @@ GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
+class Guided:
+    """Output held to a language, token by token (guided decoding).
+
+    kind: ``json_schema`` (spec: the schema's JSON), ``json_object`` (any JSON object; no spec), ``regex`` (spec:
+    the pattern), ``choice`` (spec: a JSON list of the strings allowed) or ``grammar`` (spec: EBNF, in GBNF's
+    notation as llama.cpp and xgrammar read it).
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self):
+        if self.kind not in GUIDED_KINDS:
+            raise ValueError(f"guided kind {self.kind!r}: expected one of {GUIDED_KINDS}")
+        if self.kind != "json_object" and not self.spec:
+            raise ValueError(f"guided {self.kind} needs a spec (the schema, pattern, choices or grammar)")
+        if self.kind in ("json_schema", "choice"):
+            try:
+                value = json.loads(self.spec)
+            except ValueError as e:
+                raise ValueError(f"guided {self.kind}: the spec is not JSON ({e})") from e
+            if self.kind == "json_schema" and not isinstance(value, dict | bool):
+                raise ValueError("guided json_schema: the schema must be a JSON object")
+            if self.kind == "choice" and not (isinstance(value, list) and value
+                                              and all(isinstance(c, str) and c for c in value)):
+                raise ValueError("guided choice: expected a non-empty list of non-empty strings")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0
@@ -38,10 +72,21 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the k most likely
+    top_k: int = 0  # sample among the k most likely tokens; 0: all
+    presence_penalty: float = 0.0  # subtracted from every token already generated (OpenAI's definition)
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # tokens of the prompt or output: positive logits / p, negative x p; 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), -100 bans, +100 forces
+    min_tokens: int = 0  # end-of-sequence and stop tokens are held back until this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # more tokens that end the request, beside the model's end tokens
+    ignore_eos: bool = False  # the model's end tokens do not end the request (max_tokens does)
+    prompt_logprobs: int | None = None  # the log-probability of each prompt token (and k alternatives)
+    guided: Guided | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r}: expected an integer >= 1")
+        _integer(self.max_tokens, "max_tokens", 1)
+        _integer(self.top_k, "top_k", 0)
+        _integer(self.min_tokens, "min_tokens", 0)
         if not 0.0 <= self.temperature <= 5.0:
             raise ValueError(f"temperature={self.temperature!r}: expected a value in [0, 5]")
         if not 0.0 < self.top_p <= 1.0:
@@ -50,11 +95,47 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed!r}: expected an integer")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r}: expected a tuple of non-empty strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs={self.logprobs!r}: expected None or 0..{MAX_TOP_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name}={value!r}: expected None or 0..{MAX_TOP_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a value in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: expected a value in (0, 10]")
+        if not all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise ValueError(f"logit_bias={self.logit_bias!r}: expected (token id >= 0, bias in [-100, 100]) pairs")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: expected token ids")
+        if self.guided is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError("guided decoding ends where its grammar does: it takes neither ignore_eos nor min_tokens")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether engine.logits changes this request's logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens or self.guided is not None)
 
     def generator(self) -> torch.Generator | None:
         return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SamplingParams:
+        values = json.loads(text)
+        guided = values.pop("guided")
+        values["stop"] = tuple(values["stop"])
+        values["stop_token_ids"] = tuple(values["stop_token_ids"])
+        values["logit_bias"] = tuple((int(t), float(b)) for t, b in values["logit_bias"])
+        return cls(**values, guided=Guided(**guided) if guided else None)
+
+
+def _integer(value, name: str, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -71,6 +152,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = logits.topk(p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
     # shifted so the largest is 0: no overflow to inf (and NaN) however small the temperature
     probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
     if p.top_p < 1.0:
@@ -83,7 +167,11 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
 
 def logprobs_of(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
     """The model's log-probability of ``token_id`` and of its ``k`` most likely tokens (before temperature)."""
-    lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    return logprobs_at(torch.log_softmax(logits.float().cpu(), dim=-1), token_id, k)
+
+
+def logprobs_at(lp: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+    """``logprobs_of`` from log-probabilities [V] already computed."""
     top = []
     if k:
         values, ids = lp.topk(k)

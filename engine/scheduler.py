@@ -97,15 +97,26 @@ class Scheduler:
                 if n:
                     chunks.append((seq, n))
                     chunk_budget -= n
-        while self.waiting and chunk_budget > 0 and len(self.running) < self.max_num_seqs:
-            n = self._admit(self.waiting[0], chunk_budget)
+        for seq in list(self.waiting):
+            if chunk_budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self._sibling_waits(seq):
+                continue  # n > 1: after its leader's prefill, whose blocks it then shares
+            n = self._admit(seq, chunk_budget)
             if not n:
-                break  # first come, first served: the head of the queue waits for blocks
-            seq = self.waiting.popleft()
+                break  # first come, first served: the first that does not fit waits for blocks, and those behind it
+            self.waiting.remove(seq)
             self.running.append(seq)
             chunks.append((seq, n))
             chunk_budget -= n
         return Step(decodes + chunks, len(decodes))
+
+    def _sibling_waits(self, seq: Sequence) -> bool:
+        leader = seq.leader
+        if leader is None or not self.pool.prefix_caching:
+            return False
+        alive = leader in self.running or leader in self.waiting
+        return alive and leader.computed < len(leader.prompt)
 
     def advance(self, parts: list[tuple[Sequence, int]]) -> list[int]:
         """The parts' tokens are in the cache now; caches their newly full blocks, and returns the rows whose part
@@ -153,7 +164,7 @@ class Scheduler:
         free (it stays first in line)."""
         pool = self.pool
         hit = []
-        if pool.prefix_caching:  # at least the last token is computed: its logits give the next one
+        if pool.prefix_caching and not seq.wants_prompt_logits:  # the last token is computed: its logits come next
             seq.digests = pool.digests(seq.tokens[: seq.num_tokens - 1], seq.digests)
             hit = pool.lookup(seq.digests[: (seq.num_tokens - 1) // pool.block_size])
         computed = len(hit) * pool.block_size

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from compress import data, encoders, models
 from engine.core import Engine
 from engine.interface import EngineClient
+from engine.output import TokenBytes
 from engine.request import Generation
 from engine.sampling import SamplingParams
 from serve import protocol as oa
@@ -152,6 +153,7 @@ class ModelServer:
         self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
         self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
         self.max_upload_bytes = MAX_UPLOAD_BYTES
+        self.token_bytes = TokenBytes(self.tokenizer)  # what logprobs report for each token id
         self.engine: EngineClient | None = None
         if self.kind == models.CAUSAL:
             # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
@@ -174,6 +176,11 @@ class ModelServer:
     def __del__(self):
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine can no longer answer is replaced."""
+        if self.engine is not None:
+            self.engine.check_health()
 
     # -- routes: parse, check, delegate ---------------------------------------------------------------------------
 
@@ -206,7 +213,7 @@ class ModelServer:
                 raise APIError(400, "stream: true takes a single prompt", "prompt")
             return self._sse(ids[0], params, chat=False)
         results = await self._generate(ids, params)
-        logprobs = [rs.completion_logprobs(r.logprobs, self._token_text) for r in results]
+        logprobs = [rs.completion_logprobs(r.logprobs, self.token_bytes) for r in results]
         return rs.completion(self.name, [r.text for r in results], [r.finish_reason for r in results],
                              sum(map(len, ids)), sum(len(r.token_ids) for r in results), logprobs,
                              sum(r.num_cached_tokens for r in results))
@@ -228,7 +235,7 @@ class ModelServer:
             return self._sse(ids, params, chat=True)
         (r,) = await self._generate([ids], params)
         return rs.chat_completion(self.name, r.text, r.finish_reason, len(ids), len(r.token_ids),
-                                  rs.chat_logprobs(r.logprobs, self._token_text), r.num_cached_tokens)
+                                  rs.chat_logprobs(r.logprobs, self.token_bytes), r.num_cached_tokens)
 
     @api.post("/v1/embeddings", dependencies=KEY)
     async def embeddings(self, body: EmbeddingRequest):
@@ -345,9 +352,9 @@ class ModelServer:
                     if chat:
                         delta = rs.Delta(content=out.text) if out.text else rs.Delta()
                         choice = rs.ChatChunkChoice(index=0, delta=delta, finish_reason=finish,
-                                                    logprobs=rs.chat_logprobs(out.logprobs, self._token_text))
+                                                    logprobs=rs.chat_logprobs(out.logprobs, self.token_bytes))
                     else:
-                        logprobs = rs.completion_logprobs(out.logprobs, self._token_text, offset)
+                        logprobs = rs.completion_logprobs(out.logprobs, self.token_bytes, offset)
                         choice = rs.CompletionChoice(index=0, text=out.text, finish_reason=finish, logprobs=logprobs)
                     offset += len(out.text)
                     usage = rs.usage(len(ids), out.num_generated_tokens, out.num_cached_tokens) if finish else None
@@ -370,9 +377,6 @@ class ModelServer:
 
     def _check_model(self, requested: str | None, causal: bool) -> None:
         oa.check_model(requested, self.name, self.kind == models.CAUSAL, causal)
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
     def _params(self, body, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
         settings = oa.generation_settings(body, self.default_max_tokens)

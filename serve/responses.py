@@ -214,27 +214,27 @@ def embeddings(model: str, vectors: list[list[float]], prompt_tokens: int, encod
                                                                       total_tokens=prompt_tokens)).model_dump()
 
 
-def chat_logprobs(entries: list[TokenLogprob] | None, token_text) -> dict | None:
-    """``choices[].logprobs`` of a chat completion: one entry per token, with its top alternatives."""
+def chat_logprobs(entries: list[TokenLogprob] | None, tokens) -> dict | None:
+    """``choices[].logprobs`` of a chat completion: one entry per token, with its top alternatives. ``tokens``
+    gives each id's ``text`` and ``bytes`` (an engine.output.TokenBytes)."""
     if entries is None:
         return None
 
     def item(token_id: int, logprob: float) -> dict:
-        text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": tokens.text(token_id), "logprob": logprob, "bytes": list(tokens.bytes(token_id))}
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                         for e in entries]}
 
 
-def completion_logprobs(entries: list[TokenLogprob] | None, token_text, offset: int = 0) -> dict | None:
-    """``choices[].logprobs`` of a (legacy) completion: parallel lists, text offsets counted from ``offset``."""
+def completion_logprobs(entries: list[TokenLogprob] | None, tokens, offset: int = 0) -> dict | None:
+    """``choices[].logprobs`` of a (legacy) completion: parallel lists. A token's text offset is the number of
+    characters its predecessors complete (a token that ends half a UTF-8 character adds none), from ``offset``."""
     if entries is None:
         return None
-    tokens = [token_text(e.token_id) for e in entries]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+    offsets, done = [], b""
+    for e in entries:
+        offsets.append(offset + len(done.decode("utf-8", errors="ignore")))
+        done += tokens.bytes(e.token_id)
+    return {"tokens": [tokens.text(e.token_id) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{tokens.text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}

@@ -322,3 +322,68 @@ def test_the_lean_step_traces_as_one_graph_for_torch_compile(make_tiny_llama, to
     with torch.inference_mode():
         compiled = torch.compile(engine.runner.__call__, backend="aot_eager", fullgraph=True, dynamic=False)
         assert torch.equal(compiled(tokens, layout, engine.cache), engine.runner(tokens, layout, engine.cache))
+
+
+def test_requests_after_shutdown_are_refused_and_queued_ones_get_an_error(tiny_causal):
+    started = Engine(tiny_causal.model, tiny_causal.tokenizer, max_num_seqs=2).start()
+    started.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        started.submit([10, 20, 30], SamplingParams(max_tokens=4))
+    idle = Engine(tiny_causal.model, tiny_causal.tokenizer, max_num_seqs=2)  # never started: nothing steps it
+    queued = idle.submit([10, 20, 30], SamplingParams(max_tokens=4))
+    idle.shutdown()
+    result = queued.result(timeout=5)
+    assert result.finish_reason == "error" and "shut down" in result.error
+
+
+def test_a_failure_in_one_requests_output_fails_that_request_alone(make_tiny_llama, tok, monkeypatch):
+    import engine.core as core
+
+    real = core.token_event
+
+    def token_event(seq, token, logits, eos):  # a detokenizer or logprobs fault in one request
+        if seq.params.seed == 666:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return real(seq, token, logits, eos)
+
+    monkeypatch.setattr(core, "token_event", token_event)
+    model = make_tiny_llama()
+    engine = Engine(model, tok, max_num_seqs=4)
+    prompts = random_prompts(3, model.config.vocab_size, seed=12)
+    params = [SamplingParams(max_tokens=5), SamplingParams(max_tokens=5, seed=666), SamplingParams(max_tokens=5)]
+    results = engine.generate(prompts, params)
+    assert results[1].finish_reason == "error" and "output failed" in results[1].error
+    assert [r.finish_reason for r in (results[0], results[2])] == ["length", "length"]
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+@pytest.mark.timeout(60)
+def test_an_engine_whose_thread_died_fails_its_health_check(tiny_causal, monkeypatch):
+    engine = Engine(tiny_causal.model, tiny_causal.tokenizer, max_num_seqs=2)
+    engine.check_health()  # not started: nothing to be unhealthy about
+
+    def broken(block):
+        raise MemoryError("the inbox could not grow")
+
+    monkeypatch.setattr(engine, "_take_inbox", broken)
+    engine.start()
+    engine._thread.join(timeout=30)
+    with pytest.raises(RuntimeError, match="thread has died"):
+        engine.check_health()
+
+
+def test_models_whose_attention_the_engine_does_not_compute_are_refused_by_name(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma2", vocab_size=300, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256)
+    with pytest.raises(ValueError, match="soft-capping"):
+        Engine(AutoModelForCausalLM.from_config(config).eval(), tok)
+    config = AutoConfig.for_model("qwen2", vocab_size=300, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, use_sliding_window=True, sliding_window=32,
+                                  max_window_layers=2)  # a window on some layers only
+    if len(set(config.layer_types or ())) > 1:
+        with pytest.raises(ValueError, match="attention kinds"):
+            Engine(AutoModelForCausalLM.from_config(config).eval(), tok)

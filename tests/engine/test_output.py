@@ -64,3 +64,19 @@ def test_the_first_of_several_stop_strings_wins(smollm2_loaded):
     ids = tokenizer("alpha beta gamma delta", add_special_tokens=False)["input_ids"]
     d, out = deltas(tokenizer, ids, stop=("delta", "beta"))
     assert "".join(out) == "alpha " and d.stopped
+
+
+def test_token_bytes_are_each_tokens_own_and_join_to_the_text(smollm2_loaded):
+    """Byte-level BPE splits "日本" into tokens that end mid-character: decode([id]) gives U+FFFD for them, while
+    their bytes joined are the text's UTF-8."""
+    from engine.output import TokenBytes
+
+    tok = smollm2_loaded.tokenizer
+    text = "héllo — 日本"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = TokenBytes(tok)
+    assert b"".join(pieces.bytes(i) for i in ids) == text.encode()
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # what the server reported before
+    assert all("\ufffd" not in pieces.text(i) for i in ids)
+    assert any(pieces.text(i).startswith("bytes:\\x") for i in ids)
+    assert pieces.text(tok.eos_token_id) == tok.eos_token

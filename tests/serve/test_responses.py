@@ -40,9 +40,36 @@ def test_every_field_is_one_openai_defines(ours, theirs):
     _check_fields(ours, theirs, ours.__name__)
 
 
+class Pieces:
+    """Token ids' bytes, as engine.output.TokenBytes gives them."""
+
+    def __init__(self, pieces: dict[int, bytes]):
+        self.pieces = pieces
+
+    def bytes(self, token_id: int) -> bytes:
+        return self.pieces[token_id]
+
+    def text(self, token_id: int) -> str:
+        try:
+            return self.pieces[token_id].decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in self.pieces[token_id])
+
+
+def test_logprobs_report_a_tokens_own_bytes_and_offsets_in_whole_characters():
+    """A token that holds part of a UTF-8 character ("本" is e6 9c ac) reports its own bytes, not U+FFFD's."""
+    tokens = Pieces({1: b" \xe6", 2: b"\x9c\xac", 3: b"!"})
+    lp = [TokenLogprob(token_id=t, logprob=-1.0) for t in (1, 2, 3)]
+    chat = rs.chat_logprobs(lp, tokens)["content"]
+    assert [c["bytes"] for c in chat] == [[32, 0xE6], [0x9C, 0xAC], [33]]
+    assert chat[0]["token"] == "bytes:\\x20\\xe6" and chat[2]["token"] == "!"
+    legacy = rs.completion_logprobs(lp, tokens, offset=10)
+    assert legacy["text_offset"] == [10, 11, 12]  # " " is complete after token 1, " 本" after token 2
+
+
 def test_built_bodies_parse_as_the_openai_types():
     lp = [TokenLogprob(token_id=5, logprob=-0.5, top=[(5, -0.5), (7, -1.5)])]
-    text = {5: "Hi", 7: "Yo"}.get
+    text = Pieces({5: b"Hi", 7: b"Yo"})
     chat = oai_chat.ChatCompletion.model_validate(
         rs.chat_completion("m", "Hello", "stop", 7, 3, rs.chat_logprobs(lp, text)))
     assert chat.choices[0].message.content == "Hello" and chat.usage.total_tokens == 10
