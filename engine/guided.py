@@ -23,15 +23,16 @@ import torch
 
 from engine.sampling import Guided
 
-INSTALL = "structured outputs need xgrammar: pip install 'raypress[structured]' (or xgrammar --no-deps)"
+INSTALL = ("structured outputs need xgrammar, which is not installed where the engine runs: pip install "
+           "'raypress[structured]' (or, CPU only: pip install --no-deps xgrammar apache-tvm-ffi)")
 
 
 class Guide:
     def __init__(self, tokenizer, vocab_size: int):
         try:
             import xgrammar
-        except ImportError as e:
-            raise RuntimeError(INSTALL) from e
+        except ImportError as e:  # a request the engine cannot run here: the caller's error, as a ValueError
+            raise ValueError(INSTALL) from e
         self.xgr = xgrammar
         self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
@@ -52,7 +53,7 @@ class Guide:
                 if guided.kind == "choice":
                     return c.compile_grammar(choice_grammar(json.loads(guided.spec)))
                 return c.compile_grammar(guided.spec)
-        except (RuntimeError, ValueError) as e:
+        except Exception as e:  # whatever xgrammar raises for it (RuntimeError, TypeError, ...), it is the request's
             raise ValueError(f"guided {guided.kind} does not compile: {e}") from e
 
     def matcher(self, compiled):

@@ -30,6 +30,14 @@ class EngineClient(Protocol):
         """Queue a request; raises ValueError (with the reason) for one that cannot run."""
         ...
 
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (with the reason) for a request this engine cannot run; compiles its grammar."""
+        ...
+
+    def submit_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[RequestHandle]:
+        """``n`` sequences of one prompt (OpenAI's ``n``), the prompt computed once where the engine can."""
+        ...
+
     def stream(self, prompt: list[int], params: SamplingParams,
                request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit and yield the request's events; leaving early cancels it."""

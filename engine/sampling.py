@@ -102,8 +102,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a value in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: expected a value in (0, 10]")
+        if not 0.01 <= self.repetition_penalty <= 100.0:  # beyond, logits overflow float32 (inf, then NaN)
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: expected a value in [0.01, 100]")
         if not all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias):
             raise ValueError(f"logit_bias={self.logit_bias!r}: expected (token id >= 0, bias in [-100, 100]) pairs")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):

@@ -9,14 +9,15 @@ tokenize (CPU tasks) -> model actors (--num-actors, --num-gpus-per-actor; each b
 wastes little) -> decode and format (CPU tasks) -> parquet files in OUTPUT.
 
 Columns: generate adds generated_text, num_generated_tokens, finish_reason and num_cached_tokens (prompt tokens the
-engine's prefix cache already held: rows that share a prefix, such as instructions, prefill it once per actor);
-per-row max_tokens, temperature, top_p, seed, stop columns override the flags. embed adds embedding (list<float32>,
-pooled as the model's sentence-transformers config says); score adds logprob_sum, logprob_mean, perplexity. Every
-task adds num_prompt_tokens, and error: null or why that row got no answer; and source_file, source_row: where the
-row came from (its file relative to INPUT, its row number in that file). Output rows = input rows. The input streams
-from storage through Ray Data read tasks; the driver never holds it. --resume skips rows already in OUTPUT (by
---id-column, or by source_file and source_row). OUTPUT and INPUT are local paths or URIs of any filesystem pyarrow
-knows.
+engine's prefix cache already held: rows that share a prefix, such as instructions, prefill it once per actor); per-row
+max_tokens, temperature, top_p, seed, stop, json_schema (the answer held to that schema: structured extraction),
+presence_penalty, frequency_penalty, repetition_penalty and min_tokens columns override the flags. embed adds embedding
+(list<float32>, pooled as the model's sentence-transformers config says); score adds logprob_sum, logprob_mean,
+perplexity. Every task adds num_prompt_tokens, and error: null or why that row got no answer; and source_file,
+source_row: where the row came from (its file relative to INPUT, its row number in that file). Output rows = input rows.
+The input streams from storage through Ray Data read tasks; the driver never holds it. --resume skips rows already in
+OUTPUT (by --id-column, or by source_file and source_row). OUTPUT and INPUT are local paths or URIs of any filesystem
+pyarrow knows.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -32,6 +34,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from compress import models
+from engine.sampling import Guided
 from jobs import inputs, storage
 from jobs.predict import Predictor, input_types, postprocess, preprocess
 
@@ -101,6 +104,7 @@ def main(
     seed: int | None = None,
     stop: list[str] | None = None,
     chat: bool = False,
+    json_schema: str | None = None,
     max_error_fraction: float = 0.5,
 ) -> int:
     """Run a model over a dataset with Ray Data and write every row, answered or with its error, to parquet.
@@ -128,6 +132,9 @@ def main(
         seed: default sampling seed.
         stop: default stop strings.
         chat: wrap each prompt in the model's chat template as one user message (instruction-tuned models).
+        json_schema: hold every answer to this JSON schema (its text, or a .json file holding it); a json_schema
+            column overrides it per row. Answers always parse, unless they end by max_tokens (finish_reason
+            length); a schema that does not compile is its rows' error.
         max_error_fraction: exit with status 1 (after writing every row) when more of OUTPUT's rows than this
             fraction got an error.
     """
@@ -167,7 +174,7 @@ def main(
         ds = ds.map_batches(_not_done, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                             fn_kwargs={"done": pa.array(sorted(done)), "id_columns": id_columns})
     defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                "stop": tuple(stop or ()), "chat": chat}
+                "stop": tuple(stop or ()), "chat": chat, "json_schema": _schema_text(json_schema)}
     resources = json.loads(actor_resources) if actor_resources else {}
     ds = _pipeline(ray, ds, source.schema, model=model, task=task, column=column, defaults=defaults,
                    num_actors=num_actors, num_gpus=num_gpus_per_actor, num_cpus=cpus_per_actor,
@@ -205,6 +212,22 @@ def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"task": task, "schema": schema})
     return ds
+
+
+def _schema_text(value: str | None) -> str | None:
+    """--json-schema: the schema's text, or a file holding it; checked here, before any row runs."""
+    if value is None:
+        return None
+    if not value.lstrip().startswith(("{", "true", "false")):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--json-schema {value!r}: neither a JSON schema nor a file holding one")
+        value = path.read_text()
+    try:
+        Guided("json_schema", value)
+    except ValueError as e:
+        raise ValueError(f"--json-schema: {e}") from e
+    return value
 
 
 def _default_column(task: str, columns: list[str]) -> str:

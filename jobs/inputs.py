@@ -236,9 +236,14 @@ def _by_values(col: str, values: list, problems: list[str]) -> pa.Array:
         return pa.array(values)
 
 
+JSON_TEXT_COLUMNS = ("json_schema",)  # string columns a job reads that JSON lines may give as an object
+
+
 def _typed(col: str, values: list, type_: pa.DataType, problems: list[str]) -> pa.Array:
     if pa.types.is_list(type_) and pa.types.is_string(type_.value_type):  # "x" means ["x"] (stop strings)
         values = [[v] if isinstance(v, str) else v for v in values]
+    if col in JSON_TEXT_COLUMNS:
+        values = [json.dumps(v) if isinstance(v, dict | bool) else v for v in values]
     fits = _KINDS.get(str(type_), lambda v: True)  # arrow would take 5 as "5" or True as 1: check the kind first
     try:
         if all(v is None or fits(v) for v in values):

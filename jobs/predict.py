@@ -18,11 +18,14 @@ import pyarrow as pa
 from compress import data, models
 from engine.core import Engine
 from engine.interface import EngineClient
-from engine.sampling import SamplingParams, stop_strings
+from engine.sampling import Guided, SamplingParams, stop_strings
 from jobs.inputs import TYPE_ERRORS
 
 PARAM_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
-               "stop": pa.list_(pa.string())}  # a row's own sampling settings; stop: one string or several
+               "stop": pa.list_(pa.string()),  # a row's own sampling settings; stop: one string or several
+               "json_schema": pa.string(),  # the answer held to this JSON schema (its text; JSON lines: an object)
+               "presence_penalty": pa.float64(), "frequency_penalty": pa.float64(),
+               "repetition_penalty": pa.float64(), "min_tokens": pa.int64()}
 PARAM_COLUMNS = tuple(PARAM_TYPES)
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # OpenAI chat messages
 INTERNAL = ("_ids", "_params", "_error", "_out", TYPE_ERRORS)
@@ -62,7 +65,7 @@ def preprocess(table: pa.Table, model: str, task: str, column: str, context: int
             if task == "score" and len(row_ids) < 2:
                 raise ValueError("scoring needs at least 2 tokens")
             ids.append(row_ids)
-            params.append(json.dumps(p.__dict__) if p else "")
+            params.append(p.to_json() if p else "")
             errors.append("")
         except (ValueError, TypeError) as e:
             ids.append([])
@@ -97,12 +100,18 @@ def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> t
 
 
 def _row_params(row: dict, defaults: dict) -> SamplingParams:
-    """The job's defaults, overridden by the row's own max_tokens, temperature, top_p, seed and stop columns."""
+    """The job's defaults, overridden by the row's own columns (PARAM_COLUMNS); ValueError names a bad value."""
     values = {k: v for k, v in defaults.items() if k != "chat"}
     values.update({k: row[k] for k in PARAM_COLUMNS if not _is_null(row.get(k))})
     seed = None if values.get("seed") is None else int(values["seed"])
+    schema = values.get("json_schema")
     return SamplingParams(max_tokens=int(values["max_tokens"]), temperature=float(values["temperature"]),
-                          top_p=float(values["top_p"]), seed=seed, stop=stop_strings(values.get("stop")))
+                          top_p=float(values["top_p"]), seed=seed, stop=stop_strings(values.get("stop")),
+                          presence_penalty=float(values.get("presence_penalty") or 0.0),
+                          frequency_penalty=float(values.get("frequency_penalty") or 0.0),
+                          repetition_penalty=float(values.get("repetition_penalty") or 1.0),
+                          min_tokens=int(values.get("min_tokens") or 0),
+                          guided=Guided("json_schema", schema) if schema else None)
 
 
 class Predictor:
@@ -171,15 +180,27 @@ class Predictor:
         rows = list(ids)
         if not rows:
             return
-        row_params = [SamplingParams(**{**p, "stop": tuple(p["stop"])}) for p in (json.loads(params[i]) for i in rows)]
+        row_params = {i: SamplingParams.from_json(params[i]) for i in rows}
         try:
-            need = max(len(ids[i]) + p.max_tokens for i, p in zip(rows, row_params, strict=True))
-            results = self._engine(need).generate([ids[i] for i in rows], row_params)
-        except Exception as e:  # the engine refused the call as a whole: every row gets the reason
-            results = [None] * len(rows)
+            engine = self._engine(max(len(ids[i]) + p.max_tokens for i, p in row_params.items()))
+        except Exception as e:  # no engine for this call: every row gets the reason
             for i in rows:
                 out["_error"][i] = f"model error: {type(e).__name__}: {e}"
-        for i, g in zip(rows, results, strict=True):
+            return
+        runnable = []
+        for i in rows:  # a row the engine refuses (a schema that does not compile) gets its error; the rest run
+            try:
+                engine.check(ids[i], row_params[i])
+                runnable.append(i)
+            except ValueError as e:
+                out["_error"][i] = str(e)
+        try:
+            results = engine.generate([ids[i] for i in runnable], [row_params[i] for i in runnable])
+        except Exception as e:  # the engine refused the call as a whole: every row gets the reason
+            results = [None] * len(runnable)
+            for i in runnable:
+                out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+        for i, g in zip(runnable, results, strict=True):
             if g is not None and g.error:
                 out["_error"][i] = f"model error: {g.error}"
             elif g is not None:

@@ -15,7 +15,6 @@ queue (``max_queued_requests`` in the YAML) gets 503 from Serve.
 import asyncio
 import copy
 import hmac
-import json
 import logging
 import time
 from typing import Annotated
@@ -23,20 +22,18 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from compress import data, encoders, models
+from compress import encoders, models
 from engine.core import Engine
 from engine.interface import EngineClient
-from engine.output import TokenBytes
-from engine.request import Generation
-from engine.sampling import SamplingParams
 from serve import protocol as oa
 from serve import responses as rs
 from serve.batch_store import BatchStore
 from serve.batches import Batches, file_object
+from serve.completions import Completions
 from serve.metrics import prometheus_text
 from serve.protocol import APIError, BatchRequest, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
 from serve.settings import served_name, server_args
@@ -65,9 +62,10 @@ async def _http_error(request: Request, e: HTTPException):
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
     """Bodies above the server's cap get 413 before they are read (uploads to /v1/files have their own cap)."""
+    server = serve.get_replica_context().servable_object
+    oa.allow_unknown().set(server.allow_unknown_fields)  # read by the request models as this request is parsed
     length = request.headers.get("content-length", "")
     if length.isdigit():
-        server = serve.get_replica_context().servable_object
         upload = request.url.path.endswith("/v1/files")
         limit = server.max_upload_bytes if upload else server.max_request_bytes
         if int(length) > limit:
@@ -139,6 +137,7 @@ class ModelServer:
         api_key: str | None = None,
         max_items_per_request: int = 64,
         max_request_bytes: int = 8 << 20,
+        allow_unknown_fields: bool = False,
         batch_storage: str = "~/.raypress/batches",
         batch_db: str | None = None,
         batch_actors: int = 1,
@@ -152,8 +151,7 @@ class ModelServer:
         self.name = model_name or served_name(model, self.model.config)
         self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
         self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
-        self.max_upload_bytes = MAX_UPLOAD_BYTES
-        self.token_bytes = TokenBytes(self.tokenizer)  # what logprobs report for each token id
+        self.max_upload_bytes, self.allow_unknown_fields = MAX_UPLOAD_BYTES, allow_unknown_fields
         self.engine: EngineClient | None = None
         if self.kind == models.CAUSAL:
             # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
@@ -162,6 +160,8 @@ class ModelServer:
                                  num_threads=num_threads, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                                  prefix_caching=prefix_caching).start()
             self.context = self.engine.max_model_len
+            self.work = Completions(self.engine, self.tokenizer, self.name, default_max_tokens, self.context,
+                                    self.model.config.vocab_size)
         else:
             self._encode_tokenizer = copy.deepcopy(self.tokenizer)
             self.context = encoders.input_limit(self.model.config)  # the loaded model's pooling config says it
@@ -206,36 +206,12 @@ class ModelServer:
     @api.post("/v1/completions", dependencies=KEY)
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model, causal=True)
-        ids = [data.prompt_ids(self.tokenizer, p, templated=False) for p in oa.prompts_of(body, self.max_items)]
-        params = self._params(body, max(len(i) for i in ids), body.logprobs)
-        if body.stream:
-            if len(ids) > 1:
-                raise APIError(400, "stream: true takes a single prompt", "prompt")
-            return self._sse(ids[0], params, chat=False)
-        results = await self._generate(ids, params)
-        logprobs = [rs.completion_logprobs(r.logprobs, self.token_bytes) for r in results]
-        return rs.completion(self.name, [r.text for r in results], [r.finish_reason for r in results],
-                             sum(map(len, ids)), sum(len(r.token_ids) for r in results), logprobs,
-                             sum(r.num_cached_tokens for r in results))
+        return await self.work.completions(body, self.max_items)
 
     @api.post("/v1/chat/completions", dependencies=KEY)
     async def chat_completions(self, body: ChatRequest):
         self._check_model(body.model, causal=True)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        messages = [m.model_dump() for m in body.messages]
-        try:
-            text = data.chat_text(self.tokenizer, messages)
-        except Exception as e:  # a template may reject a message order; that is the request's fault
-            message = f"messages could not be formatted with the model's chat template: {e}"
-            raise APIError(400, message, "messages") from e
-        ids = data.prompt_ids(self.tokenizer, text, templated=True)
-        params = self._params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None)
-        if body.stream:
-            return self._sse(ids, params, chat=True)
-        (r,) = await self._generate([ids], params)
-        return rs.chat_completion(self.name, r.text, r.finish_reason, len(ids), len(r.token_ids),
-                                  rs.chat_logprobs(r.logprobs, self.token_bytes), r.num_cached_tokens)
+        return await self.work.chat(body)
 
     @api.post("/v1/embeddings", dependencies=KEY)
     async def embeddings(self, body: EmbeddingRequest):
@@ -303,19 +279,6 @@ class ModelServer:
 
     # -- the work -------------------------------------------------------------------------------------------------
 
-    async def _generate(self, ids: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """Submit every prompt to the engine and wait; a caller that goes away cancels them all."""
-        handles = [self.engine.submit(i, params) for i in ids]
-        try:
-            results = await asyncio.gather(*(h.final() for h in handles))
-        finally:
-            for h in handles:
-                h.cancel()
-        failed = next((r for r in results if r.error), None)
-        if failed is not None:
-            raise APIError(500, f"generation failed: {failed.error}", kind="server_error")
-        return results
-
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
         emb = await asyncio.to_thread(self._encode_in_thread, texts)
@@ -327,43 +290,6 @@ class ModelServer:
         if self.num_threads:  # OpenMP keeps the thread count per thread
             torch.set_num_threads(self.num_threads)
         return models.encode(self.model, self._encode_tokenizer, texts)
-
-    def _sse(self, ids: list[int], params: SamplingParams, chat: bool) -> StreamingResponse:
-        """Server-sent events: a chunk per piece of new text, then the finish reason with usage, then [DONE]."""
-        handle = self.engine.submit(ids, params)
-        rid, created = rs.new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
-
-        def chunk(choice, usage=None) -> str:
-            return f"data: {json.dumps(rs.chunk(chat, rid, created, self.name, choice, usage))}\n\n"
-
-        async def events():
-            try:
-                if chat:
-                    yield chunk(rs.ChatChunkChoice(index=0, delta=rs.Delta(role="assistant", content=""),
-                                                   finish_reason=None))
-                offset = 0
-                async for out in handle:
-                    if out.error:
-                        yield f"data: {json.dumps(error_body(out.error, 'server_error'))}\n\n"
-                        break
-                    if not (out.text or out.finished or out.logprobs):
-                        continue
-                    finish = out.finish_reason if out.finished else None
-                    if chat:
-                        delta = rs.Delta(content=out.text) if out.text else rs.Delta()
-                        choice = rs.ChatChunkChoice(index=0, delta=delta, finish_reason=finish,
-                                                    logprobs=rs.chat_logprobs(out.logprobs, self.token_bytes))
-                    else:
-                        logprobs = rs.completion_logprobs(out.logprobs, self.token_bytes, offset)
-                        choice = rs.CompletionChoice(index=0, text=out.text, finish_reason=finish, logprobs=logprobs)
-                    offset += len(out.text)
-                    usage = rs.usage(len(ids), out.num_generated_tokens, out.num_cached_tokens) if finish else None
-                    yield chunk(choice, usage)
-                yield "data: [DONE]\n\n"
-            finally:
-                handle.cancel()  # the client went away before the end: free the slot now
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
@@ -377,13 +303,6 @@ class ModelServer:
 
     def _check_model(self, requested: str | None, causal: bool) -> None:
         oa.check_model(requested, self.name, self.kind == models.CAUSAL, causal)
-
-    def _params(self, body, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
-        settings = oa.generation_settings(body, self.default_max_tokens)
-        if prompt_tokens + settings["max_tokens"] > self.context:
-            raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {settings['max_tokens']} exceeds the "
-                                f"server's limit of {self.context} tokens (max_model_len)", "max_tokens")
-        return SamplingParams(**settings, logprobs=logprobs)
 
 
 def build(args: dict) -> serve.Application:

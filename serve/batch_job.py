@@ -83,6 +83,11 @@ def parse_requests(data: bytes, endpoint: str, max_requests: int) -> list[tuple[
 # 1. prepare
 
 
+BATCH_LATER = {"logit_bias", "top_k", "ignore_eos", "stop_token_ids", "guided_json", "guided_regex", "guided_choice",
+               "guided_grammar", "structured_outputs", "echo"}
+ROW_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")  # carried as row columns
+
+
 def to_rows(line: int, body: dict, endpoint: str, served: str, causal: bool, default_max_tokens: int) -> list[dict]:
     """The rows of one request, checked as the synchronous endpoint checks it (APIError when it would refuse)."""
     chat, embed = endpoint == "/v1/chat/completions", endpoint == "/v1/embeddings"
@@ -98,11 +103,26 @@ def to_rows(line: int, body: dict, endpoint: str, served: str, causal: bool, def
         raise APIError(400, "stream: true is not available in a batch", "stream")
     if request.logprobs:
         raise APIError(400, "logprobs are not available in a batch yet", "logprobs")
+    later = sorted(request.model_fields_set & BATCH_LATER) + (["n"] if request.n > 1 else [])
+    if later:  # refused by name rather than dropped: the batch rows do not carry them yet
+        raise APIError(400, f"{later[0]} is not available in a batch yet (the synchronous endpoint takes it)", later[0])
     settings = oa.generation_settings(request, default_max_tokens)
     settings["stop"] = list(settings["stop"])
+    settings.update({k: getattr(request, k) for k in ROW_FIELDS if k in request.model_fields_set})
+    rf = request.response_format
+    if rf is not None and rf.type == "json_object":
+        raise APIError(400, "response_format json_object is not available in a batch yet: give a json_schema",
+                       "response_format")
+    if rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise APIError(400, "response_format: type json_schema needs json_schema.schema", "response_format")
+        settings["json_schema"] = json.dumps(rf.json_schema.schema_)
     if chat:
         return [{"messages": [m.model_dump() for m in request.messages], **settings}]
-    return [{"prompt": p, **settings} for p in oa.prompts_of(request)]
+    prompts = oa.prompts_of(request)
+    if not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "prompt as token ids is not available in a batch yet: send text", "prompt")
+    return [{"prompt": p, **settings} for p in prompts]
 
 
 def prepare(fs, folder: str, requests: list[tuple[str, dict]], endpoint: str, served: str, causal: bool,
@@ -181,7 +201,7 @@ def _body(endpoint: str, served: str, rows: list[dict]) -> dict:
     generated = sum(r["num_generated_tokens"] for r in rows)
     if endpoint == "/v1/chat/completions":
         (r,) = rows
-        return rs.chat_completion(served, r["generated_text"], r["finish_reason"], prompt_tokens, generated,
+        return rs.chat_completion(served, [r["generated_text"]], [r["finish_reason"]], prompt_tokens, generated,
                                   cached_tokens=r.get("num_cached_tokens") or 0)
     return rs.completion(served, [r["generated_text"] for r in rows], [r["finish_reason"] for r in rows],
                          prompt_tokens, generated, cached_tokens=sum(r.get("num_cached_tokens") or 0 for r in rows))

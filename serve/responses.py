@@ -188,21 +188,23 @@ def completion(model: str, texts: list[str], finish_reasons: list[str], prompt_t
                       ).model_dump(exclude_unset=True)
 
 
-def chat_completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                    logprobs: dict | None = None, cached_tokens: int = 0) -> dict:
-    choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text),
-                        finish_reason=finish_reason, logprobs=logprobs)
+def chat_completion(model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int,
+                    completion_tokens: int, logprobs: list | None = None, cached_tokens: int = 0) -> dict:
+    """A whole ``chat.completion``: one choice per sequence (``n``)."""
+    logprobs = logprobs or [None] * len(texts)
+    choices = [ChatChoice(index=k, message=AssistantMessage(role="assistant", content=t), finish_reason=f, logprobs=lp)
+               for k, (t, f, lp) in enumerate(zip(texts, finish_reasons, logprobs, strict=True))]
     body = ChatCompletion(id=new_id("chatcmpl-"), object="chat.completion", created=int(time.time()), model=model,
-                          choices=[choice], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
+                          choices=choices, usage=usage(prompt_tokens, completion_tokens, cached_tokens))
     return body.model_dump(exclude_unset=True)
 
 
-def chunk(chat: bool, rid: str, created: int, model: str, choice: ChatChunkChoice | CompletionChoice,
+def chunk(chat: bool, rid: str, created: int, model: str, choices: list[ChatChunkChoice | CompletionChoice],
           usage: Usage | None = None) -> dict:
-    """One server-sent event's body; ``usage`` comes with the last."""
+    """One server-sent event's body; with ``stream_options.include_usage`` the last has no choices and the usage."""
     cls, obj = (ChatCompletionChunk, "chat.completion.chunk") if chat else (Completion, "text_completion")
     extra = {"usage": usage} if usage is not None else {}
-    return cls(id=rid, object=obj, created=created, model=model, choices=[choice], **extra).model_dump(
+    return cls(id=rid, object=obj, created=created, model=model, choices=choices, **extra).model_dump(
         exclude_unset=True)
 
 
@@ -229,7 +231,8 @@ def chat_logprobs(entries: list[TokenLogprob] | None, tokens) -> dict | None:
 
 def completion_logprobs(entries: list[TokenLogprob] | None, tokens, offset: int = 0) -> dict | None:
     """``choices[].logprobs`` of a (legacy) completion: parallel lists. A token's text offset is the number of
-    characters its predecessors complete (a token that ends half a UTF-8 character adds none), from ``offset``."""
+    characters its predecessors complete (a token that ends half a UTF-8 character adds none), from ``offset``. An
+    entry whose logprob is None (the first token of an echoed prompt) has null for its logprob and alternatives."""
     if entries is None:
         return None
     offsets, done = [], b""
@@ -237,4 +240,5 @@ def completion_logprobs(entries: list[TokenLogprob] | None, tokens, offset: int 
         offsets.append(offset + len(done.decode("utf-8", errors="ignore")))
         done += tokens.bytes(e.token_id)
     return {"tokens": [tokens.text(e.token_id) for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{tokens.text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e.logprob is None else {tokens.text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets}

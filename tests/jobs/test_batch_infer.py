@@ -296,6 +296,13 @@ def test_the_readme_batch_commands_run_as_written(ray_local, tmp_path):
     rows = pq.read_table(tmp_path / "out" / "answers").to_pylist()
     assert len(rows) == 2 and all(r["error"] is None for r in rows)
     assert "Paris" in next(r["generated_text"] for r in rows if "France" in r["prompt"])
+    extract = re.search(r"\*\*Structured extraction\.\*\*.*?```bash\n(.*?)```", readme, re.S)[1]
+    proc = subprocess.run(["bash", "-ec", extract], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    places = pq.read_table(tmp_path / "out" / "places").to_pylist()
+    assert len(places) == 2 and all(r["finish_reason"] == "stop" for r in places)
+    assert {json.loads(r["generated_text"])["country"].lower() for r in places} >= {"canada"}
 
 
 _PEAKS = """
@@ -337,3 +344,30 @@ def test_the_driver_never_holds_the_input(ray_local, tmp_path, tiny_causal_dir):
     grown = large["peak_mib"] - small["peak_mib"]
     print(f"driver peak RSS: {small['peak_mib']:.0f} MiB for 16 MiB of input, {large['peak_mib']:.0f} MiB for 80 MiB")
     assert grown < 32, f"the driver's peak memory grew by {grown:.0f} MiB for 64 MiB more input"
+
+
+@pytest.mark.timeout(300)
+def test_structured_rows_parse_as_their_schema_and_bad_schemas_fail_their_row_alone(ray_local, tmp_path):
+    import jsonschema
+
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"]}
+    colour = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"]}
+    rows = [{"prompt": f"Describe person number {k}.", "id": k} for k in range(6)]
+    rows[1]["json_schema"] = colour  # an object in JSON lines, or the schema's text: both are taken
+    rows[2]["json_schema"] = json.dumps(colour)
+    rows[3]["json_schema"] = {"type": "object", "properties": {"x": {"type": "no-such-type"}}}  # does not compile
+    rows[4]["json_schema"] = "{not json"
+    rows[5].update(max_tokens=3, presence_penalty=1.5)  # too short for the record: must say so
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert batch_infer.main(model="smollm2-135m", input=str(src), output=str(out), chat=True, max_tokens=48,
+                            json_schema=json.dumps(person)) == 0
+    got = {r["id"]: r for r in read_out(out)}
+    assert sorted(got) == list(range(6))  # rows out = rows in
+    for k, schema in ((0, person), (1, colour), (2, colour)):
+        assert got[k]["error"] is None and got[k]["finish_reason"] == "stop", got[k]
+        jsonschema.validate(json.loads(got[k]["generated_text"]), schema)
+    assert "does not compile" in got[3]["error"] and "not JSON" in got[4]["error"]
+    assert got[5]["error"] is None and got[5]["finish_reason"] == "length" and got[5]["num_generated_tokens"] == 3

@@ -1,12 +1,14 @@
 """serve.app over real HTTP on a local Ray, with the official openai client."""
 
 import concurrent.futures as cf
+import enum
 import itertools
 import json
 import threading
 import time
 
 import openai
+import pydantic
 import pytest
 import requests
 import torch
@@ -96,6 +98,15 @@ def test_32_concurrent_requests_are_batched_and_all_answered(smol_url):
     ('{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),  # a lone UTF-16 surrogate: no tokenizer takes it
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # OpenAI's cap of 4 stop strings
     ({"prompt": ["hi"] * 65, "max_tokens": 1}, "prompt"),  # more prompts than max_items_per_request (64)
+    ({"prompt": "hi", "frobnicate": True}, "frobnicate"),  # a field nobody defines: refused, never dropped
+    ({"prompt": "hi", "best_of": 3}, "best_of"),  # OpenAI's, not implemented: refused by name with the reason
+    ({"prompt": "hi", "suffix": "and so on"}, "suffix"),
+    ({"prompt": "hi", "logit_bias": {"999999": 5}}, "logit_bias"),  # not a token id of this model
+    ({"prompt": [5, 999999], "max_tokens": 2}, "prompt"),  # token ids outside the vocabulary
+    ({"prompt": "hi", "n": 17}, "n"),
+    ({"prompt": "hi", "guided_grammar": "root ::= ("}, None),  # does not compile: 400, not 500
+    ({"prompt": "hi", "guided_regex": "a+", "guided_choice": ["x"]}, "guided_choice"),  # two grammars at once
+    ({"prompt": "hi", "echo": True, "stream": True}, "echo"),
 ])
 @pytest.mark.timeout(120)
 def test_bad_requests_get_400_with_an_openai_error_body(smol_url, body, param):
@@ -269,17 +280,21 @@ def test_models_list_and_a_list_of_prompts(client):
 
 
 @pytest.mark.timeout(300)
-def test_streamed_plain_completion_ends_with_usage(client):
+def test_streamed_usage_comes_last_and_only_when_asked_for(client):
     prompt = "Here is a list of fruits: apple, banana,"
     whole = client.completions.create(model="smol", prompt=prompt, max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=10, temperature=0, stream=True))
-    assert len(chunks) >= 3 and "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
-    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
-    assert all(c.usage is None for c in chunks[:-1])  # usage comes once, with the finish reason
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len(chunks) >= 3 and "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])  # usage comes once, in a chunk of its own
     chat = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi!"}],
                                                max_tokens=5, temperature=0, stream=True))
-    assert chat[-1].usage.completion_tokens == 5 and chat[-1].choices[0].finish_reason == "length"
+    assert chat[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in chat)
+    off = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi!"}],
+                                              max_tokens=5, stream=True, stream_options={"include_usage": False}))
+    assert all(c.usage is None for c in off)
 
 
 @pytest.mark.timeout(300)
@@ -304,3 +319,133 @@ def test_max_completion_tokens_stop_and_top_p_are_applied(client):
     hot = {client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8, temperature=1.0,
                                      seed=s).choices[0].text for s in range(3)}
     assert len(hot) > 1  # ... while the same seeds without top_p sample
+
+
+# -- the rest of OpenAI's fields (and vLLM's extras) -------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_chat_fields_the_server_does_not_implement_are_refused_by_name(smol_url):
+    def post(**body):
+        return requests.post(f"{smol_url}/v1/chat/completions", json={"max_tokens": 2, **body}, timeout=60)
+
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    for body, param in [({"tools": [tool]}, "tools"), ({"audio": {"voice": "x"}}, "audio"),
+                        ({"messages": image}, "messages.0.content"), ({"reasoning_effort": "high"}, "reasoning_effort"),
+                        ({"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "messages.0.colour")]:
+        r = post(**{"messages": hi, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert "image_url" in post(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).text
+    assert "tools" in post(messages=hi, tools=[tool]).json()["error"]["message"]
+    # values that ask for nothing pass, as clients send them by default
+    ok = post(messages=hi, tools=[], best_of=1, parallel_tool_calls=True, store=False, user="u-1")
+    assert ok.status_code == 200, ok.text
+    parts = post(messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                                        {"type": "text", "text": "of France?"}]}], temperature=0)
+    whole = post(messages=[{"role": "user", "content": "What is the capital\nof France?"}], temperature=0)
+    assert parts.json()["choices"][0]["message"] == whole.json()["choices"][0]["message"]
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=24)
+    age: int = pydantic.Field(ge=0, le=120)
+
+
+class Colour(str, enum.Enum):
+    red, green, blue = "red", "green", "blue"
+
+
+class Palette(pydantic.BaseModel):
+    favourite: Colour
+    others: list[Colour] = pydantic.Field(max_length=3)
+
+
+class Point(pydantic.BaseModel):
+    x: float = pydantic.Field(ge=-10, le=10)
+    y: float
+    label: str | None = pydantic.Field(default=None, max_length=12)
+
+
+class Shape(pydantic.BaseModel):
+    points: list[Point] = pydantic.Field(min_length=1, max_length=3)
+    closed: bool
+
+
+@pytest.mark.timeout(300)
+def test_the_openai_clients_parse_returns_an_object_of_each_schema(client):
+    questions = ["Tell me about a famous scientist.", "Describe your best friend.", "Who wrote Hamlet?",
+                 "What colours do you like?", "Describe a sunset.", "Draw a triangle.", "Give me two points.",
+                 "Invent a character for a story.", "What is a rainbow made of?", "Plot the origin.",
+                 "Who is the president?", "Paint a room.", "Name a painter.", "A square, please.", "Hello!",
+                 "What is 2 + 2?", "Pick a flag's colours.", "Describe a line.", "Who are you?", "Any polygon."]
+    schemas = [Person, Palette, Shape]
+
+    def ask(k: int):
+        schema = schemas[k % 3]
+        r = client.chat.completions.parse(model="smol", messages=[{"role": "user", "content": questions[k]}],
+                                          response_format=schema, max_tokens=128, temperature=0.7, seed=k)
+        return schema, r.choices[0]
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(ask, range(20)))
+    for schema, choice in answers:
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(choice.message.parsed, schema)
+    json_object = client.chat.completions.create(model="smol", max_tokens=64, response_format={"type": "json_object"},
+                                                 messages=[{"role": "user", "content": "A JSON object about cats."}])
+    if json_object.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(json_object.choices[0].message.content), dict)
+
+
+@pytest.mark.timeout(300)
+def test_echo_gives_the_prompts_own_log_probabilities(client, smollm2_loaded):
+    model, tokenizer, _ = smollm2_loaded
+    prompt = "The quick brown fox jumps over the lazy dog because it"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for sent in (prompt, ids):  # text, and token ids as lm-evaluation-harness sends them
+        r = client.completions.create(model="smol", prompt=sent, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        got = r.choices[0].logprobs
+        assert r.choices[0].text.startswith(prompt)
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        assert len(got.token_logprobs) == len(ids) + 1  # the prompt's tokens, then the one generated
+        for i in range(1, len(ids)):
+            assert abs(got.token_logprobs[i] - lp[i - 1, ids[i]].item()) < 1e-4
+        assert "".join(got.tokens[: len(ids)]) == prompt and got.text_offset[: 2] == [0, len(got.tokens[0])]
+        assert got.tokens[-1] == tokenizer.decode([int(lp[-1].argmax())])
+
+
+@pytest.mark.timeout(300)
+def test_penalties_bias_and_n_change_the_output_as_defined(client, smollm2_loaded):
+    tok = smollm2_loaded.tokenizer
+    prompt = "Count: one, two, three, four,"
+    free = client.completions.create(model="smol", prompt=prompt, max_tokens=12, temperature=0)
+    ids = tok(free.choices[0].text, add_special_tokens=False)["input_ids"]
+    banned = {str(t): -100 for t in set(ids)}
+    cut = client.completions.create(model="smol", prompt=prompt, max_tokens=12, temperature=0, logit_bias=banned)
+    assert not set(tok(cut.choices[0].text, add_special_tokens=False)["input_ids"]) & set(ids)
+    forced = client.completions.create(model="smol", prompt=prompt, max_tokens=3, logit_bias={"28": 100})
+    assert forced.choices[0].text == tok.decode([28] * 3)
+    repeat = "the the the the the the the the"
+    plain = client.completions.create(model="smol", prompt=repeat, max_tokens=8, temperature=0)
+    penalised = client.completions.create(model="smol", prompt=repeat, max_tokens=8, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain.choices[0].text != penalised.choices[0].text
+    seeded = [client.chat.completions.create(model="smol", n=3, seed=5, max_tokens=12, temperature=1.0,
+                                             messages=[{"role": "user", "content": "Name a fruit."}])
+              for _ in range(2)]
+    texts = [[c.message.content for c in r.choices] for r in seeded]
+    assert texts[0] == texts[1] and [c.index for c in seeded[0].choices] == [0, 1, 2]
+    assert len(set(texts[0])) > 1 and seeded[0].usage.prompt_tokens == seeded[1].usage.prompt_tokens
+    streamed = list(client.chat.completions.create(model="smol", n=3, seed=5, max_tokens=12, temperature=1.0,
+                                                   messages=[{"role": "user", "content": "Name a fruit."}],
+                                                   stream=True, stream_options={"include_usage": True}))
+    joined = ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == k)
+              for k in range(3)]
+    assert joined == texts[0] and streamed[-1].usage.completion_tokens == seeded[0].usage.completion_tokens
+    choice = client.completions.create(model="smol", prompt="Is the sky blue? Answer:", max_tokens=4,
+                                       extra_body={"guided_choice": [" yes", " no"]})
+    assert choice.choices[0].text in (" yes", " no")

@@ -45,6 +45,9 @@ def test_serve_run_config_then_curl_and_openai_as_in_the_readme(tmp_path):
         snippet = readme_block("or from Python", "python")
         out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "Paris" in out.stdout, out.stdout + out.stderr
+        snippet = readme_block("**Structured outputs.**", "python")
+        out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "name='Paris'" in out.stdout, out.stdout + out.stderr
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # serve run shuts the application down on Ctrl-C

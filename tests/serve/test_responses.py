@@ -71,18 +71,22 @@ def test_built_bodies_parse_as_the_openai_types():
     lp = [TokenLogprob(token_id=5, logprob=-0.5, top=[(5, -0.5), (7, -1.5)])]
     text = Pieces({5: b"Hi", 7: b"Yo"})
     chat = oai_chat.ChatCompletion.model_validate(
-        rs.chat_completion("m", "Hello", "stop", 7, 3, rs.chat_logprobs(lp, text)))
+        rs.chat_completion("m", ["Hello", "Hi"], ["stop", "length"], 7, 3, [rs.chat_logprobs(lp, text), None]))
     assert chat.choices[0].message.content == "Hello" and chat.usage.total_tokens == 10
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[1].finish_reason == "length"
     assert chat.choices[0].logprobs.content[0].top_logprobs[1].token == "Yo"
     plain = oai.Completion.model_validate(rs.completion("m", ["a", "b"], ["length", "stop"], 4, 6))
     assert [c.text for c in plain.choices] == ["a", "b"] and plain.choices[1].finish_reason == "stop"
-    first = rs.chunk(True, "id1", 1, "m", rs.ChatChunkChoice(index=0, delta=rs.Delta(role="assistant", content=""),
-                                                            finish_reason=None))
-    assert "usage" not in first  # usage only on the last chunk
-    last = oai_chat.ChatCompletionChunk.model_validate(
-        rs.chunk(True, "id1", 1, "m", rs.ChatChunkChoice(index=0, delta=rs.Delta(), finish_reason="length"),
-                 rs.usage(3, 2)))
-    assert last.usage.completion_tokens == 2 and last.choices[0].finish_reason == "length"
+    first = rs.chunk(True, "id1", 1, "m", [rs.ChatChunkChoice(index=0, delta=rs.Delta(role="assistant", content=""),
+                                                             finish_reason=None)])
+    assert "usage" not in first  # usage only in a last chunk of its own
+    ended = oai_chat.ChatCompletionChunk.model_validate(
+        rs.chunk(True, "id1", 1, "m", [rs.ChatChunkChoice(index=0, delta=rs.Delta(), finish_reason="length")]))
+    assert ended.choices[0].finish_reason == "length" and ended.usage is None
+    last = oai_chat.ChatCompletionChunk.model_validate(rs.chunk(True, "id1", 1, "m", [], rs.usage(3, 2)))
+    assert last.usage.completion_tokens == 2 and last.choices == []
+    echoed = rs.completion_logprobs([TokenLogprob(5, None), TokenLogprob(7, -1.5, [(7, -1.5)])], text)
+    assert echoed["token_logprobs"] == [None, -1.5] and echoed["top_logprobs"] == [None, {"Yo": -1.5}]
     vectors = oai.CreateEmbeddingResponse.model_validate(rs.embeddings("m", [[0.5, 1.0]], 3, "float"))
     assert vectors.data[0].embedding == [0.5, 1.0] and vectors.usage.prompt_tokens == 3
     assert isinstance(rs.embeddings("m", [[0.5, 1.0]], 3, "base64")["data"][0]["embedding"], str)

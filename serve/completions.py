@@ -1,0 +1,201 @@
+"""The work of the OpenAI generation routes, between a parsed request body and the engine.
+
+    work = Completions(engine, tokenizer, name="smol", default_max_tokens=64, context=2048)
+    body = await work.completions(CompletionRequest(...), max_items=64)   # a dict, or a StreamingResponse
+    body = await work.chat(ChatRequest(...))
+
+Prompts come as text or token ids; each asks for ``n`` sequences (one prefill, engine.core.Engine.submit_n);
+``echo`` with ``logprobs`` gives the prompt's own token log-probabilities, computed in the prefill the request runs
+anyway; ``stream: true`` sends server-sent events of every sequence as they come, and the usage in a last chunk of
+its own when ``stream_options.include_usage`` asks for it (OpenAI's shape). serve.app's routes parse and delegate
+here; the request checks are serve.protocol's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from compress import data
+from engine.interface import EngineClient
+from engine.output import TokenBytes
+from engine.request import Generation, RequestHandle, RequestOutput, TokenLogprob
+from engine.sampling import SamplingParams
+from serve import protocol as oa
+from serve import responses as rs
+from serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
+
+
+class Completions:
+    def __init__(self, engine: EngineClient, tokenizer, name: str, default_max_tokens: int, context: int,
+                 vocab_size: int):
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.default_max_tokens, self.context, self.vocab_size = default_max_tokens, context, vocab_size
+        self.token_bytes = TokenBytes(tokenizer)  # what logprobs report for each token id
+
+    async def completions(self, body: CompletionRequest, max_items: int) -> dict | StreamingResponse:
+        prompts = oa.prompts_of(body, max_items)
+        ids = [self._ids(p) for p in prompts]
+        echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        params = self.params(body, max(len(i) for i in ids), body.logprobs, prompt_logprobs=echo_lp)
+        if body.stream:
+            if body.echo:
+                raise APIError(400, "echo is not available with stream: true", "echo")
+            return await self._sse(ids, params, body.n, chat=False, include_usage=body.include_usage)
+        results = await self._generate(ids, params, body.n)
+        texts, logprobs = [], []
+        for k, g in enumerate(results):
+            prompt = ids[k // body.n]
+            lp = g.logprobs if body.logprobs is not None else None
+            if body.echo:
+                head = prompts[k // body.n]
+                texts.append((head if isinstance(head, str) else self.tokenizer.decode(prompt)) + g.text)
+                if lp is not None:
+                    lp = [TokenLogprob(prompt[0], None), *g.prompt_logprobs[1:], *lp]
+            else:
+                texts.append(g.text)
+            logprobs.append(rs.completion_logprobs(lp, self.token_bytes))
+        return rs.completion(self.name, texts, [g.finish_reason for g in results], sum(map(len, ids)),
+                             sum(len(g.token_ids) for g in results), logprobs,
+                             sum(g.num_cached_tokens for g in results[:: body.n]))  # a prompt's, once
+
+    async def chat(self, body: ChatRequest) -> dict | StreamingResponse:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        try:
+            text = await asyncio.to_thread(data.chat_text, self.tokenizer, messages)
+        except Exception as e:  # a template may reject a message order; that is the request's fault
+            message = f"messages could not be formatted with the model's chat template: {e}"
+            raise APIError(400, message, "messages") from e
+        ids = data.prompt_ids(self.tokenizer, text, templated=True)
+        params = self.params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None)
+        if body.stream:
+            return await self._sse([ids], params, body.n, chat=True, include_usage=body.include_usage)
+        results = await self._generate([ids], params, body.n)
+        return rs.chat_completion(self.name, [g.text for g in results], [g.finish_reason for g in results], len(ids),
+                                  sum(len(g.token_ids) for g in results),
+                                  [rs.chat_logprobs(g.logprobs, self.token_bytes) for g in results],
+                                  results[0].num_cached_tokens)
+
+    def params(self, body, prompt_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+               ) -> SamplingParams:
+        settings = oa.generation_settings(body, self.default_max_tokens)
+        if prompt_tokens + settings["max_tokens"] > self.context:
+            raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {settings['max_tokens']} exceeds the "
+                                f"server's limit of {self.context} tokens (max_model_len)", "max_tokens")
+        try:
+            return SamplingParams(**settings, **oa.engine_settings(body, self.vocab_size), logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
+        except ValueError as e:  # a combination the engine refuses (a grammar with min_tokens, ...)
+            raise APIError(400, str(e)) from e
+
+    # -- the engine -----------------------------------------------------------------------------------------------
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return data.prompt_ids(self.tokenizer, prompt, templated=False)
+        bad = next((t for t in prompt if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt: token id {bad} is not in this model's vocabulary (0..{self.vocab_size - 1})",
+                           "prompt")
+        return list(prompt)
+
+    async def _submit(self, ids: list[list[int]], params: SamplingParams, n: int) -> list[RequestHandle]:
+        """n handles per prompt, prompt by prompt; a grammar compiles in a worker thread, off the event loop."""
+        def submit_all() -> list[RequestHandle]:
+            handles = []
+            try:
+                for prompt in ids:
+                    handles += self.engine.submit_n(prompt, params, n)
+            except BaseException:
+                for h in handles:
+                    h.cancel()
+                raise
+            return handles
+
+        try:
+            return await asyncio.to_thread(submit_all) if params.guided is not None else submit_all()
+        except ValueError as e:  # a grammar that does not compile, a prompt the engine cannot take
+            raise APIError(400, str(e)) from e
+
+    async def _generate(self, ids: list[list[int]], params: SamplingParams, n: int) -> list[Generation]:
+        """Every sequence to its end; a caller that goes away cancels them all."""
+        handles = await self._submit(ids, params, n)
+        try:
+            results = await asyncio.gather(*(h.final() for h in handles))
+        finally:
+            for h in handles:
+                h.cancel()
+        failed = next((r for r in results if r.error), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", kind="server_error")
+        return results
+
+    async def _sse(self, ids: list[list[int]], params: SamplingParams, n: int, chat: bool,
+                   include_usage: bool) -> StreamingResponse:
+        """Server-sent events: chunks of new text for each sequence as it comes, each ending with its finish reason;
+        then the usage (when asked for) and [DONE]."""
+        handles = await self._submit(ids, params, n)
+        rid, created = rs.new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
+
+        def event(choices, usage=None) -> str:
+            return f"data: {json.dumps(rs.chunk(chat, rid, created, self.name, choices, usage))}\n\n"
+
+        async def events():
+            offsets, generated, cached = [0] * len(handles), 0, 0
+            if chat:
+                yield event([rs.ChatChunkChoice(index=k, delta=rs.Delta(role="assistant", content=""),
+                                                finish_reason=None) for k in range(len(handles))])
+            async for k, out in merged(handles):
+                if out.error:
+                    yield f"data: {json.dumps(error_body(out.error, 'server_error'))}\n\n"
+                    break
+                if out.finished:
+                    generated += out.num_generated_tokens
+                    cached += out.num_cached_tokens if k % n == 0 else 0  # a prompt's, once
+                if out.text or out.finished or out.logprobs:
+                    yield event([self._choice(chat, k, out, offsets[k])])
+                    offsets[k] += len(out.text)
+            else:
+                if include_usage:
+                    yield event([], rs.usage(sum(map(len, ids)), generated, cached))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _choice(self, chat: bool, index: int, out: RequestOutput, offset: int):
+        finish = out.finish_reason if out.finished else None
+        if chat:
+            delta = rs.Delta(content=out.text) if out.text else rs.Delta()
+            return rs.ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                      logprobs=rs.chat_logprobs(out.logprobs, self.token_bytes))
+        return rs.CompletionChoice(index=index, text=out.text, finish_reason=finish,
+                                   logprobs=rs.completion_logprobs(out.logprobs, self.token_bytes, offset))
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The events of several requests as they come, each with its request's index. Leaving early (a client that
+    went away) cancels every request."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, handle: RequestHandle) -> None:
+        async for out in handle:
+            await queue.put((k, out))
+
+    tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            k, out = await queue.get()
+            left -= out.finished
+            yield k, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            h.cancel()
