@@ -158,7 +158,9 @@ def main() -> None:
     text = source_text(Path(args.text))
     results: dict[tuple, list[dict]] = {}
     for variant in args.variants:
-        model = base if variant == "float32" else specs.apply_(copy.deepcopy(base), variant)
+        model = base if variant == "float32" else copy.deepcopy(base)
+        if variant != "float32":
+            specs.apply_(model, variant)  # in place
         for r in range(args.rounds):
             for work in args.workloads:
                 for setting in (("on", "off") if r % 2 == 0 else ("off", "on")):

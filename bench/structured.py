@@ -105,7 +105,9 @@ def job_run(model: str, rows: int, schema: bool, folder: Path, batch: int) -> di
                 pass
     unexplained = sum(1 for r in table if schema and r["error"] is None and r["finish_reason"] == "stop"
                       and not _parses(r["generated_text"]))
-    return {"rc": rc, "rows_out": len(table), "rows_per_s": len(table) / seconds, "valid": valid,
+    tokens = sum(r["num_generated_tokens"] or 0 for r in table)
+    return {"rc": rc, "rows_out": len(table), "rows_per_s": len(table) / seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_row": tokens / len(table), "valid": valid,
             "length": sum(r["finish_reason"] == "length" for r in table), "errors": sum(r["error"] is not None
                                                                                          for r in table),
             "broken_without_reason": unexplained}
@@ -134,7 +136,9 @@ def main() -> None:
     print(f"CPU: {cpu_description()}", flush=True)
     if "step" in args.parts:
         base, tokenizer, _ = models.load(args.model)
-        model = base if args.variant == "float32" else specs.apply_(copy.deepcopy(base), args.variant)
+        model = base if args.variant == "float32" else copy.deepcopy(base)
+        if args.variant != "float32":
+            specs.apply_(model, args.variant)  # in place
         runs = {True: [], False: []}
         for r in range(args.rounds):
             for guided in ((True, False) if r % 2 == 0 else (False, True)):
@@ -157,11 +161,14 @@ def main() -> None:
                 for schema in ((True, False) if r % 2 == 0 else (False, True)):
                     runs[schema].append(job_run(args.model, args.rows, schema, Path(tmp), args.batch))
                     print(f"round {r + 1} schema={schema}: {runs[schema][-1]}", file=sys.stderr, flush=True)
-        s = statistics.median(x["rows_per_s"] for x in runs[True])
-        f = statistics.median(x["rows_per_s"] for x in runs[False])
-        last = runs[True][-1]
-        print(f"job, {args.model} float32, {args.rows} rows, batch {args.batch}: with the schema {s:.2f} rows/s, "
-              f"without {f:.2f} rows/s ({s / f:.2f}x); rows out {last['rows_out']} of {args.rows}; valid JSON "
+        med = {g: {k: statistics.median(x[k] for x in v) for k in ("rows_per_s", "tokens_per_s", "tokens_per_row")}
+               for g, v in runs.items()}
+        s, f, last = med[True], med[False], runs[True][-1]
+        print(f"job, {args.model} float32, {args.rows} rows, batch {args.batch}: generated tokens/s with the schema "
+              f"{s['tokens_per_s']:.1f}, without {f['tokens_per_s']:.1f} "
+              f"({s['tokens_per_s'] / f['tokens_per_s']:.2f}x); "
+              f"rows/s {s['rows_per_s']:.3f} vs {f['rows_per_s']:.3f} (answers of {s['tokens_per_row']:.0f} vs "
+              f"{f['tokens_per_row']:.0f} tokens); rows out {last['rows_out']} of {args.rows}; valid JSON "
               f"{last['valid']}, ended by length {last['length']}, errors {last['errors']}, broken without a "
               f"reason {last['broken_without_reason']}")
 

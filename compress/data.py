@@ -128,9 +128,10 @@ def generated_texts(model, tokenizer, n: int = 16, max_new_tokens: int = 96, see
     return texts
 
 
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    """OpenAI-style messages through the model's chat template, ending where the assistant's answer starts."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def chat_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """OpenAI-style messages (and tools, for a template that renders them) through the model's chat template, ending
+    where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def chat_prompt(tokenizer, user_text: str) -> str:

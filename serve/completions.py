@@ -24,10 +24,11 @@ from compress import data
 from engine.interface import EngineClient
 from engine.output import TokenBytes
 from engine.request import Generation, RequestHandle, RequestOutput, TokenLogprob
-from engine.sampling import SamplingParams
+from engine.sampling import Guided, SamplingParams
 from serve import protocol as oa
 from serve import responses as rs
 from serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
+from serve.tools import plan_tools
 
 
 class Completions:
@@ -66,31 +67,44 @@ class Completions:
     async def chat(self, body: ChatRequest) -> dict | StreamingResponse:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        plan = plan_tools(body, self.tokenizer)
+        if plan is None:
+            messages, template_args = [{"role": m.role, "content": m.content} for m in body.messages], {}
+        else:
+            messages, template_args = plan.messages(body)
         try:
-            text = await asyncio.to_thread(data.chat_text, self.tokenizer, messages)
+            text = await asyncio.to_thread(data.chat_text, self.tokenizer, messages, **template_args)
         except Exception as e:  # a template may reject a message order; that is the request's fault
             message = f"messages could not be formatted with the model's chat template: {e}"
             raise APIError(400, message, "messages") from e
         ids = data.prompt_ids(self.tokenizer, text, templated=True)
-        params = self.params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None)
+        params = self.params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None,
+                             guided=plan.guided if plan else None)
         if body.stream:
+            if plan is not None and plan.choice != "none":
+                raise APIError(400, "tool calls are not available with stream: true yet", "stream")
             return await self._sse([ids], params, body.n, chat=True, include_usage=body.include_usage)
         results = await self._generate([ids], params, body.n)
+        calls = [plan.parse(g.text) if plan else None for g in results]
         return rs.chat_completion(self.name, [g.text for g in results], [g.finish_reason for g in results], len(ids),
                                   sum(len(g.token_ids) for g in results),
                                   [rs.chat_logprobs(g.logprobs, self.token_bytes) for g in results],
-                                  results[0].num_cached_tokens)
+                                  results[0].num_cached_tokens, tool_calls=calls)
 
-    def params(self, body, prompt_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
-               ) -> SamplingParams:
+    def params(self, body, prompt_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+               guided: Guided | None = None) -> SamplingParams:
+        """The request's SamplingParams; ``guided``: a grammar of the server's own (a required tool call)."""
         settings = oa.generation_settings(body, self.default_max_tokens)
         if prompt_tokens + settings["max_tokens"] > self.context:
             raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {settings['max_tokens']} exceeds the "
                                 f"server's limit of {self.context} tokens (max_model_len)", "max_tokens")
+        settings |= oa.engine_settings(body, self.vocab_size)
+        if guided is not None:
+            if "guided" in settings:
+                raise APIError(400, "a tool call and a grammar both shape the answer: ask for one", "tool_choice")
+            settings["guided"] = guided
         try:
-            return SamplingParams(**settings, **oa.engine_settings(body, self.vocab_size), logprobs=logprobs,
-                                  prompt_logprobs=prompt_logprobs)
+            return SamplingParams(**settings, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # a combination the engine refuses (a grammar with min_tokens, ...)
             raise APIError(400, str(e)) from e
 

@@ -3,7 +3,7 @@
 The request models list the fields raypress honours: OpenAI's, and vLLM's extras (``top_k``, ``min_tokens``,
 ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``guided_*``, ``structured_outputs``). Nothing a client
 sends is silently dropped: an OpenAI field raypress does not implement gets a 400 that names it and says why
-(``REFUSED``), unless its value asks for nothing (``"best_of": 1``, ``"tools": []``); any other unknown field gets a
+(``REFUSED``), unless its value asks for nothing (``"best_of": 1``, ``"store": false``); any other unknown field gets a
 400 too, unless the server allows them (``allow_unknown_fields``). The checks and settings below are shared by the
 synchronous routes and the Batch API's runner, so that a request gets the same answer or the same error both ways.
 Response bodies are in serve/responses.py.
@@ -24,15 +24,14 @@ MAX_MESSAGES = 1024
 MAX_ITEMS = 2048  # prompts of a completion or inputs of an embedding request; servers may set a lower cap
 MAX_N = 16  # sequences per prompt
 
-_TOOLS = "tools and function calling are not implemented yet; ask for response_format json_schema instead"
+_FUNCTIONS = "functions and function_call are OpenAI's deprecated form: send tools and tool_choice"
 REFUSED = {  # OpenAI request fields raypress does not implement, and what to do instead
     "best_of": "best_of is not implemented: ask for n completions (with logprobs) and choose among them",
     "suffix": "suffix (text insertion) is not implemented",
     "audio": "audio output is not implemented: this server serves text",
     "modalities": "only the text modality is served",
     "prediction": "predicted outputs are not implemented",
-    "tools": _TOOLS, "tool_choice": _TOOLS, "functions": _TOOLS, "function_call": _TOOLS,
-    "tool_calls": _TOOLS, "tool_call_id": _TOOLS,
+    "functions": _FUNCTIONS, "function_call": _FUNCTIONS,
     "reasoning_effort": "reasoning_effort is for reasoning models; this server does not implement it",
     "web_search_options": "web search is not implemented",
     "store": "store (keeping completions on the server) is not implemented",
@@ -41,11 +40,9 @@ REFUSED = {  # OpenAI request fields raypress does not implement, and what to do
 }
 _ASKS_NOTHING = {  # values of refused fields that ask for nothing: accepted, as clients send them by default
     "best_of": (None, 1), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "dimensions": (None,), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "tool_calls": (None, []), "tool_call_id": (None,),
-    "reasoning_effort": (None,),
+    "prediction": (None,), "dimensions": (None,), "functions": (None, []),
+    "function_call": (None, "none"), "reasoning_effort": (None,),
     "web_search_options": (None,), "store": (None, False), "service_tier": (None, "auto", "default"),
-    "parallel_tool_calls": (None, True, False),  # without tools it changes nothing
 }
 _ALLOW_UNKNOWN: list[contextvars.ContextVar] = []  # made at first use: Ray Serve pickles the app, a ContextVar not
 
@@ -313,10 +310,23 @@ class TextPart(_Strict):
     text: Text
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[dict] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -332,10 +342,34 @@ class ChatMessage(_Strict):
         return "\n".join(TextPart.model_validate(p).text for p in value)
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # enforced either way where a call is required or named
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # allows several calls per answer; raypress's answers hold one
 
 
 class EmbeddingRequest(_Strict):

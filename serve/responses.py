@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from engine.request import TokenLogprob
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(BaseModel):
@@ -49,9 +49,21 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -189,11 +201,18 @@ def completion(model: str, texts: list[str], finish_reasons: list[str], prompt_t
 
 
 def chat_completion(model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int,
-                    completion_tokens: int, logprobs: list | None = None, cached_tokens: int = 0) -> dict:
-    """A whole ``chat.completion``: one choice per sequence (``n``)."""
+                    completion_tokens: int, logprobs: list | None = None, cached_tokens: int = 0,
+                    tool_calls: list[list[dict] | None] | None = None) -> dict:
+    """A whole ``chat.completion``: one choice per sequence (``n``); a choice with tool calls has no content and
+    finish_reason ``tool_calls``."""
     logprobs = logprobs or [None] * len(texts)
-    choices = [ChatChoice(index=k, message=AssistantMessage(role="assistant", content=t), finish_reason=f, logprobs=lp)
-               for k, (t, f, lp) in enumerate(zip(texts, finish_reasons, logprobs, strict=True))]
+    tool_calls = tool_calls or [None] * len(texts)
+    choices = []
+    for k, (t, f, lp, calls) in enumerate(zip(texts, finish_reasons, logprobs, tool_calls, strict=True)):
+        message = AssistantMessage(role="assistant", content=t if not calls else None)
+        if calls:
+            message.tool_calls = [ToolCall.model_validate(c) for c in calls]
+        choices.append(ChatChoice(index=k, message=message, finish_reason="tool_calls" if calls else f, logprobs=lp))
     body = ChatCompletion(id=new_id("chatcmpl-"), object="chat.completion", created=int(time.time()), model=model,
                           choices=choices, usage=usage(prompt_tokens, completion_tokens, cached_tokens))
     return body.model_dump(exclude_unset=True)

@@ -332,13 +332,13 @@ def test_chat_fields_the_server_does_not_implement_are_refused_by_name(smol_url)
     hi = [{"role": "user", "content": "hi"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    for body, param in [({"tools": [tool]}, "tools"), ({"audio": {"voice": "x"}}, "audio"),
+    for body, param in [({"functions": [tool["function"]]}, "functions"), ({"audio": {"voice": "x"}}, "audio"),
                         ({"messages": image}, "messages.0.content"), ({"reasoning_effort": "high"}, "reasoning_effort"),
                         ({"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "messages.0.colour")]:
         r = post(**{"messages": hi, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     assert "image_url" in post(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).text
-    assert "tools" in post(messages=hi, tools=[tool]).json()["error"]["message"]
+    assert "tools" in post(messages=hi, functions=[tool["function"]]).json()["error"]["message"]
     # values that ask for nothing pass, as clients send them by default
     ok = post(messages=hi, tools=[], best_of=1, parallel_tool_calls=True, store=False, user="u-1")
     assert ok.status_code == 200, ok.text
@@ -449,3 +449,46 @@ def test_penalties_bias_and_n_change_the_output_as_defined(client, smollm2_loade
     choice = client.completions.create(model="smol", prompt="Is the sky blue? Answer:", max_tokens=4,
                                        extra_body={"guided_choice": [" yes", " no"]})
     assert choice.choices[0].text in (" yes", " no")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
+                                       "required": ["zone"]}}}
+
+
+@pytest.mark.timeout(300)
+def test_required_and_named_tool_calls_always_parse_as_the_functions_schema(client, smol_url):
+    import jsonschema
+
+    ask = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    named = client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER, TIME], max_tokens=64,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    for k in range(4):
+        required = client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER, TIME], max_tokens=64,
+                                                  tool_choice="required", temperature=1.0, seed=k)
+        (call,) = required.choices[0].message.tool_calls
+        fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
+        jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
+    # the call and its result go back in the history; the model answers in text
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [named.choices[0].message.tool_calls[0]
+                                                                            .model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    answer = client.chat.completions.create(model="smol", messages=history, tools=[WEATHER], tool_choice="none",
+                                            max_tokens=24, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+    for body, param in [({"tool_choice": "auto"}, "tool_choice"),  # SmolLM2's template renders no tools: said so
+                        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                        ({"tool_choice": "required", "stream": True}, "stream")]:
+        r = requests.post(f"{smol_url}/v1/chat/completions", timeout=60,
+                          json={"messages": ask, "tools": [WEATHER], "max_tokens": 8, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
