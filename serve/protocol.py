@@ -185,14 +185,12 @@ def _guided(body: _Sampling) -> Guided | None:
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise APIError(400, "response_format: type json_schema needs json_schema.schema", "response_format")
         asked.append(("response_format", Guided("json_schema", json.dumps(rf.json_schema.schema_))))
-    so = body.structured_outputs.model_dump(exclude_none=True) if body.structured_outputs else {}
+    so = body.structured_outputs.model_dump(exclude_none=True, by_alias=True) if body.structured_outputs else {}
     for kind, value in [*((f"guided_{k}", getattr(body, f"guided_{k}")) for k in _GUIDED), *so.items()]:
         if value is None:
             continue
         k = kind.removeprefix("guided_")
-        spec = value if isinstance(value, str) and k in ("regex", "grammar") else json.dumps(value)
-        if k == "json" and isinstance(value, str):
-            spec = value
+        spec = value if isinstance(value, str) else json.dumps(value)  # a schema or choices may come as JSON text
         where = kind if kind.startswith("guided_") else "structured_outputs"
         try:
             asked.append((where, Guided("json_schema" if k == "json" else k, spec)))
@@ -256,9 +254,6 @@ class StructuredOutputs(_Strict):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
-
-    def model_dump(self, **kw):
-        return {k.rstrip("_"): v for k, v in super().model_dump(**kw).items()}
 
 
 class StreamOptions(_Strict):
