@@ -106,22 +106,18 @@ class Engine:
         """Queue a request; its events arrive on the returned handle. Raises ValueError for one that cannot run (too
         long for max_model_len, a grammar that does not compile)."""
         self.check(prompt, params)
-        return self._queue(prompt, params, request_id, None)[0]
+        return self._queue(prompt, params, request_id)
 
     def submit_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[RequestHandle]:
-        """``n`` sequences of one prompt (OpenAI's ``n``). The first is prefilled and the others start from its
-        cached blocks, so the prompt is computed once (with prefix caching on). With a seed, sequence i draws
-        with seed + i, so the n differ and a repeated request repeats all of them."""
+        """``n`` sequences of one prompt (OpenAI's ``n``). The first is prefilled and the others wait for its full
+        blocks and start from them cached (the scheduler's rule for any requests sharing a prefix), so the prompt is
+        computed once with prefix caching on. With a seed, sequence i draws with seed + i, so the n differ and a
+        repeated request repeats all of them."""
         if n < 1:
             raise ValueError(f"n={n}: expected >= 1")
         self.check(prompt, params)
-        handles, leader = [], None
-        for i in range(n):
-            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-            handle, seq = self._queue(prompt, p, None, leader)
-            handles.append(handle)
-            leader = leader or seq
-        return handles
+        return [self._queue(prompt, params if params.seed is None or i == 0 else
+                            dataclasses.replace(params, seed=params.seed + i), None) for i in range(n)]
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError (with the reason) for a request this engine cannot run; compiles its grammar."""
@@ -134,11 +130,10 @@ class Engine:
         if params.guided is not None:
             self._guide().compile(params.guided)  # cached by its text: _queue's compile finds it
 
-    def _queue(self, prompt, params, request_id, leader) -> tuple[RequestHandle, Sequence]:
+    def _queue(self, prompt, params, request_id) -> RequestHandle:
         request_id = request_id or f"req-{next(_ids)}"
         handle = RequestHandle(request_id, len(prompt), cancel=lambda: self.cancel(request_id))
         seq = Sequence(request_id, list(prompt), params, handle, Detokenizer(self.tokenizer, params.stop))
-        seq.leader = leader
         if params.guided is not None:  # compiled here, in the caller's thread: never on the engine's
             guide = self._guide()
             seq.matcher = guide.matcher(guide.compile(params.guided))
@@ -146,7 +141,7 @@ class Engine:
             if self._closed:
                 raise RuntimeError("the engine has been shut down: it takes no more requests")
             self._inbox.put(("add", seq))
-        return handle, seq
+        return handle
 
     def _guide(self) -> Guide:
         with self._lock:  # made at the first guided request: reading the vocabulary takes a moment

@@ -152,7 +152,6 @@ class Sequence:
         self.admitted = False
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.matcher = None  # guided decoding: where the output is in its grammar (engine.guided)
-        self.leader: Sequence | None = None  # n > 1: the sibling whose prefill this one waits for, then shares
         # the log-probability of each prompt token given those before it, gathered as the prefill runs
         self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.sent_prompt_logprobs = False

@@ -97,11 +97,12 @@ class Scheduler:
                 if n:
                     chunks.append((seq, n))
                     chunk_budget -= n
+        in_flight = self._in_flight() if self.waiting and self.pool.prefix_caching else set()
         for seq in list(self.waiting):
             if chunk_budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if self._sibling_waits(seq):
-                continue  # n > 1: after its leader's prefill, whose blocks it then shares
+            if self._waits_for_prefix(seq, in_flight):
+                continue  # its next blocks are being computed by a running request: it takes them cached instead
             n = self._admit(seq, chunk_budget)
             if not n:
                 break  # first come, first served: the first that does not fit waits for blocks, and those behind it
@@ -109,14 +110,23 @@ class Scheduler:
             self.running.append(seq)
             chunks.append((seq, n))
             chunk_budget -= n
+            if self.pool.prefix_caching:
+                in_flight.update(seq.digests[seq.registered :])
         return Step(decodes + chunks, len(decodes))
 
-    def _sibling_waits(self, seq: Sequence) -> bool:
-        leader = seq.leader
-        if leader is None or not self.pool.prefix_caching:
+    def _in_flight(self) -> set[bytes]:
+        """Digests of the full prompt blocks that running requests are computing and have not cached yet."""
+        return {d for s in self.running if s.computed < len(s.prompt) for d in s.digests[s.registered :]}
+
+    def _waits_for_prefix(self, seq: Sequence, in_flight: set[bytes]) -> bool:
+        """Whether the first block ``seq`` would compute is one a running request is computing now: then ``seq``
+        waits a step and starts after it, cached, instead of computing the same block again. Requests that arrive
+        together with one system prompt (or n sequences of one prompt) prefill it once."""
+        if not in_flight or seq.wants_prompt_logits:
             return False
-        alive = leader in self.running or leader in self.waiting
-        return alive and leader.computed < len(leader.prompt)
+        seq.digests = self.pool.digests(seq.tokens[: seq.num_tokens - 1], seq.digests)
+        hit = len(self.pool.lookup(seq.digests))
+        return hit < len(seq.digests) and seq.digests[hit] in in_flight
 
     def advance(self, parts: list[tuple[Sequence, int]]) -> list[int]:
         """The parts' tokens are in the cache now; caches their newly full blocks, and returns the rows whose part

@@ -49,6 +49,23 @@ def test_greedy_tokens_are_the_same_with_and_without_the_prefix_cache(sharp_llam
     assert plain.stats().cache.cached_tokens == 0
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(sharp_llama, tok):
+    """Six requests with one 80-token prefix, queued at once: the first computes it and the others wait the steps
+    it takes, then start from its cached blocks; a request with nothing in common is not held up."""
+    rng = random.Random(5)
+    vocab = sharp_llama.config.vocab_size
+    prefix = [rng.randrange(10, vocab) for _ in range(80)]
+    prompts = prompts_sharing(rng, prefix, 6, vocab) + [[rng.randrange(10, vocab) for _ in range(30)]]
+    # a step budget that takes every prompt at once (the server's default): only the rule keeps them apart
+    cached = Engine(sharp_llama, tok, max_num_seqs=8, max_model_len=256, max_batch_tokens=512)
+    plain = Engine(sharp_llama, tok, max_num_seqs=8, max_model_len=256, max_batch_tokens=512, prefix_caching=False)
+    params = [SamplingParams(max_tokens=8)] * len(prompts)
+    together = cached.generate(prompts, params)  # every request queued before the first step
+    assert [g.token_ids for g in together] == [g.token_ids for g in plain.generate(prompts, params)]
+    assert [g.num_cached_tokens for g in together] == [0] + [80] * 5 + [0]
+    assert cached.stats().cache.cached_tokens == 5 * 80
+
+
 def test_a_conversation_sent_again_with_its_next_turn_reuses_the_answer_too(smollm2_loaded):
     """Multi-turn chat resends the history: the second turn's prompt holds the first prompt and the model's answer,
     whose blocks were cached as they filled."""
