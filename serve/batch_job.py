@@ -84,7 +84,7 @@ def parse_requests(data: bytes, endpoint: str, max_requests: int) -> list[tuple[
 
 
 BATCH_LATER = {"logit_bias", "top_k", "ignore_eos", "stop_token_ids", "guided_json", "guided_regex", "guided_choice",
-               "guided_grammar", "structured_outputs", "echo"}
+               "guided_grammar", "structured_outputs", "echo", "tools", "tool_choice", "top_logprobs"}
 ROW_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")  # carried as row columns
 
 

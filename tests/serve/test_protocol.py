@@ -82,3 +82,21 @@ def test_prompts_may_be_text_or_token_ids():
     assert oa.prompts_of(oa.CompletionRequest(prompt=["a", "b"])) == ["a", "b"]
     with pytest.raises(oa.APIError):
         oa.prompts_of(oa.CompletionRequest(prompt=[]))
+
+
+def test_a_batch_line_carries_what_its_rows_hold_and_refuses_the_rest_by_name():
+    from serve.batch_job import to_rows
+
+    chat = {"messages": HI, "max_tokens": 5, "presence_penalty": 0.5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}
+    (row,) = to_rows(0, chat, "/v1/chat/completions", "m", True, 16)
+    assert row["presence_penalty"] == 0.5 and row["json_schema"] == '{"type": "object"}' and row["max_tokens"] == 5
+    tool = {"type": "function", "function": {"name": "f"}}
+    for extra, param in [({"tools": [tool], "tool_choice": "required"}, "tool_choice"), ({"n": 2}, "n"),
+                         ({"logit_bias": {"1": 5}}, "logit_bias"), ({"response_format": {"type": "json_object"}},
+                                                                    "response_format")]:
+        with pytest.raises(oa.APIError) as e:
+            to_rows(0, {"messages": HI, **extra}, "/v1/chat/completions", "m", True, 16)
+        assert e.value.param == param, extra
+    with pytest.raises(oa.APIError, match="token ids"):
+        to_rows(0, {"prompt": [1, 2]}, "/v1/completions", "m", True, 16)
