@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from compress import models
 from engine.sampling import Guided
 from jobs import inputs, storage
-from jobs.predict import Predictor, input_types, postprocess, preprocess
+from jobs.predict import CallLedger, Predictor, input_types, postprocess, preprocess
 
 log = logging.getLogger("jobs.batch_infer")
 TASKS = ("generate", "embed", "score")
@@ -199,6 +199,8 @@ def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num
         context = min(context, max_model_len)
     # rows per actor call: the engine starts each as a slot frees up; more rows per call, less idle tail per call
     rows_per_call = batch_size * 8
+    # Ray restarts a dead model actor and retries its call there; the ledger bounds how often one call may kill it
+    ledger = ray.remote(CallLedger).options(num_cpus=0).remote()
     ds = ds.map_batches(preprocess, batch_format="pyarrow", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"model": model, "task": task, "column": column, "context": context,
                                    "defaults": defaults})
@@ -207,7 +209,7 @@ def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num
                         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
                         fn_constructor_kwargs={"model": model, "task": task, "column": column,
                                                "max_num_seqs": batch_size, "max_model_len": context,
-                                               "threads": threads},
+                                               "threads": threads, "ledger": ledger},
                         max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"task": task, "schema": schema})

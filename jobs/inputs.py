@@ -11,6 +11,7 @@ fail the read.
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import os
@@ -120,7 +121,7 @@ def _blocks(f, path: str, fmt: str, rows: int, schema: pa.Schema | None) -> Iter
         for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
             yield pa.Table.from_batches([batch])
     elif fmt == "csv":
-        for batch in pacsv.open_csv(f):  # blocks of about 1 MiB of text
+        for batch in _csv_batches(f):  # blocks of about 1 MiB of text
             yield pa.Table.from_batches([batch])
     else:
         block, size = [], 0
@@ -132,6 +133,57 @@ def _blocks(f, path: str, fmt: str, rows: int, schema: pa.Schema | None) -> Iter
                 block, size = [], 0
         if block:
             yield rows_to_table(block, schema)
+
+
+def _csv_batches(f) -> Iterator[pa.RecordBatch]:
+    """A CSV file's blocks, every column as text (null where a cell is empty). CSV has no types, and pyarrow would
+    fix each column's type from the first block: a column empty there and numeric further on (a per-row max_tokens)
+    would fail the whole read. The job types the columns it reads row by row, so a bad cell is its row's error."""
+    head, rest = _csv_header(f)
+    names = next(csv.reader([head.decode("utf-8-sig")]), [])
+    options = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True)
+    yield from pacsv.open_csv(_Replay(head + rest, f), convert_options=options)
+
+
+def _csv_header(f) -> tuple[bytes, bytes]:
+    """(the header line with its newline, the bytes read after it): the first newline outside double quotes."""
+    data, quoted, scanned = b"", False, 0
+    while True:
+        chunk = f.read(1 << 16)
+        data += chunk
+        for i in range(scanned, len(data)):
+            if data[i] == 0x22:  # a quote; "" inside quotes toggles twice
+                quoted = not quoted
+            elif data[i] == 0x0A and not quoted:
+                return data[: i + 1], data[i + 1 :]
+        scanned = len(data)
+        if not chunk:
+            return data, b""
+
+
+class _Replay:
+    """A file object that gives ``head`` and then the rest of ``f``."""
+
+    closed = False
+
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = (self.head, b"") if n is None or n < 0 or n >= len(self.head) else \
+                (self.head[:n], self.head[n:])
+            return out
+        return self.f.read() if n is None or n < 0 else self.f.read(n)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def peek(listing: Listing) -> pa.Table:

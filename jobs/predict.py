@@ -103,14 +103,24 @@ def _row_params(row: dict, defaults: dict) -> SamplingParams:
     """The job's defaults, overridden by the row's own columns (PARAM_COLUMNS); ValueError names a bad value."""
     values = {k: v for k, v in defaults.items() if k != "chat"}
     values.update({k: row[k] for k in PARAM_COLUMNS if not _is_null(row.get(k))})
-    seed = None if values.get("seed") is None else int(values["seed"])
+
+    def number(key: str, kind: type, default=None):  # CSV cells come as text: "64" is 64
+        value = values.get(key)
+        if value is None:
+            return default
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"column {key!r}: expected {'an integer' if kind is int else 'a number'}, got "
+                             f"{value!r}") from None
+
     schema = values.get("json_schema")
-    return SamplingParams(max_tokens=int(values["max_tokens"]), temperature=float(values["temperature"]),
-                          top_p=float(values["top_p"]), seed=seed, stop=stop_strings(values.get("stop")),
-                          presence_penalty=float(values.get("presence_penalty") or 0.0),
-                          frequency_penalty=float(values.get("frequency_penalty") or 0.0),
-                          repetition_penalty=float(values.get("repetition_penalty") or 1.0),
-                          min_tokens=int(values.get("min_tokens") or 0),
+    return SamplingParams(max_tokens=number("max_tokens", int), temperature=number("temperature", float),
+                          top_p=number("top_p", float), seed=number("seed", int), stop=stop_strings(values.get("stop")),
+                          presence_penalty=number("presence_penalty", float, 0.0),
+                          frequency_penalty=number("frequency_penalty", float, 0.0),
+                          repetition_penalty=number("repetition_penalty", float, 1.0),
+                          min_tokens=number("min_tokens", int, 0),
                           guided=Guided("json_schema", schema) if schema else None)
 
 
@@ -123,10 +133,10 @@ class Predictor:
     """
 
     def __init__(self, model: str, task: str, column: str, max_num_seqs: int, max_model_len: int,
-                 threads: int | None = None):
+                 threads: int | None = None, ledger=None):
         import torch
 
-        self.threads = threads
+        self.threads, self.ledger = threads, ledger
         max_memory = None
         if torch.cuda.device_count() > 1:  # this actor holds several GPUs: shard the model's layers over them
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
@@ -146,19 +156,44 @@ class Predictor:
         return self.engine
 
     def __call__(self, batch: dict) -> dict:
-        import torch
+        """The batch's outputs. A call that killed its actor before (Ray retries it on the restarted actor) runs
+        row by row, and a row that was running when the actor died gets an error instead of a third try: one row
+        that kills its actor every time (out of memory, a crash in a kernel) costs its own answer, not the job."""
+        import ray
 
         if self.threads:  # per call: OpenMP keeps the thread count per calling thread
+            import torch
+
             torch.set_num_threads(self.threads)
         n = len(batch["_ids"])
         out = {"_out": np.array([""] * n, dtype=object), "_error": batch["_error"].copy()}
         todo = [i for i in range(n) if not batch["_error"][i]]
+        key = _call_key(batch) if self.ledger is not None else None
+        past = ray.get(self.ledger.begin.remote(key)) if key else {"deaths": 0, "killed": []}
+        if not past["deaths"]:
+            self._run(batch, todo, out)
+        else:
+            for i in todo:
+                deaths_here = past["killed"].count(i)
+                if deaths_here or past["deaths"] > MAX_DEATHS_PER_CALL:
+                    out["_error"][i] = (f"model error: the model actor died {max(deaths_here, 1)} time(s) running "
+                                        "this row (out of memory, or a crash in the model's code); not tried again")
+                    continue
+                ray.get(self.ledger.running.remote(key, i))
+                self._run(batch, [i], out)
+        if key:
+            self.ledger.done.remote(key)
+        batch.update(out)
+        return batch
+
+    def _run(self, batch: dict, todo: list[int], out: dict) -> None:
+        import torch
+
         ids = {i: [int(t) for t in batch["_ids"][i]] for i in todo}
         if self.task == "generate":
             self._generate(ids, batch["_params"], out)
-            batch.update(out)
-            return batch
-        todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
+            return
+        todo = sorted(todo, key=lambda i: len(ids[i]))  # similar lengths together: little padding
         for start in range(0, len(todo), self.max_num_seqs):
             rows = todo[start : start + self.max_num_seqs]
             try:
@@ -173,8 +208,6 @@ class Predictor:
             except Exception as e:  # a batch the model cannot take: record it on its rows and go on
                 for i in rows:
                     out["_error"][i] = f"model error: {type(e).__name__}: {e}"
-        batch.update(out)
-        return batch
 
     def _generate(self, ids: dict[int, list[int]], params: np.ndarray, out: dict) -> None:
         rows = list(ids)
@@ -208,19 +241,96 @@ class Predictor:
                                              "cached": g.num_cached_tokens})
 
 
-def _score(model, ids: list[list[int]], pad: int) -> list[dict]:
+MAX_DEATHS_PER_CALL = 4  # after this many actor deaths in one call, its rows not yet answered get an error
+
+
+class CallLedger:
+    """Which model calls were started and not finished, kept by one small actor of the job's driver across the
+    restarts of the model actors: a call begun again without having finished killed its actor, and the row it was
+    running then (in row-by-row mode) is the one to blame."""
+
+    def __init__(self):
+        self.calls: dict[str, dict] = {}
+
+    def begin(self, key: str) -> dict:
+        call = self.calls.setdefault(key, {"attempts": 0, "running": None, "killed": []})
+        if call["running"] is not None:
+            call["killed"].append(call["running"])
+        call["attempts"] += 1
+        call["running"] = None
+        return {"deaths": call["attempts"] - 1, "killed": list(call["killed"])}
+
+    def running(self, key: str, row: int) -> None:
+        self.calls[key]["running"] = row
+
+    def done(self, key: str) -> None:
+        self.calls.pop(key, None)
+
+
+def _call_key(batch: dict) -> str:
+    """The same for every try of one call, different for every other: the rows' source files and numbers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if "source_file" in batch and "source_row" in batch:
+        h.update(repr((batch["source_file"].tolist(), batch["source_row"].tolist())).encode())
+    else:
+        for ids in batch["_ids"]:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+SCORE_LOGITS_BYTES = 256 << 20  # float32 logits held at once while scoring: [rows, positions, vocab] in chunks
+
+
+def _score(model, ids: list[list[int]], pad: int, logits_bytes: int = SCORE_LOGITS_BYTES) -> list[dict]:
+    """Sum and mean log-probability of each row's tokens after its first. The model's trunk runs once; its head
+    and the log-softmax run on chunks of positions, so that at most ``logits_bytes`` of logits exist at a time
+    (the whole [rows, T, vocab] would be 13 GB at T=2048 for SmolLM2's vocabulary, far more for 128k)."""
     import torch
 
     width = max(map(len, ids))
+    device = next(model.parameters()).device
     x = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros_like(x)
     for i, row in enumerate(ids):
         x[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    device = next(model.parameters()).device
-    logp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-    token_lp = logp[:, :-1].gather(-1, x[:, 1:, None].to(device))[..., 0].cpu() * mask[:, 1:]
-    sums, counts = token_lp.sum(1), mask[:, 1:].sum(1)
+    x, mask = x.to(device), mask.to(device)
+    split = _trunk_and_head(model)
+    if split is None:  # a head this cannot reproduce: the model's own logits, all at once
+        chunks = [(0, torch.log_softmax(model(input_ids=x, attention_mask=mask).logits.float(), -1)[:, :-1])]
+    else:
+        trunk, head = split
+        hidden = trunk(input_ids=x, attention_mask=mask).last_hidden_state
+        step = max(1, logits_bytes // (len(ids) * model.config.vocab_size * 4))
+        chunks = ((t, torch.log_softmax(head(hidden[:, t : min(t + step, width - 1)]).float(), -1))
+                  for t in range(0, width - 1, step))
+    sums = torch.zeros(len(ids), dtype=torch.float64)
+    for t, logp in chunks:
+        n = logp.shape[1]
+        token_lp = logp.gather(-1, x[:, t + 1 : t + 1 + n, None])[..., 0] * mask[:, t + 1 : t + 1 + n]
+        sums += token_lp.sum(1).double().cpu()
+    counts = mask[:, 1:].sum(1).cpu()
     return [{"sum": float(s), "mean": float(s / c)} for s, c in zip(sums, counts, strict=True)]
+
+
+def _trunk_and_head(model):
+    """(the model without its output head, the head) when head(trunk(x)) gives the model's own logits; None when
+    the model does more (logit soft-capping or scaling), checked once per model on a few tokens."""
+    import torch
+
+    if getattr(model, "_raypress_trunk_ok", None) is None:
+        trunk, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
+        ok = trunk is not None and head is not None and trunk is not model
+        if ok:
+            probe = torch.arange(1, 9, device=next(model.parameters()).device)[None] % model.config.vocab_size
+            with torch.inference_mode():
+                ok = torch.allclose(head(trunk(input_ids=probe).last_hidden_state).float(),
+                                    model(input_ids=probe).logits.float(), rtol=1e-4, atol=1e-4)
+        model._raypress_trunk_ok = ok
+    if not model._raypress_trunk_ok:
+        return None
+    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
 
 
 OUTPUT_TYPES = {"generated_text": pa.string(), "num_generated_tokens": pa.int64(), "finish_reason": pa.string(),

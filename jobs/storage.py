@@ -24,7 +24,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def files(fs: pafs.FileSystem, root: str, suffix: str = "") -> list[str]:
     """Files directly under ``root`` whose names end with ``suffix``, sorted; none when ``root`` does not exist."""
-    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except FileNotFoundError:  # made or removed while it was listed (a job starting to write it)
+        return []
     return sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
 
 

@@ -165,43 +165,49 @@ def reusable(rows: list[dict], cfg: SweepConfig, retry_failed: bool) -> list[dic
 
 
 def run_trials(cfg: SweepConfig, out: Path, store: str, rows: list[dict], eval_texts, calib_texts, num_actors: int,
-               placement: dict) -> list[dict]:
+               placement: dict, trial_actor: type = TrialActor) -> list[dict]:
+    """Run every spec not yet in ``rows`` on a pool of ``trial_actor`` actors; an actor that dies is replaced, and
+    every actor, replacements included, is gone when this returns (the speed phase needs their CPUs and GPUs)."""
     done = {r["spec"] for r in rows}
     todo = [s for s in cfg.specs if s not in done]
     if done:
         log.info("resuming: %d spec(s) already in results.parquet, %d to run", len(done & set(cfg.specs)), len(todo))
     if not todo:
         return rows
-    actor_cls = ray.remote(TrialActor).options(**placement, max_restarts=0)
+    actor_cls = ray.remote(trial_actor).options(**placement, max_restarts=0)
     args = (cfg.model, eval_texts, calib_texts, {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
                                                  "calib_blocks": cfg.calib_blocks, "fingerprint": fingerprint(cfg),
                                                  "checkpoints": cfg.checkpoints}, store)
     actors = [actor_cls.remote(*args) for _ in range(min(num_actors, len(todo)))]
-    inflight = {}
-    for actor in actors:
-        if todo:
+    try:
+        inflight = {}
+        for actor in actors:
             spec = todo.pop(0)
             inflight[actor.run.remote(spec)] = (actor, spec)
-    total, finished = len(inflight) + len(todo), 0
-    while inflight:
-        (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        actor, spec = inflight.pop(ref)
-        try:
-            row = ray.get(ref)
-        except ray.exceptions.RayError as e:  # the actor died (out of memory, killed): record it, replace it
-            row = {"spec": spec, "error": f"trial actor died: {type(e).__name__}: {str(e)[:300]}",
-                   "finished_at": time.time(), "fingerprint": fingerprint(cfg)}
-            actor = actor_cls.remote(*args)
-        rows.append(row)
-        report.write_results(out, rows)
-        finished += 1
-        status = f"error: {row['error']}" if row.get("error") else _summary(row, cfg.kind)
-        log.info("[%d/%d] %s (%.0f s): %s", finished, total, spec, row.get("seconds", 0), status)
-        if todo:
-            nxt = todo.pop(0)
-            inflight[actor.run.remote(nxt)] = (actor, nxt)
-    for actor in actors:
-        ray.kill(actor)
+        total, finished = len(inflight) + len(todo), 0
+        while inflight:
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            actor, spec = inflight.pop(ref)
+            try:
+                row = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the actor died (out of memory, killed): record it, replace it
+                row = {"spec": spec, "error": f"trial actor died: {type(e).__name__}: {str(e)[:300]}",
+                       "finished_at": time.time(), "fingerprint": fingerprint(cfg)}
+                actor = None
+            rows.append(row)
+            report.write_results(out, rows)
+            finished += 1
+            status = f"error: {row['error']}" if row.get("error") else _summary(row, cfg.kind)
+            log.info("[%d/%d] %s (%.0f s): %s", finished, total, spec, row.get("seconds", 0), status)
+            if todo:
+                if actor is None:  # replaced only while there is work for it
+                    actor = actor_cls.remote(*args)
+                    actors.append(actor)
+                nxt = todo.pop(0)
+                inflight[actor.run.remote(nxt)] = (actor, nxt)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     return rows
 
 

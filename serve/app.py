@@ -16,10 +16,12 @@ import asyncio
 import copy
 import hmac
 import logging
+import os
+import threading
 import time
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -31,8 +33,8 @@ from engine.core import Engine
 from engine.interface import EngineClient
 from serve import protocol as oa
 from serve import responses as rs
-from serve.batch_store import BatchStore
-from serve.batches import Batches, file_object
+from serve.batch_store import BatchStore, database_path
+from serve.batches import POLL_S, Batches, file_object
 from serve.completions import Completions
 from serve.metrics import prometheus_text
 from serve.protocol import APIError, BatchRequest, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
@@ -59,19 +61,53 @@ async def _http_error(request: Request, e: HTTPException):
     return await _api_error(request, APIError(e.status_code, str(e.detail)))
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """Bodies above the server's cap get 413 before they are read (uploads to /v1/files have their own cap)."""
-    server = serve.get_replica_context().servable_object
-    oa.allow_unknown().set(server.allow_unknown_fields)  # read by the request models as this request is parsed
-    length = request.headers.get("content-length", "")
-    if length.isdigit():
-        upload = request.url.path.endswith("/v1/files")
-        limit = server.max_upload_bytes if upload else server.max_request_bytes
-        if int(length) > limit:
-            message = f"request body of {length} bytes is over this server's limit of {limit} bytes"
-            return await _api_error(request, APIError(413, message))
-    return await call_next(request)
+class _Guard:
+    """The first thing every request meets, before any byte of its body is read: the API key (every route but
+    /health, the schema and /docs included), then the body cap, on the declared Content-Length and again on the bytes
+    as they arrive (a chunked body declares none). A request that fails either is answered at once; the rest of its
+    body is never read, so neither the server's memory nor its disk grows by it. Uploads to /v1/files have a cap of
+    their own."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server = serve.get_replica_context().servable_object
+        oa.allow_unknown().set(server.allow_unknown_fields)  # read by the request models as this request is parsed
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root):] if root and path.startswith(root) else path  # the path below the app's prefix
+        limit = server.max_upload_bytes if route == "/v1/files" else server.max_request_bytes
+        length = headers.get("content-length", "")
+        try:
+            if route != "/health":
+                server._authorize(headers.get("authorization", ""))
+            if length.isdigit() and int(length) > limit:
+                raise _too_large(length, limit)
+        except APIError as e:
+            response = JSONResponse(error_body(e.message, e.kind, e.param), status_code=e.status,
+                                    headers={"connection": "close"})  # the unread body is not waited for
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # FastAPI passes an HTTPException from the body's reading on to our handler
+                raise HTTPException(413, _too_large(f"more than {limit}", limit).message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(size: str, limit: int) -> APIError:
+    return APIError(413, f"request body of {size} bytes is over this server's limit of {limit} bytes")
+
+
+api.add_middleware(_Guard)
 
 
 ERROR_STATUSES = {400: "the request is invalid (OpenAI error body)", 401: "missing or wrong API key",
@@ -106,15 +142,6 @@ def _openapi() -> dict:
 
 
 api.openapi = _openapi
-
-
-async def _authorized(request: Request) -> None:
-    """The API key check of every route but /health, run before FastAPI reads and validates the body, so that a
-    caller without the key learns nothing about what the route accepts."""
-    serve.get_replica_context().servable_object._authorize(request)
-
-
-KEY = [Depends(_authorized)]
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -171,11 +198,26 @@ class ModelServer:
             "storage": batch_storage, "db": batch_db, "model": str(model), "actors": batch_actors,
             "cpus_per_actor": batch_cpus_per_actor, "max_requests": batch_max_requests, "jobs": batch_jobs_address,
             "max_num_seqs": batch_max_num_seqs, "default_max_tokens": default_max_tokens}
+        self._stopping = threading.Event()
+        threading.Thread(target=self._poll_batches, name="batch-poll", daemon=True).start()
         log.info("raypress: serving %s (%s) as %r in %.1f s", model, self.kind, self.name, time.perf_counter() - start)
 
     def __del__(self):
+        if getattr(self, "_stopping", None) is not None:
+            self._stopping.set()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
+
+    def _poll_batches(self) -> None:
+        """Refresh unfinished batches every POLL_S seconds, so that they expire and their files are registered
+        without a client polling; a server whose Batch API was never used (no database yet) touches nothing."""
+        while not self._stopping.wait(POLL_S):
+            try:
+                b = self._batch_settings
+                if self._batches is not None or os.path.exists(database_path(b["storage"], b["db"])):
+                    self.batches.poll()
+            except Exception as e:  # storage or the job API away: try again next time
+                log.warning("raypress: polling batches failed: %s", e)
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine can no longer answer is replaced."""
@@ -188,32 +230,32 @@ class ModelServer:
     async def health(self) -> dict:
         return {"status": "ok", "model": self.name}
 
-    @api.get("/v1/models", dependencies=KEY)
+    @api.get("/v1/models")
     async def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "raypress"}]}
 
-    @api.get("/stats", dependencies=KEY)
+    @api.get("/stats")
     async def stats(self) -> dict:
         if self.engine is None:
             return {"model": self.name}
         return {"model": self.name, **self.engine.stats().counters()}
 
-    @api.get("/metrics", dependencies=KEY)
+    @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
         text = prometheus_text(self.engine.stats(), self.name) if self.engine is not None else ""
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @api.post("/v1/completions", dependencies=KEY)
+    @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model, causal=True)
         return await self.work.completions(body, self.max_items)
 
-    @api.post("/v1/chat/completions", dependencies=KEY)
+    @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest):
         self._check_model(body.model, causal=True)
         return await self.work.chat(body)
 
-    @api.post("/v1/embeddings", dependencies=KEY)
+    @api.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest):
         self._check_model(body.model, causal=False)
         texts = oa.texts_of(body, self.max_items)
@@ -227,40 +269,40 @@ class ModelServer:
 
     # -- the Batch API (serve/batches.py): files and batches, each batch a Ray job -----------------------------------
 
-    @api.post("/v1/files", dependencies=KEY)
+    @api.post("/v1/files")
     async def create_file(self, file: Annotated[UploadFile, File()],
                           purpose: Annotated[str, Form()]) -> dict:
         chunks = iter(lambda: file.file.read(1 << 20), b"")
         return await asyncio.to_thread(self.batches.add_file, chunks, file.filename, purpose)
 
-    @api.get("/v1/files/{file_id}", dependencies=KEY)
+    @api.get("/v1/files/{file_id}")
     async def get_file(self, file_id: str) -> dict:
         return file_object(await asyncio.to_thread(self.batches.file, file_id))
 
-    @api.get("/v1/files/{file_id}/content", dependencies=KEY)
+    @api.get("/v1/files/{file_id}/content")
     async def get_file_content(self, file_id: str) -> Response:
         await asyncio.to_thread(self.batches.file, file_id)
         data = await asyncio.to_thread(self.batches.store.read_file, file_id)
         return Response(data, media_type="application/octet-stream")
 
-    @api.delete("/v1/files/{file_id}", dependencies=KEY)
+    @api.delete("/v1/files/{file_id}")
     async def delete_file(self, file_id: str) -> dict:
         return await asyncio.to_thread(self.batches.delete_file, file_id)
 
-    @api.post("/v1/batches", dependencies=KEY)
+    @api.post("/v1/batches")
     async def create_batch(self, body: BatchRequest) -> dict:
         return await asyncio.to_thread(self.batches.create, body.input_file_id, body.endpoint,
                                        body.completion_window, body.metadata)
 
-    @api.get("/v1/batches/{batch_id}", dependencies=KEY)
+    @api.get("/v1/batches/{batch_id}")
     async def get_batch(self, batch_id: str) -> dict:
         return await asyncio.to_thread(self.batches.retrieve, batch_id)
 
-    @api.get("/v1/batches", dependencies=KEY)
+    @api.get("/v1/batches")
     async def list_batches(self, limit: int = 20, after: str | None = None) -> dict:
         return await asyncio.to_thread(self.batches.list, limit, after)
 
-    @api.post("/v1/batches/{batch_id}/cancel", dependencies=KEY)
+    @api.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(self, batch_id: str) -> dict:
         return await asyncio.to_thread(self.batches.cancel, batch_id)
 
@@ -293,10 +335,10 @@ class ModelServer:
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, header: str) -> None:
+        """``header``: the request's Authorization header."""
         if not self.api_key:
             return
-        header = request.headers.get("authorization", "")
         if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):  # constant time
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error")

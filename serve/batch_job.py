@@ -242,7 +242,7 @@ def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str,
     for key, entries, name in (("output_file", outputs, "output"), ("error_file", errors, "error")):
         summary[key] = None
         if entries:
-            file_id = rs.new_id("file-")
+            file_id = f"file-{batch_id}-{name}"  # the batch's own: finalizing again rewrites these, leaves no other
             data = "".join(json.dumps(e) + "\n" for e in entries).encode()
             storage.write_bytes(fs, f"{root}/files/{file_id}", data)
             summary[key] = {"id": file_id, "filename": f"{batch_id}_{name}.jsonl", "bytes": len(data)}

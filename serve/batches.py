@@ -5,6 +5,14 @@ A batch moves validating -> in_progress -> finalizing -> completed, or to failed
 expired; ``request_counts`` follow the rows as the job writes them. The job finalizes a batch it runs to the end;
 this side finalizes one that was cancelled, expired or failed, from the rows that had finished, so that every
 request line still gets an output or error line.
+
+Every move is a compare-and-set in the store, made before its side effects: of several replicas (or threads)
+refreshing one batch, only the one whose move landed stops its job or writes its files. Finalizing on this side
+first claims the batch (status ``ending``, shown as cancelling or finalizing) with a token of its own; a claim
+older than ``CLAIM_TIMEOUT_S`` (its replica died mid-way) may be taken over. The output and error files of a batch
+have ids made from the batch's id, so that finalizing twice (the job, then this side after the job was stopped)
+rewrites one set of files instead of leaving a second. Replicas also refresh unfinished batches every
+``POLL_S`` seconds, so a batch expires, and its files are registered, without a client polling it.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from jobs import storage
 from serve import batch_job
 from serve import responses as rs
-from serve.batch_store import TERMINAL, BatchStore
+from serve.batch_store import TERMINAL, BatchStore, FileInUse
 from serve.protocol import APIError
 from serve.responses import new_id
 
@@ -29,6 +37,9 @@ WINDOWS = {"24h": 24 * 3600}
 _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
           "cancelled_at")
 _FINAL = {"cancelling": "cancelled", "expiring": "expired"}
+SUBMIT_GRACE_S = 300  # a validating batch whose job the API does not know yet: its replica may still be submitting
+CLAIM_TIMEOUT_S = 900  # a claim to finalize older than this is taken over (the replica that made it is gone)
+POLL_S = 60
 
 
 def file_object(record: dict) -> dict:
@@ -37,8 +48,13 @@ def file_object(record: dict) -> dict:
 
 
 def public(batch: dict) -> dict:
-    """The batch object OpenAI returns (its status "finalizing" while this side finalizes an expired batch)."""
-    status = "finalizing" if batch["status"] == "expiring" else batch["status"]
+    """The batch object OpenAI returns: the private states show as OpenAI's ("expiring" and an ``ending`` claim as
+    "finalizing", a cancelled batch's claim as "cancelling"); private fields are dropped."""
+    status = batch["status"]
+    if status == "ending":
+        status = "cancelling" if batch["ending"]["to"] == "cancelled" else "finalizing"
+    elif status == "expiring":
+        status = "finalizing"
     return rs.Batch.model_validate({**batch, "status": status}).model_dump()
 
 
@@ -84,7 +100,11 @@ class Batches:
         return record
 
     def delete_file(self, file_id: str) -> dict:
-        if not self.store.delete_file(file_id):
+        try:
+            deleted = self.store.delete_file(file_id)
+        except FileInUse as e:
+            raise APIError(409, str(e), "file_id") from e
+        if not deleted:
             raise APIError(404, f"no file {file_id!r}", "file_id")
         return {"id": file_id, "object": "file", "deleted": True}
 
@@ -116,14 +136,16 @@ class Batches:
                  "output_file_id": None, "error_file_id": None, "created_at": now,
                  "expires_at": now + WINDOWS[completion_window], **dict.fromkeys(_TIMES),
                  "request_counts": {"total": len(requests), "completed": 0, "failed": 0}, "metadata": metadata}
-        self.store.add_batch(batch)
+        if not self.store.add_batch(batch):
+            raise APIError(404, f"no file {input_file_id!r} (it was deleted)", "input_file_id")
         args = {"storage_uri": self.store.uri, "batch_id": batch["id"], "input_file_id": input_file_id,
                 "endpoint": endpoint, **self.job_args}
         try:
             self.jobs.submit_job(entrypoint=_command(args), submission_id=batch["id"], runtime_env=_runtime_env(),
                                  metadata={"raypress_batch": batch["id"]})
         except Exception as e:  # the job API refused: the batch fails now, with the reason
-            self._end(batch, "failed", errors=[{"code": "job_submission_failed", "message": str(e)}])
+            batch = self._end(batch, "failed", errors=[{"code": "job_submission_failed", "message": str(e)}],
+                              expect={"status": "validating"})
         return public(batch)
 
     def retrieve(self, batch_id: str) -> dict:
@@ -148,62 +170,88 @@ class Batches:
         if batch is None:
             raise APIError(404, f"no batch {batch_id!r}", "batch_id")
         batch = self._refresh(batch)
-        if batch["status"] in TERMINAL or batch["status"] in _FINAL:
-            raise APIError(409, f"batch {batch_id} is {batch['status']}; only a running batch can be cancelled",
-                           "batch_id")
+        if batch["status"] in TERMINAL or batch["status"] in (*_FINAL, "ending"):
+            raise APIError(409, f"batch {batch_id} is {public(batch)['status']}; only a running batch can be "
+                                "cancelled", "batch_id")
         old = batch["status"]
         batch.update(status="cancelling", cancelling_at=int(time.time()))
-        if not self.store.update_batch(batch, expect_status=old):  # it moved meanwhile: report where it is
+        if not self.store.update_batch(batch, expect={"status": old}):  # it moved meanwhile: report where it is
             return self.retrieve(batch_id)
         self._stop(batch_id)
         return public(batch)  # cancelling, as OpenAI answers; the job stops and the batch ends cancelled
 
     # -- following the job ----------------------------------------------------------------------------------------
 
+    def poll(self) -> None:
+        """Refresh every unfinished batch (a replica's background thread calls this every POLL_S seconds)."""
+        for batch in self.store.active_batches():
+            try:
+                self._refresh(batch)
+            except Exception as e:  # one batch's trouble (its input file unreadable) does not stop the others
+                log.warning("batch %s: refresh failed: %s", batch["id"], e)
+
     def _refresh(self, batch: dict) -> dict:
-        """Bring an active batch up to date with its job; one replica makes each move (SQLite decides)."""
-        if batch["status"] in TERMINAL:
-            return batch
+        """Bring an unfinished batch up to date with its job; every move is a compare-and-set (see the module)."""
         old, now = batch["status"], int(time.time())
-        fs, root = self.store.fs, self.store.root
-        folder = self.store.batch_dir(batch["id"])
+        if old in TERMINAL:
+            return batch
+        if old == "ending":  # claimed by a finalizer; taken over only when that claim is stale
+            claim = batch["ending"]
+            if now - claim["at"] < CLAIM_TIMEOUT_S:
+                return batch
+            return self._finalize(batch, claim["to"], claim["errors"], {"status": "ending", "ending.by": claim["by"]})
+        fs, folder = self.store.fs, self.store.batch_dir(batch["id"])
         try:
             info = self.jobs.get_job_info(batch["id"])
         except Exception as e:
             if "status code 404" not in str(e):  # the job API did not answer: report what is known, try next time
                 log.warning("batch %s: job API unavailable (%s)", batch["id"], e)
                 return batch
-            info = None  # the job is unknown: the cluster that ran it is gone
+            info = None  # the job is unknown: not submitted yet, or the cluster that ran it is gone
+        if info is None and old == "validating" and now - batch["created_at"] < SUBMIT_GRACE_S:
+            return batch  # the replica that created it is still submitting its job
         if old in ("validating", "in_progress", "finalizing") and now >= batch["expires_at"]:
             batch.update(status="expiring")
-            if self.store.update_batch(batch, expect_status=old):
+            if self.store.update_batch(batch, expect={"status": old}):
                 self._stop(batch["id"])
             return self._refresh(self.store.get_batch(batch["id"]))
         status = info.status if info else JobStatus.FAILED
         if status == JobStatus.SUCCEEDED and storage.exists(fs, f"{folder}/summary.json"):
             summary = json.loads(storage.read_bytes(fs, f"{folder}/summary.json"))
-            return self._end(batch, "completed", summary, expect=old)
+            return self._end(batch, "completed", summary, expect={"status": old})
         if status.is_terminal():  # stopped (cancel, expiry) or failed: finalize from the rows that finished
             final = _FINAL.get(old, "failed")
             errors = None
             if final == "failed":
                 message = info.message if info else "the batch's Ray job is gone (was the cluster restarted?)"
                 errors = [{"code": "batch_job_failed", "message": message}]
-            requests = batch_job.parse_requests(self.store.read_file(batch["input_file_id"]), batch["endpoint"],
-                                                self.max_requests)
-            summary = batch_job.finalize(fs, root, batch["id"], [c for c, _ in requests], batch["endpoint"],
-                                         self.job_args["served_name"], unfinished=final)
-            return self._end(batch, final, summary, errors=errors, expect=old)
+            return self._finalize(batch, final, errors, {"status": old})
         if old == "validating" and status == JobStatus.RUNNING:
             batch.update(status="in_progress", in_progress_at=now)
         if batch["status"] == "in_progress" and storage.exists(fs, f"{folder}/finalizing"):
             batch.update(status="finalizing", finalizing_at=now)
         batch["request_counts"] = batch_job.progress(fs, folder, batch["request_counts"]["total"])
-        self.store.update_batch(batch, expect_status=old)
+        self.store.update_batch(batch, expect={"status": old})
         return batch
 
+    def _finalize(self, batch: dict, final: str, errors: list | None, expect: dict) -> dict:
+        """Claim the batch (compare-and-set to ``ending``), then write its files from the rows that finished and
+        end it; a replica that loses the claim reports the batch as the winner left it."""
+        claim = {"to": final, "errors": errors, "at": int(time.time()), "by": new_id("claim-")}
+        batch = {**batch, "status": "ending", "ending": claim}
+        if not self.store.update_batch(batch, expect=expect):
+            return self.store.get_batch(batch["id"])
+        requests = batch_job.parse_requests(self.store.read_file(batch["input_file_id"]), batch["endpoint"],
+                                            self.max_requests)
+        summary = batch_job.finalize(self.store.fs, self.store.root, batch["id"], [c for c, _ in requests],
+                                     batch["endpoint"], self.job_args["served_name"], unfinished=final)
+        return self._end(batch, final, summary, errors=errors, expect={"status": "ending", "ending.by": claim["by"]})
+
     def _end(self, batch: dict, status: str, summary: dict | None = None, errors: list | None = None,
-             expect: str | None = None) -> dict:
+             expect: dict | None = None) -> dict:
+        """Move to a final state. The files it registers have ids of the batch's own, so a replica that loses the
+        compare-and-set has registered the same records the winner did, not orphans."""
+        batch = {k: v for k, v in batch.items() if k != "ending"}
         batch.update(status=status, **{f"{status}_at": int(time.time())})
         if errors:
             batch["errors"] = {"object": "list", "data": [{**e, "line": None, "param": None} for e in errors]}
@@ -214,7 +262,7 @@ class Batches:
                     f = summary[key]
                     self.store.register_file(f["id"], f["filename"], "batch_output", f["bytes"])
                     batch[f"{key}_id"] = f["id"]
-        if not self.store.update_batch(batch, expect_status=expect) and expect is not None:
+        if not self.store.update_batch(batch, expect=expect):
             return self.store.get_batch(batch["id"])  # another replica made this move first
         return batch
 

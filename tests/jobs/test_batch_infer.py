@@ -114,6 +114,69 @@ def test_score_matches_the_models_own_log_probabilities(ray_local, tmp_path, tin
         assert row["perplexity"] == pytest.approx(math.exp(-row["logprob_mean"]))
 
 
+def test_score_holds_the_logits_of_a_few_positions_at_a_time(tiny_causal):
+    """Scored in chunks of positions: the head never sees more than its share, and the sums are the full ones."""
+    from jobs.predict import _score, _trunk_and_head
+
+    model, tokenizer, _ = tiny_causal
+    assert _trunk_and_head(model) is not None  # its one-time check of the head, on a few tokens, done here
+    ids = [tokenizer(t)["input_ids"] for t in ("The cat sat on the mat and looked at the door for a while.",
+                                                "Paris is the capital of France.")]
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    budget = 2 * model.config.vocab_size * 4 * 3  # logits of 3 positions of the 2 rows
+    chunked = _score(model, ids, tokenizer.pad_token_id or 0, logits_bytes=budget)
+    hook.remove()
+    assert seen and max(seen) <= 3
+    with torch.inference_mode():
+        for row, out in zip(ids, chunked, strict=True):
+            x = torch.tensor([row])
+            lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).sum().item()
+            assert out["sum"] == pytest.approx(lp, rel=1e-4, abs=1e-4)
+            assert out["mean"] == pytest.approx(lp / (len(row) - 1), rel=1e-4, abs=1e-4)
+
+    # a head that does more than a linear layer (Gemma-2 soft-caps its logits): scored on the model's own logits
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=5.0)).eval()
+    assert _trunk_and_head(gemma) is None
+    x = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.inference_mode():
+        lp = torch.log_softmax(gemma(x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).sum().item()
+        assert _score(gemma, x.tolist(), 0, logits_bytes=1000)[0]["sum"] == pytest.approx(lp, rel=1e-5)
+
+
+def test_a_csv_column_empty_for_its_first_mib_and_numeric_later_is_read_row_by_row(tmp_path, tiny_causal_dir):
+    """CSV cells are text; the job types the columns it reads per row, so a column that is empty in the first
+    block (where pyarrow would have fixed its type as null) and numeric later is read, and a bad cell is its row's
+    error, not the job's."""
+    import csv
+
+    from jobs import inputs, predict
+
+    path = tmp_path / "in.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "max_tokens", "note"])
+        w.writerows([f"Row {i}, with a comma: " + "word " * 200, "", ""] for i in range(1100))  # over 1 MiB
+        w.writerows([["Short one", "2", "x"], ["Short two", "3", ""], ["Bad one", "lots", "y"]])
+    listing = inputs.list_input_files(str(path))
+    with listing.fs.open_input_stream(str(path)) as f:
+        blocks = list(inputs.tagged_blocks(f, str(path), "csv", listing.root))
+    table = pa.concat_tables(blocks)
+    assert len(blocks) > 1 and table.num_rows == 1103 and table.column("prompt")[0].as_py().startswith("Row 0, with")
+    defaults = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": (), "chat": False,
+                "json_schema": None}
+    rows = predict.preprocess(table.slice(1098), str(tiny_causal_dir), "generate", "prompt", 4096,
+                              defaults).to_pylist()
+    budgets = [json.loads(r["_params"])["max_tokens"] if r["_params"] else None for r in rows]
+    assert budgets == [8, 8, 2, 3, None]
+    assert rows[-1]["_error"] == "column 'max_tokens': expected an integer, got 'lots'"
+
+
 class DiesOnce(Predictor):
     """A model actor that dies on its second batch, the first time any actor gets there (a marker file remembers it
     across the restarted actors)."""
@@ -143,6 +206,32 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, 
     out = read_out(tmp_path / "out")
     assert sorted(r["source_row"] for r in out) == list(range(40))
     assert all(r["error"] is None and r["generated_text"] is not None for r in out)  # replayed, not failed
+
+
+class DiesOnPoison(Predictor):
+    """A model actor that dies whenever it runs a row whose prompt says POISON (as an out-of-memory kill would)."""
+
+    def _run(self, batch, todo, out):
+        if any("POISON" in str(batch["prompt"][i]) for i in todo):
+            os._exit(1)
+        return super()._run(batch, todo, out)
+
+
+@pytest.mark.timeout(300)
+def test_a_row_that_kills_its_actor_every_time_gets_an_error_and_the_job_goes_on(ray_local, tmp_path,
+                                                                                 tiny_causal_dir, monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(batch_infer, "Predictor", DiesOnPoison)
+    prompts = [f"Story number {i}:" if i != 7 else "POISON" for i in range(24)]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts])
+    code = batch_infer.main(model=str(tiny_causal_dir), input=str(src), output=str(tmp_path / "out"), max_tokens=4,
+                            batch_size=2, cpus_per_actor=0.5)
+    out = sorted(read_out(tmp_path / "out"), key=lambda r: r["source_row"])
+    assert code == 0 and [r["source_row"] for r in out] == list(range(24))  # rows out = rows in, each once
+    assert "model actor died" in out[7]["error"] and out[7]["generated_text"] is None
+    assert all(r["error"] is None and r["generated_text"] is not None for r in out if r["source_row"] != 7)
 
 
 @pytest.mark.timeout(420)

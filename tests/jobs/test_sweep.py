@@ -164,3 +164,34 @@ def test_killed_sweep_resumes_without_evaluating_a_spec_twice(ray_local, tmp_pat
     for r in rows:
         if r["spec"] in first:
             assert r["finished_at"] == first[r["spec"]], f"{r['spec']} was evaluated again"
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_trial_actor_is_replaced_and_no_actor_outlives_the_trials(ray_local, tmp_path, tiny_model_dir,
+                                                                         wikitext):
+    """The actor running int8 dies (as an out-of-memory kill would end it); its replacement runs the specs left,
+    and every actor, the replacement too, is gone before the speed phase needs their CPUs."""
+    import ray
+
+    from jobs.sweep_config import load_config
+
+    class DiesOnInt8(sweep.TrialActor):  # defined here: Ray ships it by value to the actors
+        def run(self, spec: str) -> dict:
+            if spec == "int8":
+                os._exit(1)
+            return super().run(spec)
+
+    cfg = load_config(str(write_config(tmp_path, tiny_model_dir, wikitext, specs=["int8", "int4-g32", "int4-g64"],
+                                       grid={}, speed=False)))
+    texts = sweep._texts(cfg, tmp_path)
+    free_before = ray.available_resources().get("CPU", 0)
+    rows = sweep.run_trials(cfg, tmp_path, str(tmp_path / "store"), [], *texts, num_actors=1,
+                            placement={"num_cpus": 0.5, "num_gpus": 0, "resources": None}, trial_actor=DiesOnInt8)
+    by_spec = {r["spec"]: r for r in rows}
+    assert set(by_spec) == {"base", "int8", "int4-g32", "int4-g64"}
+    assert by_spec["int8"]["error"].startswith("trial actor died")
+    assert all(by_spec[s]["error"] is None for s in ("base", "int4-g32", "int4-g64"))
+    deadline = time.time() + 60  # their CPUs come back (a leaked actor would hold its 0.5 CPU for good)
+    while (free := ray.available_resources().get("CPU", 0)) < free_before:
+        assert time.time() < deadline, f"{free_before - free} CPU still held by trial actors"
+        time.sleep(0.5)

@@ -63,6 +63,23 @@ def test_api_key_on_and_off(deploy, tiny_causal_dir, monkeypatch):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
     assert requests.get(f"{url}/health", timeout=30).status_code == 200  # health needs no key
+    key = {"Authorization": "Bearer s3cret"}
+    for page in ("/docs", "/redoc", "/openapi.json"):  # the schema is served to key holders only
+        assert requests.get(url + page, timeout=30).status_code == 401, page
+        assert requests.get(url + page, headers=key, timeout=30).status_code == 200, page
+    assert requests.get(f"{url}/v1/batches/health", timeout=30).status_code == 401  # no route named so is exempt
+
+    # refused before the body is read: the answer comes while the client is still sending. What it has sent by
+    # then is what the sockets' buffers and Serve's proxy took in meanwhile (here ~10 MiB of the upload, ~90 MiB of
+    # the chunked GiB while the replica counted its first 8 MiB), not the whole.
+    status, sent = _stream_body(url, "/v1/files", {"Content-Length": str(200 << 20),
+                                                   "Content-Type": "multipart/form-data; boundary=x"}, 200 << 20)
+    assert status == 401 and sent < 64 << 20, (status, sent)
+    chunked = {**key, "Transfer-Encoding": "chunked", "Content-Type": "application/json"}
+    assert _stream_body(url, "/v1/chat/completions", chunked, 20 << 20)[0] == 413  # no length to check: counted
+    status, sent = _stream_body(url, "/v1/chat/completions", chunked, 1 << 30)
+    assert status == 413 and sent < 512 << 20, (status, sent)
+    assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
     monkeypatch.delenv("RAYPRESS_API_KEY")
     with pytest.raises(ValueError, match="RAYPRESS_API_KEY"):  # an application arg would show in `serve config`
         server_args({"model": str(tiny), "api_key": "s3cret"})
@@ -72,6 +89,34 @@ def test_api_key_on_and_off(deploy, tiny_causal_dir, monkeypatch):
     url = deploy("keyed", {"model": str(tiny), "model_name": "tiny"})  # redeployed without a key
     assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     serve.delete("keyed")
+
+
+def _stream_body(url: str, path: str, headers: dict, size: int) -> tuple[int, int]:
+    """POST ``size`` bytes of body in 256 KiB pieces (chunked when the headers say so), reading the answer as soon
+    as the server sends one; returns (status, bytes sent by then)."""
+    import http.client
+    import select
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.putrequest("POST", parts.path + path)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    chunked, piece, sent = headers.get("Transfer-Encoding") == "chunked", b"{" * (256 << 10), 0
+    try:
+        while sent < size and not select.select([conn.sock], [], [], 0)[0]:  # stop once an answer is waiting
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            sent += len(piece)
+        if chunked and sent >= size:
+            conn.send(b"0\r\n\r\n")
+    except OSError:  # the server closed the connection: its answer is already on the wire
+        pass
+    response = conn.getresponse()
+    status = response.status
+    conn.close()
+    return status, sent
 
 
 @pytest.fixture

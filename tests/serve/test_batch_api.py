@@ -2,12 +2,14 @@
 `ray start` (token authentication on): files and batches, each batch a Ray job, state in SQLite and a storage
 folder that outlive the server."""
 
+import concurrent.futures as cf
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -266,6 +268,78 @@ def test_a_batch_survives_a_server_restart_and_a_cancel_keeps_its_finished_lines
     assert deleted.deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(batch.output_file_id)
+
+
+def _poll_until_done(client, batch_id: str, clients: int = 16):
+    """``clients`` threads retrieving one batch at once until it ends: concurrent refreshes race to move it."""
+    def poll():
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            batch = client.batches.retrieve(batch_id)
+            if batch.status in ("completed", "failed", "cancelled", "expired"):
+                return batch.status
+        return "timeout"
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        return set(pool.map(lambda _: poll(), range(clients)))
+
+
+def _one_set_of_files(server, client, batch) -> None:
+    """The batch's files are the ones summary.json names, each registered; no file in storage lacks a record."""
+    storage = server.tmp / "storage"
+    summary = json.loads((storage / "batches" / batch.id / "summary.json").read_text())
+    assert summary["request_counts"] == batch.request_counts.model_dump()
+    named = {(summary[k] or {}).get("id") for k in ("output_file", "error_file")} - {None}
+    assert named == {batch.output_file_id, batch.error_file_id} - {None}
+    for f in (storage / "files").iterdir():  # an orphan (written, never registered) would 404 here
+        assert client.files.retrieve(f.name).id == f.name
+
+
+def test_concurrent_polls_a_running_batchs_input_and_cancel_races_end_each_batch_once(server, client):
+    """20 clients list batches while one is created (a poll between its record and its job must not fail it); its
+    input cannot be deleted while it runs (409); a cancel with 16 clients polling ends it once, with one set of
+    files; a short batch cancelled as it completes ends in one state too."""
+    lines = [chat_line(f"r{i}", f"Write a long story about the number {i}.", max_tokens=64) for i in range(200)]
+    file_id = upload(client, lines)
+    created = threading.Event()
+
+    def list_until_created():
+        while not created.is_set():
+            client.batches.list(limit=3)
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        pollers = [pool.submit(list_until_created) for _ in range(20)]
+        try:
+            batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+        finally:
+            created.set()
+        for p in pollers:
+            p.result()
+    assert client.batches.retrieve(batch.id).status in ("validating", "in_progress"), batch.id
+    with pytest.raises(openai.ConflictError, match=batch.id):
+        client.files.delete(file_id)
+    wait(client, batch.id, until=("in_progress",), timeout=240)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    assert _poll_until_done(client, batch.id) == {"cancelled"}
+    batch = client.batches.retrieve(batch.id)
+    _one_set_of_files(server, client, batch)
+    answered = lines_of(client, batch.output_file_id) + lines_of(client, batch.error_file_id)
+    assert sorted(x["custom_id"] for x in answered) == sorted(x["custom_id"] for x in lines)
+    assert client.files.delete(file_id).deleted  # ended: its input may go
+
+    short = client.batches.create(input_file_id=upload(client, [chat_line(f"s{i}", "Hi", max_tokens=4)
+                                                                 for i in range(3)]),
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    wait(client, short.id, until=("finalizing", "completed"), timeout=240)
+    try:
+        client.batches.cancel(short.id)
+    except openai.ConflictError:  # it completed first
+        pass
+    assert len(_poll_until_done(client, short.id)) == 1
+    short = client.batches.retrieve(short.id)
+    assert short.status in ("completed", "cancelled") and short.request_counts.total == 3
+    _one_set_of_files(server, client, short)
 
 
 def test_the_readme_batch_snippet_runs_as_written(server, tmp_path):
