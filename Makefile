@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-peers lint clean
+.PHONY: install demo test test-e2e test-peers lint clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m jobs.sweep sweeps/smollm2.yaml --out artifacts/sweep-smollm2
 
+# The suite without the tests marked e2e (clusters, servers and builds of their own; whole jobs under faults).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not e2e"
+
+# Those end-to-end tests: `ray start` clusters, the Batch API on its own cluster, `serve run`, autoscaling, a wheel
+# built and installed, the built-in models' quality. CI (.ci/run) runs them after `make test`.
+test-e2e: install
+	$(PY) -m pytest -m e2e
 
 # Checks against peer engines: llama.cpp runs raypress's GGUF exports (builds llama.cpp from source, minutes).
 test-peers: install

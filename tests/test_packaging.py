@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # `make test-e2e`: own clusters, servers or builds
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from compress import artifact, data, distill, evaluate, models, specs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

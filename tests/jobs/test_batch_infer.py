@@ -192,6 +192,7 @@ class DiesOnce(Predictor):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, tmp_path, tiny_causal_dir,
                                                                       monkeypatch):
     import ray.cloudpickle
@@ -218,6 +219,7 @@ class DiesOnPoison(Predictor):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_a_row_that_kills_its_actor_every_time_gets_an_error_and_the_job_goes_on(ray_local, tmp_path,
                                                                                  tiny_causal_dir, monkeypatch):
     import ray.cloudpickle
@@ -235,6 +237,7 @@ def test_a_row_that_kills_its_actor_every_time_gets_an_error_and_the_job_goes_on
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.e2e
 def test_resume_after_a_run_killed_halfway(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a word about the number {i}."} for i in range(48)])
     out = tmp_path / "out"
@@ -370,6 +373,7 @@ def test_bad_invocations_are_refused_with_the_reason(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_the_readme_batch_commands_run_as_written(ray_local, tmp_path):
     """As written, on the test session's Ray (RAY_ADDRESS, as a job on a cluster gets it): starting a Ray of its own
     is what the cluster tests check."""
@@ -412,6 +416,7 @@ for src, out in zip(sys.argv[3::2], sys.argv[4::2]):
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.e2e
 def test_the_driver_never_holds_the_input(ray_local, tmp_path, tiny_causal_dir):
     """Peak memory of the job's driver stays flat when the input grows fivefold: the rows stream from the files
     through Ray Data read tasks to the actors and the writers. (Both runs share one driver process, whose peak is

@@ -14,6 +14,8 @@ import pytest
 
 from compress import artifact
 
+pytestmark = pytest.mark.e2e  # `make test-e2e`: own clusters, servers or builds
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

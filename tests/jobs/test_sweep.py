@@ -134,6 +134,7 @@ def test_config_errors_name_the_key_before_any_trial(tmp_path, tiny_model_dir, w
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.e2e
 def test_killed_sweep_resumes_without_evaluating_a_spec_twice(ray_local, tmp_path, tiny_model_dir, wikitext):
     out = tmp_path / "out"
     specs_list = ["int8", "int4-g32", "int4-g64", "prune-50%", "wanda-50%", "prune-2:4"]
@@ -167,6 +168,7 @@ def test_killed_sweep_resumes_without_evaluating_a_spec_twice(ray_local, tmp_pat
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_a_dead_trial_actor_is_replaced_and_no_actor_outlives_the_trials(ray_local, tmp_path, tiny_model_dir,
                                                                          wikitext):
     """The actor running int8 dies (as an out-of-memory kill would end it); its replacement runs the specs left,

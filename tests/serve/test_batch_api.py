@@ -26,7 +26,7 @@ PORT, GCS, DASHBOARD = 8013, 6393, 8293
 URL = f"http://127.0.0.1:{PORT}"
 KEY = "batch-test-key"
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
 
 class Server:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+pytestmark = pytest.mark.e2e  # `make test-e2e`: own clusters, servers or builds
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -9,6 +9,8 @@ import ray
 import requests
 from ray import serve
 
+pytestmark = pytest.mark.e2e  # `make test-e2e`: own clusters, servers or builds
+
 
 def tiny_args(model_dir) -> dict:
     return {"model": str(model_dir), "model_name": "tiny"}
