@@ -172,6 +172,7 @@ class ModelServer:
         batch_max_requests: int = 50_000,
         batch_max_num_seqs: int = 32,
         batch_jobs_address: str | None = None,
+        batch_poll_s: float = POLL_S,
     ):
         start = time.perf_counter()
         self.model, self.tokenizer, self.kind = models.load(model)
@@ -198,7 +199,7 @@ class ModelServer:
             "storage": batch_storage, "db": batch_db, "model": str(model), "actors": batch_actors,
             "cpus_per_actor": batch_cpus_per_actor, "max_requests": batch_max_requests, "jobs": batch_jobs_address,
             "max_num_seqs": batch_max_num_seqs, "default_max_tokens": default_max_tokens}
-        self._stopping = threading.Event()
+        self._stopping, self._poll_s = threading.Event(), batch_poll_s
         threading.Thread(target=self._poll_batches, name="batch-poll", daemon=True).start()
         log.info("raypress: serving %s (%s) as %r in %.1f s", model, self.kind, self.name, time.perf_counter() - start)
 
@@ -209,9 +210,9 @@ class ModelServer:
             self.engine.shutdown()
 
     def _poll_batches(self) -> None:
-        """Refresh unfinished batches every POLL_S seconds, so that they expire and their files are registered
-        without a client polling; a server whose Batch API was never used (no database yet) touches nothing."""
-        while not self._stopping.wait(POLL_S):
+        """Refresh unfinished batches every ``batch_poll_s`` seconds, so that they expire and their files are
+        registered without a client polling; a server whose Batch API was never used (no database) touches nothing."""
+        while not self._stopping.wait(self._poll_s):
             try:
                 b = self._batch_settings
                 if self._batches is not None or os.path.exists(database_path(b["storage"], b["db"])):

@@ -36,7 +36,8 @@ class Server:
         self.tmp, self.temp_dir = tmp, f"/tmp/rpb-{uuid.uuid4().hex[:6]}"
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAYPRESS_API_KEY": KEY}
-        common = {"batch_cpus_per_actor": 0.5, "num_threads": 1, "max_num_seqs": 8, "default_max_tokens": 8}
+        common = {"batch_cpus_per_actor": 0.5, "num_threads": 1, "max_num_seqs": 8, "default_max_tokens": 8,
+                  "batch_poll_s": 2}
         deployment = [{"name": "ModelServer", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}]
         config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": PORT}, "applications": [
             {"name": "chat", "route_prefix": "/", "import_path": "serve.app:build", "deployments": deployment,
@@ -340,6 +341,30 @@ def test_concurrent_polls_a_running_batchs_input_and_cancel_races_end_each_batch
     short = client.batches.retrieve(short.id)
     assert short.status in ("completed", "cancelled") and short.request_counts.total == 3
     _one_set_of_files(server, client, short)
+
+
+def test_a_batch_past_its_window_expires_with_no_client_polling_it(server, client):
+    import sqlite3
+
+    lines = [chat_line(f"e{i}", f"Write a long story about the number {i}.", max_tokens=64) for i in range(100)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    with sqlite3.connect(server.tmp / "storage" / "batches.sqlite", timeout=30) as db:  # its 24 hours are up
+        db.execute("UPDATE batches SET body = json_set(body, '$.expires_at', ?) WHERE id = ?",
+                   (int(time.time()) - 1, batch.id))
+    deadline = time.time() + 120
+    while True:  # the database only: no request reaches the server, its replica's own poll moves the batch
+        with sqlite3.connect(server.tmp / "storage" / "batches.sqlite", timeout=30) as db:
+            status = db.execute("SELECT status FROM batches WHERE id = ?", (batch.id,)).fetchone()[0]
+        if status == "expired":
+            break
+        assert time.time() < deadline, f"still {status}"
+        time.sleep(1)
+    batch = client.batches.retrieve(batch.id)
+    assert batch.status == "expired" and batch.expired_at
+    answered = lines_of(client, batch.output_file_id) + lines_of(client, batch.error_file_id)
+    assert sorted(x["custom_id"] for x in answered) == sorted(x["custom_id"] for x in lines)
+    assert all(e["error"]["code"] == "batch_expired" for e in answered if e["response"] is None)
 
 
 def test_the_readme_batch_snippet_runs_as_written(server, tmp_path):
