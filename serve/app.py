@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -181,6 +182,8 @@ class ModelServer:
         self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
         self.max_upload_bytes, self.allow_unknown_fields = MAX_UPLOAD_BYTES, allow_unknown_fields
         self.engine: EngineClient | None = None
+        # text is encoded off the event loop, in one thread (a Rust tokenizer must not encode in two at once)
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         if self.kind == models.CAUSAL:
             # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
             self.engine = Engine(self.model, copy.deepcopy(self.tokenizer), max_num_seqs=max_num_seqs,
@@ -189,7 +192,7 @@ class ModelServer:
                                  prefix_caching=prefix_caching).start()
             self.context = self.engine.max_model_len
             self.work = Completions(self.engine, self.tokenizer, self.name, default_max_tokens, self.context,
-                                    self.model.config.vocab_size)
+                                    self.model.config.vocab_size, self.tokenizing)
         else:
             self._encode_tokenizer = copy.deepcopy(self.tokenizer)
             self.context = encoders.input_limit(self.model.config)  # the loaded model's pooling config says it
@@ -260,7 +263,8 @@ class ModelServer:
     async def embeddings(self, body: EmbeddingRequest):
         self._check_model(body.model, causal=False)
         texts = oa.texts_of(body, self.max_items)
-        counts = [len(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+        counts = await asyncio.get_running_loop().run_in_executor(
+            self.tokenizing, lambda: [len(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts])
         too_long = [k for k, c in enumerate(counts) if c > self.context]
         if too_long:
             raise APIError(400, f"input {too_long[0]} has {counts[too_long[0]]} tokens; the model takes at most "

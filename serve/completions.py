@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.responses import StreamingResponse
 
@@ -33,14 +34,17 @@ from serve.tools import plan_tools
 
 class Completions:
     def __init__(self, engine: EngineClient, tokenizer, name: str, default_max_tokens: int, context: int,
-                 vocab_size: int):
+                 vocab_size: int, tokenizing: ThreadPoolExecutor | None = None):
+        """``tokenizing``: the one thread that encodes text (off the event loop: a prompt of megabytes takes a
+        second; one thread: a Rust tokenizer must not encode in two at once)."""
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.tokenizing = tokenizing or ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.default_max_tokens, self.context, self.vocab_size = default_max_tokens, context, vocab_size
         self.token_bytes = TokenBytes(tokenizer)  # what logprobs report for each token id
 
     async def completions(self, body: CompletionRequest, max_items: int) -> dict | StreamingResponse:
         prompts = oa.prompts_of(body, max_items)
-        ids = [self._ids(p) for p in prompts]
+        ids = [await self._ids(p) for p in prompts]
         echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
         params = self.params(body, max(len(i) for i in ids), body.logprobs, prompt_logprobs=echo_lp)
         if body.stream:
@@ -77,7 +81,7 @@ class Completions:
         except Exception as e:  # a template may reject a message order; that is the request's fault
             message = f"messages could not be formatted with the model's chat template: {e}"
             raise APIError(400, message, "messages") from e
-        ids = data.prompt_ids(self.tokenizer, text, templated=True)
+        ids = await self._encode(text, templated=True)
         params = self.params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None,
                              guided=plan.guided if plan else None)
         if body.stream:
@@ -110,9 +114,13 @@ class Completions:
 
     # -- the engine -----------------------------------------------------------------------------------------------
 
-    def _ids(self, prompt: str | list[int]) -> list[int]:
+    async def _encode(self, text: str, templated: bool) -> list[int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizing, data.prompt_ids, self.tokenizer, text, templated)
+
+    async def _ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return data.prompt_ids(self.tokenizer, prompt, templated=False)
+            return await self._encode(prompt, templated=False)
         bad = next((t for t in prompt if t >= self.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"prompt: token id {bad} is not in this model's vocabulary (0..{self.vocab_size - 1})",
