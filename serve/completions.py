@@ -14,6 +14,7 @@ here; the request checks are serve.protocol's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from engine.sampling import Guided, SamplingParams
 from serve import protocol as oa
 from serve import responses as rs
 from serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
-from serve.tools import plan_tools
+from serve.tools import ToolPlan, plan_tools
 
 
 class Completions:
@@ -85,9 +86,8 @@ class Completions:
         params = self.params(body, len(ids), (body.top_logprobs or 0) if body.logprobs else None,
                              guided=plan.guided if plan else None)
         if body.stream:
-            if plan is not None and plan.choice != "none":
-                raise APIError(400, "tool calls are not available with stream: true yet", "stream")
-            return await self._sse([ids], params, body.n, chat=True, include_usage=body.include_usage)
+            return await self._sse([ids], params, body.n, chat=True, include_usage=body.include_usage,
+                                   tools=plan if plan is not None and plan.holds_back else None)
         results = await self._generate([ids], params, body.n)
         calls = [plan.parse(g.text) if plan else None for g in results]
         return rs.chat_completion(self.name, [g.text for g in results], [g.finish_reason for g in results], len(ids),
@@ -159,10 +159,12 @@ class Completions:
         return results
 
     async def _sse(self, ids: list[list[int]], params: SamplingParams, n: int, chat: bool,
-                   include_usage: bool) -> StreamingResponse:
+                   include_usage: bool, tools: ToolPlan | None = None) -> StreamingResponse:
         """Server-sent events: chunks of new text for each sequence as it comes, each ending with its finish reason;
-        then the usage (when asked for) and [DONE]."""
+        then the usage (when asked for) and [DONE]. With ``tools``, a sequence is held back while it may be a tool
+        call (serve.tools), and a call goes out whole in the sequence's last chunk."""
         handles = await self._submit(ids, params, n)
+        held = [_Held() for _ in handles] if tools is not None else None
         rid, created = rs.new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
 
         def event(choices, usage=None) -> str:
@@ -180,8 +182,13 @@ class Completions:
                 if out.finished:
                     generated += out.num_generated_tokens
                     cached += out.num_cached_tokens if k % n == 0 else 0  # a prompt's, once
+                calls = None
+                if held is not None and held[k].holding:
+                    out, calls = held[k].take(out, tools)
+                    if out is None:
+                        continue
                 if out.text or out.finished or out.logprobs:
-                    yield event([self._choice(chat, k, out, offsets[k])])
+                    yield event([self._choice(chat, k, out, offsets[k], calls)])
                     offsets[k] += len(out.text)
             else:
                 if include_usage:
@@ -190,14 +197,36 @@ class Completions:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def _choice(self, chat: bool, index: int, out: RequestOutput, offset: int):
+    def _choice(self, chat: bool, index: int, out: RequestOutput, offset: int, calls: list[dict] | None = None):
         finish = out.finish_reason if out.finished else None
+        if calls:
+            deltas = [rs.DeltaToolCall(index=i, **c) for i, c in enumerate(calls)]
+            return rs.ChatChunkChoice(index=index, delta=rs.Delta(tool_calls=deltas), finish_reason="tool_calls")
         if chat:
             delta = rs.Delta(content=out.text) if out.text else rs.Delta()
             return rs.ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
                                       logprobs=rs.chat_logprobs(out.logprobs, self.token_bytes))
         return rs.CompletionChoice(index=index, text=out.text, finish_reason=finish,
                                    logprobs=rs.completion_logprobs(out.logprobs, self.token_bytes, offset))
+
+
+class _Held:
+    """What a streamed sequence that may be a tool call has said so far, held back until it ends or turns out to be
+    text."""
+
+    def __init__(self):
+        self.text, self.logprobs, self.holding = "", [], True
+
+    def take(self, out: RequestOutput, tools: ToolPlan) -> tuple[RequestOutput | None, list[dict] | None]:
+        """(the event to send now, or None to keep holding; the tool calls of a finished sequence, or None)."""
+        self.text += out.text
+        self.logprobs += out.logprobs or []
+        if not out.finished and tools.may_be_call(self.text):
+            return None, None
+        self.holding = False
+        whole = dataclasses.replace(out, text=self.text, logprobs=self.logprobs or out.logprobs)
+        calls = tools.parse(self.text) if out.finished else None
+        return whole, calls
 
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -364,7 +364,7 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # allows several calls per answer; raypress's answers hold one
+    parallel_tool_calls: bool | None = None  # several calls per answer (default); false: one (serve.tools)
 
 
 class EmbeddingRequest(_Strict):

@@ -82,9 +82,20 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(BaseModel):
+    """A streamed tool call: raypress sends each call whole, in one chunk (``id``, ``type``, the name and all the
+    arguments)."""
+
+    index: int  # which call of the answer
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -11,7 +11,14 @@ a named function (one call of it), ``auto`` (the model decides; only for a model
 whose answer is then read for a call, else a 400 that says so). Required and named calls are enforced with a grammar
 on ``{"name": ..., "arguments": {...}}``, the arguments held to the function's JSON schema, so they always parse. A
 template that renders tools gets them as ``tools=``; for one that does not, they are described in a system message.
-One call per answer: ``parallel_tool_calls`` allows, and does not require, several.
+
+``parallel_tool_calls`` (OpenAI's default: true) lets an answer hold several calls: the grammar then also takes a
+JSON list of calls, and ``auto`` reads every ``<tool_call>`` block. With ``parallel_tool_calls: false`` the grammar
+takes one call, and of an ``auto`` answer only the first call is kept.
+
+Streamed (``stream: true``), an answer that is or may be a call is held back until it ends, then sent as one
+``delta.tool_calls`` chunk with each call whole (OpenAI's clients join deltas, so one is as good as many); an ``auto``
+answer that turns out to be text is streamed from the moment it cannot be a call (``may_be_call``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class ToolPlan:
     tools: list[dict]  # OpenAI's function definitions, as sent
     choice: str  # "none", "auto", "required" or the named function
     native: bool  # the chat template renders tools itself
+    parallel: bool = True  # several calls per answer allowed (parallel_tool_calls)
 
     @property
     def guided(self) -> Guided | None:
@@ -46,7 +54,23 @@ class ToolPlan:
         options = [{"type": "object", "properties": {"name": {"enum": [f["name"]]},
                                                      "arguments": f.get("parameters") or {"type": "object"}},
                     "required": ["name", "arguments"]} for f in fns]
-        return Guided("json_schema", json.dumps(options[0] if len(options) == 1 else {"anyOf": options}))
+        one = options[0] if len(options) == 1 else {"anyOf": options}
+        if self.parallel:  # one call, or a list of them
+            one = {"anyOf": [*options, {"type": "array", "items": one, "minItems": 1}]}
+        return Guided("json_schema", json.dumps(one))
+
+    @property
+    def holds_back(self) -> bool:
+        """Whether a streamed answer is held back while it may be a call (every choice but ``none``)."""
+        return self.choice != "none"
+
+    def may_be_call(self, text: str) -> bool:
+        """Whether an answer that begins with ``text`` may still be a tool call (always, for a call the grammar
+        enforces)."""
+        if self.choice != "auto":
+            return self.choice != "none"
+        head = text.lstrip()
+        return head[:1] in ("", "{", "[") or head.startswith("<tool_call>") or "<tool_call>".startswith(head)
 
     def messages(self, body: ChatRequest) -> tuple[list[dict], dict]:
         """The history for the chat template, and the keyword arguments it takes (``tools`` where it renders them)."""
@@ -66,7 +90,8 @@ class ToolPlan:
         if self.native:
             return out, {"tools": [{"type": "function", "function": f} for f in self.tools]}
         note = ("You can call these functions. To call one, answer with JSON: {\"name\": <function name>, "
-                "\"arguments\": <its arguments>}.\n" + json.dumps(self.tools))
+                "\"arguments\": <its arguments>}" + ("; to call several, a JSON list of such objects" if self.parallel
+                                                     else "") + ".\n" + json.dumps(self.tools))
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{note}"}
         else:
@@ -78,17 +103,17 @@ class ToolPlan:
         if self.choice == "none":
             return None
         found = [m.group(1) for m in _CALL.finditer(text)] or [text.strip()]
-        calls = []
+        names, calls = {t["name"] for t in self.tools}, []
         for raw in found:
             try:
                 value = json.loads(raw)
             except ValueError:
                 continue
-            names = {t["name"] for t in self.tools}
-            if isinstance(value, dict) and value.get("name") in names and isinstance(value.get("arguments"), dict):
-                calls.append({"id": new_id("call_"), "type": "function",
-                              "function": {"name": value["name"], "arguments": json.dumps(value["arguments"])}})
-        return calls or None
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict) and item.get("name") in names and isinstance(item.get("arguments"), dict):
+                    calls.append({"id": new_id("call_"), "type": "function",
+                                  "function": {"name": item["name"], "arguments": json.dumps(item["arguments"])}})
+        return (calls if self.parallel else calls[:1]) or None
 
 
 def plan_tools(body: ChatRequest, tokenizer) -> ToolPlan | None:
@@ -112,7 +137,7 @@ def plan_tools(body: ChatRequest, tokenizer) -> ToolPlan | None:
                             "not: ask for tool_choice required, or name the function", "tool_choice")
     if body.response_format is not None and choice not in ("none", "auto"):
         raise APIError(400, "a tool call and response_format both shape the answer: ask for one", "response_format")
-    return ToolPlan(tools, choice, native)
+    return ToolPlan(tools, choice, native, parallel=body.parallel_tool_calls is not False)
 
 
 def _arguments(value: str) -> dict:

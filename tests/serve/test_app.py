@@ -476,9 +476,10 @@ def test_required_and_named_tool_calls_always_parse_as_the_functions_schema(clie
     for k in range(4):
         required = client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER, TIME], max_tokens=64,
                                                   tool_choice="required", temperature=1.0, seed=k)
-        (call,) = required.choices[0].message.tool_calls
-        fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
-        jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
+        assert required.choices[0].message.tool_calls  # one call or several (parallel_tool_calls is on by default)
+        for call in required.choices[0].message.tool_calls:
+            fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
+            jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
     # the call and its result go back in the history; the model answers in text
     history = ask + [{"role": "assistant", "content": None, "tool_calls": [named.choices[0].message.tool_calls[0]
                                                                             .model_dump()]},
@@ -487,8 +488,46 @@ def test_required_and_named_tool_calls_always_parse_as_the_functions_schema(clie
                                             max_tokens=24, temperature=0)
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
     for body, param in [({"tool_choice": "auto"}, "tool_choice"),  # SmolLM2's template renders no tools: said so
-                        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-                        ({"tool_choice": "required", "stream": True}, "stream")]:
+                        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice")]:
         r = requests.post(f"{smol_url}/v1/chat/completions", timeout=60,
                           json={"messages": ask, "tools": [WEATHER], "max_tokens": 8, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.timeout(300)
+def test_tool_calls_stream_whole_in_the_last_chunk_as_the_unstreamed_answer_gives_them(client):
+    ask = [{"role": "user", "content": "What is the weather like in Oslo?"}]
+    for k in range(3):
+        kw = dict(model="smol", messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=64,
+                  temperature=1.0, seed=k)
+        whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # a call is never sent as text
+        with client.chat.completions.stream(**kw) as stream:  # the openai client joins the deltas itself
+            joined = stream.get_final_completion().choices[0]
+        assert joined.finish_reason == "tool_calls" and chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert [(c.function.name, c.function.arguments) for c in joined.message.tool_calls] == \
+            [(c.function.name, c.function.arguments) for c in whole]
+    # tool_choice none streams text as before
+    text = client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in text if c.choices)
+
+
+@pytest.mark.timeout(300)
+def test_parallel_tool_calls_lets_the_grammar_take_a_list_of_calls_and_false_holds_it_to_one(client, smollm2_loaded):
+    import jsonschema
+
+    # pushed up with +100: taken wherever the grammar allows it
+    bracket = smollm2_loaded.tokenizer.convert_tokens_to_ids("[")
+    ask = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
+    kw = dict(model="smol", messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=96, temperature=0,
+              logit_bias={str(bracket): 100}, logprobs=True)
+    several = client.chat.completions.create(**kw).choices[0]
+    one = client.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+    assert several.finish_reason == one.finish_reason == "tool_calls"
+    assert len(several.message.tool_calls) >= 1 and len(one.message.tool_calls) == 1
+    for call in several.message.tool_calls + one.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # the list form is what the bias reached for; held to one call, the grammar did not let the answer start with it
+    assert several.logprobs.content[0].token == "[" and one.logprobs.content[0].token == "{"
