@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-e2e test-peers lint clean
+.PHONY: install demo test test-e2e test-clients test-peers lint clean
 
 install: $(VENV)/.installed
 
@@ -25,14 +25,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m jobs.sweep sweeps/smollm2.yaml --out artifacts/sweep-smollm2
 
-# The suite without the tests marked e2e (clusters, servers and builds of their own; whole jobs under faults).
+# The suite without the tests marked e2e (clusters, servers and builds of their own; whole jobs under faults) or
+# clients (third-party clients, installed by test-clients).
 test: install
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -m "not e2e and not clients"
 
 # Those end-to-end tests: `ray start` clusters, the Batch API on its own cluster, `serve run`, autoscaling, a wheel
 # built and installed, the built-in models' quality. CI (.ci/run) runs them after `make test`.
 test-e2e: install
 	$(PY) -m pytest -m e2e
+
+# Clients people point at the server, run against it: lm-evaluation-harness scores a multiple-choice task through
+# /v1/completions as its own Hugging Face backend does; langchain-openai's structured output and tool calls.
+test-clients: install
+	$(PIP) install -q -e ".[clients]"
+	$(PY) -m pytest -m clients
 
 # Checks against peer engines: llama.cpp runs raypress's GGUF exports (builds llama.cpp from source, minutes).
 test-peers: install

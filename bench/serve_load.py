@@ -58,7 +58,7 @@ def drive(base_url: str, model: str, requests: list[dict], clients: int) -> dict
         kw = {"model": model, "messages": req["messages"], "max_tokens": req["max_tokens"], "temperature": 0}
         if req["stream"]:
             first, n = None, 0
-            for chunk in client.chat.completions.create(stream=True, **kw):
+            for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
                 if chunk.choices and chunk.choices[0].delta.content and first is None:
                     first = time.perf_counter() - start
                 if chunk.usage is not None:

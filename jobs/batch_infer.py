@@ -10,8 +10,10 @@ wastes little) -> decode and format (CPU tasks) -> parquet files in OUTPUT.
 
 Columns: generate adds generated_text, num_generated_tokens, finish_reason and num_cached_tokens (prompt tokens the
 engine's prefix cache already held: rows that share a prefix, such as instructions, prefill it once per actor); per-row
-max_tokens, temperature, top_p, seed, stop, json_schema (the answer held to that schema: structured extraction),
-presence_penalty, frequency_penalty, repetition_penalty and min_tokens columns override the flags. embed adds embedding
+max_tokens, temperature, top_p, seed, stop, json_schema (the answer held to that schema: structured extraction; or
+guided_regex, guided_choice, guided_grammar, guided_json_object), presence_penalty, frequency_penalty,
+repetition_penalty, min_tokens, top_k, logit_bias, stop_token_ids and ignore_eos columns override the flags
+(jobs/params.py). embed adds embedding
 (list<float32>, pooled as the model's sentence-transformers config says); score adds logprob_sum, logprob_mean,
 perplexity. Every task adds num_prompt_tokens, and error: null or why that row got no answer; and source_file,
 source_row: where the row came from (its file relative to INPUT, its row number in that file). Output rows = input rows.

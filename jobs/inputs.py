@@ -288,7 +288,7 @@ def _by_values(col: str, values: list, problems: list[str]) -> pa.Array:
         return pa.array(values)
 
 
-JSON_TEXT_COLUMNS = ("json_schema",)  # string columns a job reads that JSON lines may give as an object
+JSON_TEXT_COLUMNS = ("json_schema", "logit_bias")  # string columns a job reads that JSON lines may give as an object
 
 
 def _typed(col: str, values: list, type_: pa.DataType, problems: list[str]) -> pa.Array:

@@ -18,15 +18,11 @@ import pyarrow as pa
 from compress import data, models
 from engine.core import Engine
 from engine.interface import EngineClient
-from engine.sampling import Guided, SamplingParams, stop_strings
+from engine.request import Generation
+from engine.sampling import SamplingParams
 from jobs.inputs import TYPE_ERRORS
+from jobs.params import PARAM_COLUMNS, PARAM_TYPES, is_null, row_params
 
-PARAM_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
-               "stop": pa.list_(pa.string()),  # a row's own sampling settings; stop: one string or several
-               "json_schema": pa.string(),  # the answer held to this JSON schema (its text; JSON lines: an object)
-               "presence_penalty": pa.float64(), "frequency_penalty": pa.float64(),
-               "repetition_penalty": pa.float64(), "min_tokens": pa.int64()}
-PARAM_COLUMNS = tuple(PARAM_TYPES)
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # OpenAI chat messages
 INTERNAL = ("_ids", "_params", "_error", "_out", TYPE_ERRORS)
 
@@ -57,7 +53,7 @@ def preprocess(table: pa.Table, model: str, task: str, column: str, context: int
                 raise ValueError(row[TYPE_ERRORS])
             text, templated = _row_text(value, column, tokenizer, task, chat=defaults.get("chat", False))
             row_ids = data.prompt_ids(tokenizer, text, templated)
-            p = _row_params(row, defaults) if task == "generate" else None
+            p = row_params(row, defaults, len(tokenizer)) if task == "generate" else None
             budget = p.max_tokens if p else 0
             if len(row_ids) + budget > context:
                 raise ValueError(f"{len(row_ids)} prompt tokens + {budget} new tokens exceed the limit of {context} "
@@ -76,13 +72,9 @@ def preprocess(table: pa.Table, model: str, task: str, column: str, context: int
             .append_column("_error", pa.array(errors, pa.string())))
 
 
-def _is_null(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> tuple[str, bool]:
     """The row's text, and whether the chat template made it."""
-    if _is_null(value):
+    if is_null(value):
         raise ValueError(f"column {column!r} is null")
     if isinstance(value, np.ndarray | list) and task == "generate":
         messages = [dict(m) if isinstance(m, dict) else m for m in value]
@@ -99,37 +91,14 @@ def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> t
     return value, False
 
 
-def _row_params(row: dict, defaults: dict) -> SamplingParams:
-    """The job's defaults, overridden by the row's own columns (PARAM_COLUMNS); ValueError names a bad value."""
-    values = {k: v for k, v in defaults.items() if k != "chat"}
-    values.update({k: row[k] for k in PARAM_COLUMNS if not _is_null(row.get(k))})
-
-    def number(key: str, kind: type, default=None):  # CSV cells come as text: "64" is 64
-        value = values.get(key)
-        if value is None:
-            return default
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"column {key!r}: expected {'an integer' if kind is int else 'a number'}, got "
-                             f"{value!r}") from None
-
-    schema = values.get("json_schema")
-    return SamplingParams(max_tokens=number("max_tokens", int), temperature=number("temperature", float),
-                          top_p=number("top_p", float), seed=number("seed", int), stop=stop_strings(values.get("stop")),
-                          presence_penalty=number("presence_penalty", float, 0.0),
-                          frequency_penalty=number("frequency_penalty", float, 0.0),
-                          repetition_penalty=number("repetition_penalty", float, 1.0),
-                          min_tokens=number("min_tokens", int, 0),
-                          guided=Guided("json_schema", schema) if schema else None)
-
-
 class Predictor:
     """One model replica per actor. Maps a batch to its outputs; rows with an error pass through untouched.
 
-    Generation goes through the engine: every row of a call is queued at once and starts as soon as a slot is free,
-    so a long row never holds up the short ones beside it. Embeddings encode the row's own text, as the serving
-    app does.
+    Generation and scoring go through the engine: every row of a call is queued at once and starts as soon as a
+    slot is free, so a long row never holds up the short ones beside it. A row is scored by the log-probabilities of
+    its own tokens, which the engine keeps from the prefill (what ``echo`` returns on /v1/completions), so the
+    logits held at once are those of one prefill chunk, whatever the vocabulary. Embeddings encode the row's own
+    text, as the serving app does.
     """
 
     def __init__(self, model: str, task: str, column: str, max_num_seqs: int, max_model_len: int,
@@ -191,54 +160,64 @@ class Predictor:
 
         ids = {i: [int(t) for t in batch["_ids"][i]] for i in todo}
         if self.task == "generate":
-            self._generate(ids, batch["_params"], out)
+            for i, g in self._through_engine(ids, {i: SamplingParams.from_json(batch["_params"][i]) for i in ids},
+                                             out).items():
+                out["_out"][i] = json.dumps({"n": len(g.token_ids), "text": g.text, "finish_reason": g.finish_reason,
+                                             "cached": g.num_cached_tokens})
+            return
+        if self.task == "score":  # the prompt log-probabilities the engine keeps in the prefill it runs anyway
+            for i, g in self._through_engine(ids, dict.fromkeys(ids, SCORE_PARAMS), out).items():
+                scores = [p.logprob for p in g.prompt_logprobs[1:]]
+                out["_out"][i] = json.dumps({"sum": math.fsum(scores), "mean": math.fsum(scores) / len(scores)})
             return
         todo = sorted(todo, key=lambda i: len(ids[i]))  # similar lengths together: little padding
         for start in range(0, len(todo), self.max_num_seqs):
             rows = todo[start : start + self.max_num_seqs]
             try:
                 with torch.inference_mode():
-                    if self.task == "embed":
-                        texts = [str(batch[self.column][i]) for i in rows]
-                        results = models.encode(self.model, self.tokenizer, texts).tolist()
-                    else:
-                        results = _score(self.model, [ids[i] for i in rows], self.tokenizer.pad_token_id or 0)
-                for i, r in zip(rows, results, strict=True):
+                    results = models.encode(self.model, self.tokenizer, [str(batch[self.column][i]) for i in rows])
+                for i, r in zip(rows, results.tolist(), strict=True):
                     out["_out"][i] = json.dumps(r)
             except Exception as e:  # a batch the model cannot take: record it on its rows and go on
                 for i in rows:
                     out["_error"][i] = f"model error: {type(e).__name__}: {e}"
 
-    def _generate(self, ids: dict[int, list[int]], params: np.ndarray, out: dict) -> None:
+    def _through_engine(self, ids: dict[int, list[int]], settings: dict[int, SamplingParams],
+                        out: dict) -> dict[int, Generation]:
+        """Every row's result from the engine, all queued at once; a row the engine refuses or fails gets its error
+        in ``out`` and no result."""
         rows = list(ids)
         if not rows:
-            return
-        row_params = {i: SamplingParams.from_json(params[i]) for i in rows}
+            return {}
         try:
-            engine = self._engine(max(len(ids[i]) + p.max_tokens for i, p in row_params.items()))
+            engine = self._engine(max(len(ids[i]) + p.max_tokens for i, p in settings.items()))
         except Exception as e:  # no engine for this call: every row gets the reason
             for i in rows:
                 out["_error"][i] = f"model error: {type(e).__name__}: {e}"
-            return
+            return {}
         runnable = []
         for i in rows:  # a row the engine refuses (a schema that does not compile) gets its error; the rest run
             try:
-                engine.check(ids[i], row_params[i])
+                engine.check(ids[i], settings[i])
                 runnable.append(i)
             except ValueError as e:
                 out["_error"][i] = str(e)
         try:
-            results = engine.generate([ids[i] for i in runnable], [row_params[i] for i in runnable])
+            results = engine.generate([ids[i] for i in runnable], [settings[i] for i in runnable])
         except Exception as e:  # the engine refused the call as a whole: every row gets the reason
-            results = [None] * len(runnable)
             for i in runnable:
                 out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+            return {}
+        done = {}
         for i, g in zip(runnable, results, strict=True):
-            if g is not None and g.error:
+            if g.error:
                 out["_error"][i] = f"model error: {g.error}"
-            elif g is not None:
-                out["_out"][i] = json.dumps({"n": len(g.token_ids), "text": g.text, "finish_reason": g.finish_reason,
-                                             "cached": g.num_cached_tokens})
+            else:
+                done[i] = g
+        return done
+
+
+SCORE_PARAMS = SamplingParams(max_tokens=1, prompt_logprobs=0)  # score: each prompt token's log-probability
 
 
 MAX_DEATHS_PER_CALL = 4  # after this many actor deaths in one call, its rows not yet answered get an error
@@ -278,59 +257,6 @@ def _call_key(batch: dict) -> str:
         for ids in batch["_ids"]:
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
     return h.hexdigest()
-
-
-SCORE_LOGITS_BYTES = 256 << 20  # float32 logits held at once while scoring: [rows, positions, vocab] in chunks
-
-
-def _score(model, ids: list[list[int]], pad: int, logits_bytes: int = SCORE_LOGITS_BYTES) -> list[dict]:
-    """Sum and mean log-probability of each row's tokens after its first. The model's trunk runs once; its head
-    and the log-softmax run on chunks of positions, so that at most ``logits_bytes`` of logits exist at a time
-    (the whole [rows, T, vocab] would be 13 GB at T=2048 for SmolLM2's vocabulary, far more for 128k)."""
-    import torch
-
-    width = max(map(len, ids))
-    device = next(model.parameters()).device
-    x = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(x)
-    for i, row in enumerate(ids):
-        x[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    x, mask = x.to(device), mask.to(device)
-    split = _trunk_and_head(model)
-    if split is None:  # a head this cannot reproduce: the model's own logits, all at once
-        chunks = [(0, torch.log_softmax(model(input_ids=x, attention_mask=mask).logits.float(), -1)[:, :-1])]
-    else:
-        trunk, head = split
-        hidden = trunk(input_ids=x, attention_mask=mask).last_hidden_state
-        step = max(1, logits_bytes // (len(ids) * model.config.vocab_size * 4))
-        chunks = ((t, torch.log_softmax(head(hidden[:, t : min(t + step, width - 1)]).float(), -1))
-                  for t in range(0, width - 1, step))
-    sums = torch.zeros(len(ids), dtype=torch.float64)
-    for t, logp in chunks:
-        n = logp.shape[1]
-        token_lp = logp.gather(-1, x[:, t + 1 : t + 1 + n, None])[..., 0] * mask[:, t + 1 : t + 1 + n]
-        sums += token_lp.sum(1).double().cpu()
-    counts = mask[:, 1:].sum(1).cpu()
-    return [{"sum": float(s), "mean": float(s / c)} for s, c in zip(sums, counts, strict=True)]
-
-
-def _trunk_and_head(model):
-    """(the model without its output head, the head) when head(trunk(x)) gives the model's own logits; None when
-    the model does more (logit soft-capping or scaling), checked once per model on a few tokens."""
-    import torch
-
-    if getattr(model, "_raypress_trunk_ok", None) is None:
-        trunk, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
-        ok = trunk is not None and head is not None and trunk is not model
-        if ok:
-            probe = torch.arange(1, 9, device=next(model.parameters()).device)[None] % model.config.vocab_size
-            with torch.inference_mode():
-                ok = torch.allclose(head(trunk(input_ids=probe).last_hidden_state).float(),
-                                    model(input_ids=probe).logits.float(), rtol=1e-4, atol=1e-4)
-        model._raypress_trunk_ok = ok
-    if not model._raypress_trunk_ok:
-        return None
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
 
 
 OUTPUT_TYPES = {"generated_text": pa.string(), "num_generated_tokens": pa.int64(), "finish_reason": pa.string(),

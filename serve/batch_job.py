@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from jobs import storage
-from jobs.predict import MESSAGES, PARAM_TYPES
+from jobs.params import PARAM_TYPES
+from jobs.predict import MESSAGES
 from serve import protocol as oa
 from serve import responses as rs
 from serve.protocol import APIError
@@ -83,9 +84,11 @@ def parse_requests(data: bytes, endpoint: str, max_requests: int) -> list[tuple[
 # 1. prepare
 
 
-BATCH_LATER = {"logit_bias", "top_k", "ignore_eos", "stop_token_ids", "guided_json", "guided_regex", "guided_choice",
-               "guided_grammar", "structured_outputs", "echo", "tools", "tool_choice", "top_logprobs"}
-ROW_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")  # carried as row columns
+BATCH_LATER = {"echo", "tools", "tool_choice", "top_logprobs"}
+ROW_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_k", "ignore_eos",
+              "stop_token_ids")  # carried as row columns (jobs.params)
+GUIDED_COLUMN = {"json_schema": "json_schema", "json_object": "guided_json_object", "regex": "guided_regex",
+                 "choice": "guided_choice", "grammar": "guided_grammar"}  # Guided's kind -> its row column
 
 
 def to_rows(line: int, body: dict, endpoint: str, served: str, causal: bool, default_max_tokens: int) -> list[dict]:
@@ -109,14 +112,12 @@ def to_rows(line: int, body: dict, endpoint: str, served: str, causal: bool, def
     settings = oa.generation_settings(request, default_max_tokens)
     settings["stop"] = list(settings["stop"])
     settings.update({k: getattr(request, k) for k in ROW_FIELDS if k in request.model_fields_set})
-    rf = request.response_format
-    if rf is not None and rf.type == "json_object":
-        raise APIError(400, "response_format json_object is not available in a batch yet: give a json_schema",
-                       "response_format")
-    if rf is not None and rf.type == "json_schema":
-        if rf.json_schema is None or rf.json_schema.schema_ is None:
-            raise APIError(400, "response_format: type json_schema needs json_schema.schema", "response_format")
-        settings["json_schema"] = json.dumps(rf.json_schema.schema_)
+    if request.logit_bias:  # its token ids are checked with the row's other settings (a row error)
+        settings["logit_bias"] = json.dumps(request.logit_bias)
+    guided = oa.guided_of(request)
+    if guided is not None:
+        settings[GUIDED_COLUMN[guided.kind]] = (True if guided.kind == "json_object" else
+                                                json.loads(guided.spec) if guided.kind == "choice" else guided.spec)
     if chat:
         return [{"messages": [m.model_dump() for m in request.messages], **settings}]
     prompts = oa.prompts_of(request)

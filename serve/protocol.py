@@ -165,7 +165,7 @@ def engine_settings(body: _Sampling, vocab_size: int) -> dict:
         if any(t >= vocab_size for t in out["stop_token_ids"]):
             raise APIError(400, f"stop_token_ids: token ids of this model are 0..{vocab_size - 1}", "stop_token_ids")
         out["stop_token_ids"] = tuple(out["stop_token_ids"])
-    guided = _guided(body)
+    guided = guided_of(body)
     if guided is not None:
         out["guided"] = guided
     return out
@@ -175,7 +175,7 @@ _ENGINE_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty",
                   "stop_token_ids")
 
 
-def _guided(body: _Sampling) -> Guided | None:
+def guided_of(body: _Sampling) -> Guided | None:
     """The one grammar a request asks for: response_format, a guided_* field or structured_outputs."""
     asked = []
     rf = body.response_format

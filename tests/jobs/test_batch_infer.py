@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
@@ -114,39 +115,51 @@ def test_score_matches_the_models_own_log_probabilities(ray_local, tmp_path, tin
         assert row["perplexity"] == pytest.approx(math.exp(-row["logprob_mean"]))
 
 
-def test_score_holds_the_logits_of_a_few_positions_at_a_time(tiny_causal):
-    """Scored in chunks of positions: the head never sees more than its share, and the sums are the full ones."""
-    from jobs.predict import _score, _trunk_and_head
+def score_rows(folder, rows: list[list[int]]) -> list[dict]:
+    """The Predictor's scores of token rows, run in this process (no Ray)."""
+    predictor = Predictor(str(folder), "score", "text", max_num_seqs=4, max_model_len=512)
+    ids = np.empty(len(rows) + 1, dtype=object)  # a column of lists, as Ray Data hands a batch over
+    ids[:] = [*rows, []]
+    batch = {"_ids": ids, "_params": np.array([""] * (len(rows) + 1), dtype=object),
+             "_error": np.array([""] * len(rows) + ["column 'text' is null"], dtype=object)}
+    out = predictor(batch)
+    assert out["_error"][-1] == "column 'text' is null" and out["_out"][-1] == ""  # a row with an error passes by
+    assert list(out["_error"][:-1]) == [""] * len(rows), out["_error"]
+    return [json.loads(o) for o in out["_out"][:-1]]
 
-    model, tokenizer, _ = tiny_causal
-    assert _trunk_and_head(model) is not None  # its one-time check of the head, on a few tokens, done here
-    ids = [tokenizer(t)["input_ids"] for t in ("The cat sat on the mat and looked at the door for a while.",
-                                                "Paris is the capital of France.")]
-    seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
-    budget = 2 * model.config.vocab_size * 4 * 3  # logits of 3 positions of the 2 rows
-    chunked = _score(model, ids, tokenizer.pad_token_id or 0, logits_bytes=budget)
-    hook.remove()
-    assert seen and max(seen) <= 3
+
+def own_logprob_sum(model, row: list[int]) -> float:
+    x = torch.tensor([row])
     with torch.inference_mode():
-        for row, out in zip(ids, chunked, strict=True):
-            x = torch.tensor([row])
-            lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).sum().item()
-            assert out["sum"] == pytest.approx(lp, rel=1e-4, abs=1e-4)
-            assert out["mean"] == pytest.approx(lp / (len(row) - 1), rel=1e-4, abs=1e-4)
+        return torch.log_softmax(model(x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).sum().item()
 
-    # a head that does more than a linear layer (Gemma-2 soft-caps its logits): scored on the model's own logits
+
+def test_score_takes_the_engines_prompt_logprobs_over_many_prefill_chunks(tiny_causal_dir, tmp_path, smollm2_loaded):
+    """Rows longer than a prefill chunk, and a short one beside them: each scored by the engine's prompt
+    log-probabilities, equal to the model's own log-softmax; also for a model whose head does more than a linear layer
+    (Gemma-2 soft-caps its logits), which runs on the Hugging Face forward."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
+    from compress import artifact
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 1000, size=n).tolist() for n in (500, 3, 260, 130)]
+    model, _, _ = models.load(tiny_causal_dir)
+    for row, got in zip(rows, score_rows(tiny_causal_dir, rows), strict=True):
+        lp = own_logprob_sum(model, row)
+        assert got["sum"] == pytest.approx(lp, rel=1e-4, abs=1e-3)
+        assert got["mean"] == pytest.approx(lp / (len(row) - 1), rel=1e-4, abs=1e-4)
+
+    tokenizer = smollm2_loaded.tokenizer
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                           final_logit_softcapping=5.0)).eval()
-    assert _trunk_and_head(gemma) is None
-    x = torch.tensor([[1, 5, 7, 9, 11, 13]])
-    with torch.inference_mode():
-        lp = torch.log_softmax(gemma(x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).sum().item()
-        assert _score(gemma, x.tolist(), 0, logits_bytes=1000)[0]["sum"] == pytest.approx(lp, rel=1e-5)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, attn_logit_softcapping=None, final_logit_softcapping=5.0,
+                                           max_position_embeddings=512, layer_types=["full_attention"] * 2)).eval()
+    gemma.config.architectures = ["Gemma2ForCausalLM"]
+    folder = artifact.save(gemma, tokenizer, tmp_path / "gemma")
+    for row, got in zip(rows[1:3], score_rows(folder, rows[1:3]), strict=True):
+        assert got["sum"] == pytest.approx(own_logprob_sum(gemma, row), rel=1e-4, abs=1e-3)
 
 
 def test_a_csv_column_empty_for_its_first_mib_and_numeric_later_is_read_row_by_row(tmp_path, tiny_causal_dir):
@@ -441,27 +454,36 @@ def test_the_driver_never_holds_the_input(ray_local, tmp_path, tiny_causal_dir):
 
 
 @pytest.mark.timeout(300)
-def test_structured_rows_parse_as_their_schema_and_bad_schemas_fail_their_row_alone(ray_local, tmp_path):
+def test_structured_rows_parse_as_their_schema_and_bad_schemas_fail_their_row_alone(ray_local, tmp_path,
+                                                                                      smollm2_loaded):
+    import re
+
     import jsonschema
 
     person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},
               "required": ["name", "age"]}
     colour = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"]}
-    rows = [{"prompt": f"Describe person number {k}.", "id": k} for k in range(6)]
+    rows = [{"prompt": f"Describe person number {k}.", "id": k} for k in range(9)]
     rows[1]["json_schema"] = colour  # an object in JSON lines, or the schema's text: both are taken
     rows[2]["json_schema"] = json.dumps(colour)
     rows[3]["json_schema"] = {"type": "object", "properties": {"x": {"type": "no-such-type"}}}  # does not compile
     rows[4]["json_schema"] = "{not json"
     rows[5].update(max_tokens=3, presence_penalty=1.5)  # too short for the record: must say so
+    rows[6]["guided_choice"] = ["yes", "no"]  # a row's own grammar replaces the job's
+    rows[7]["guided_regex"] = "[0-9]{3}"
+    x = smollm2_loaded.tokenizer.convert_tokens_to_ids("x")
+    rows[8].update(guided_regex="[a-z]{1,12}", logit_bias={str(x): 100})  # taken wherever the grammar allows it
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     assert batch_infer.main(model="smollm2-135m", input=str(src), output=str(out), chat=True, max_tokens=48,
                             json_schema=json.dumps(person)) == 0
     got = {r["id"]: r for r in read_out(out)}
-    assert sorted(got) == list(range(6))  # rows out = rows in
+    assert sorted(got) == list(range(9))  # rows out = rows in
     for k, schema in ((0, person), (1, colour), (2, colour)):
         assert got[k]["error"] is None and got[k]["finish_reason"] == "stop", got[k]
         jsonschema.validate(json.loads(got[k]["generated_text"]), schema)
     assert "does not compile" in got[3]["error"] and "not JSON" in got[4]["error"]
     assert got[5]["error"] is None and got[5]["finish_reason"] == "length" and got[5]["num_generated_tokens"] == 3
+    assert got[6]["generated_text"] in ("yes", "no") and re.fullmatch("[0-9]{3}", got[7]["generated_text"])
+    assert set(got[8]["generated_text"]) == {"x"}, got[8]

@@ -167,7 +167,11 @@ def test_malformed_files_are_refused_at_create_time_with_the_line(client):
 
 
 def test_a_chat_batch_answers_every_line_as_the_synchronous_endpoint_does(client):
-    lines = [chat_line(f"req-{i}", f"Tell me about the number {i}.", max_tokens=4 + i % 7) for i in range(46)]
+    settings = [{}, {"logit_bias": {"28": -100, "30": 5}, "presence_penalty": 0.5},
+                {"response_format": {"type": "json_object"}}, {"top_k": 3, "ignore_eos": True},
+                {"guided_choice": ["yes", "no"]}, {"guided_regex": "[0-9]{2,4}", "stop_token_ids": [31]}]
+    lines = [chat_line(f"req-{i}", f"Tell me about the number {i}.", max_tokens=4 + i % 7, **settings[i % 6])
+             for i in range(46)]
     lines += [chat_line("bad-empty", "x") | {"body": {"messages": []}},
               chat_line("bad-model", "Hi", model="someone-else"),
               chat_line("bad-stop", "Hi", stop=[""]),
@@ -188,7 +192,10 @@ def test_a_chat_batch_answers_every_line_as_the_synchronous_endpoint_does(client
     served = client.models.list().data[0].id  # input order
     for line, out in zip(lines, outputs, strict=False):
         assert out["response"]["status_code"] == 200 and out["error"] is None
-        sync = client.chat.completions.create(**{"model": served, **line["body"]}).model_dump()
+        request = {"model": served, **line["body"]}  # vLLM's fields go as the openai client's extra_body
+        vllm = ("top_k", "ignore_eos", "guided_choice", "guided_regex", "stop_token_ids")
+        sync = client.chat.completions.create(**{k: v for k, v in request.items() if k not in vllm},
+                                              extra_body={k: v for k, v in request.items() if k in vllm}).model_dump()
         body = out["response"]["body"]
         assert body["object"] == "chat.completion" and body["model"] == sync["model"]
         assert body["choices"][0]["message"] == {k: sync["choices"][0]["message"][k] for k in ("role", "content")}

@@ -1,5 +1,7 @@
 """serve/protocol.py without a server: which fields a request may send, what each becomes, and the 400s."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -91,10 +93,19 @@ def test_a_batch_line_carries_what_its_rows_hold_and_refuses_the_rest_by_name():
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}
     (row,) = to_rows(0, chat, "/v1/chat/completions", "m", True, 16)
     assert row["presence_penalty"] == 0.5 and row["json_schema"] == '{"type": "object"}' and row["max_tokens"] == 5
+    more = {"messages": HI, "logit_bias": {"7": -100}, "top_k": -1, "stop_token_ids": [2], "ignore_eos": True,
+            "guided_choice": ["yes", "no"], "response_format": {"type": "text"}}
+    (row,) = to_rows(0, more, "/v1/chat/completions", "m", True, 16)
+    assert json.loads(row["logit_bias"]) == {"7": -100} and row["guided_choice"] == ["yes", "no"]
+    assert row["top_k"] == -1 and row["stop_token_ids"] == [2] and row["ignore_eos"] is True
+    (row,) = to_rows(0, {"messages": HI, "response_format": {"type": "json_object"}}, "/v1/chat/completions", "m",
+                     True, 16)
+    assert row["guided_json_object"] is True and "json_schema" not in row
+    (row,) = to_rows(0, {"prompt": "x", "guided_regex": "[a-z]+"}, "/v1/completions", "m", True, 16)
+    assert row["guided_regex"] == "[a-z]+"
     tool = {"type": "function", "function": {"name": "f"}}
     for extra, param in [({"tools": [tool], "tool_choice": "required"}, "tool_choice"), ({"n": 2}, "n"),
-                         ({"logit_bias": {"1": 5}}, "logit_bias"), ({"response_format": {"type": "json_object"}},
-                                                                    "response_format")]:
+                         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice")]:
         with pytest.raises(oa.APIError) as e:
             to_rows(0, {"messages": HI, **extra}, "/v1/chat/completions", "m", True, 16)
         assert e.value.param == param, extra

@@ -1,0 +1,118 @@
+"""A batch row's sampling settings: the columns that carry them (``PARAM_TYPES``, what JSON input is typed as and
+what the Batch API's rows hold) and how a row's values, over the job's defaults, become the engine's
+``SamplingParams`` (``row_params``). CSV cells come as text, so every reader here takes a value's text as well."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from engine.sampling import Guided, SamplingParams, stop_strings
+
+PARAM_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
+               "stop": pa.list_(pa.string()),  # a row's own sampling settings; stop: one string or several
+               "json_schema": pa.string(),  # the answer held to this JSON schema (its text; JSON lines: an object)
+               "guided_regex": pa.string(), "guided_choice": pa.list_(pa.string()),  # or to a pattern, or choices
+               "guided_grammar": pa.string(),  # or to a grammar (EBNF, GBNF's notation)
+               "guided_json_object": pa.bool_(),  # or to any JSON object (response_format json_object): one per row
+               "presence_penalty": pa.float64(), "frequency_penalty": pa.float64(),
+               "repetition_penalty": pa.float64(), "min_tokens": pa.int64(), "top_k": pa.int64(),
+               "logit_bias": pa.string(),  # OpenAI's {"token id": bias} (its text; JSON lines: an object)
+               "stop_token_ids": pa.list_(pa.int64()), "ignore_eos": pa.bool_()}
+PARAM_COLUMNS = tuple(PARAM_TYPES)
+GUIDED_COLUMNS = {"json_schema": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "guided_json_object": "json_object"}  # column -> Guided's kind
+
+
+def is_null(value) -> bool:
+    """An empty cell: None, or NaN (pandas' and CSV's missing value)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def row_params(row: dict, defaults: dict, vocab_size: int) -> SamplingParams:
+    """The job's defaults, overridden by the row's own columns (PARAM_COLUMNS); ValueError names a bad value. A row
+    that asks for a grammar replaces the job's (--json-schema)."""
+    mine = {k: row[k] for k in PARAM_COLUMNS if not is_null(row.get(k)) and row[k] is not False}
+    values = {k: v for k, v in defaults.items() if k != "chat" and not (k in GUIDED_COLUMNS and mine.keys()
+                                                                         & GUIDED_COLUMNS.keys())}
+    values.update(mine)
+
+    def number(key: str, kind: type, default=None):  # CSV cells come as text: "64" is 64
+        value = values.get(key)
+        if value is None:
+            return default
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"column {key!r}: expected {'an integer' if kind is int else 'a number'}, got "
+                             f"{value!r}") from None
+
+    return SamplingParams(max_tokens=number("max_tokens", int), temperature=number("temperature", float),
+                          top_p=number("top_p", float), seed=number("seed", int), stop=stop_strings(values.get("stop")),
+                          presence_penalty=number("presence_penalty", float, 0.0),
+                          frequency_penalty=number("frequency_penalty", float, 0.0),
+                          repetition_penalty=number("repetition_penalty", float, 1.0),
+                          min_tokens=number("min_tokens", int, 0), top_k=max(number("top_k", int, 0), 0),
+                          logit_bias=_logit_bias(values.get("logit_bias"), vocab_size),
+                          stop_token_ids=_token_ids(values.get("stop_token_ids"), vocab_size),
+                          ignore_eos=_flag(values.get("ignore_eos"), "ignore_eos"), guided=_row_guided(values))
+
+
+def _row_guided(values: dict) -> Guided | None:
+    """The grammar a row asks for (GUIDED_COLUMNS), at most one."""
+    asked = [c for c in GUIDED_COLUMNS if values.get(c) is not None and values[c] is not False]
+    if len(asked) > 1:
+        raise ValueError(f"columns {asked}: ask for one grammar per row")
+    if not asked:
+        return None
+    value = values[asked[0]]
+    if asked[0] == "guided_json_object":
+        return Guided("json_object") if _flag(value, "guided_json_object") else None
+    if asked[0] == "guided_choice":  # a list, or in CSV a JSON list or one string
+        value = json.dumps(json.loads(value) if value.lstrip().startswith("[") else [value]) \
+            if isinstance(value, str) else json.dumps([str(c) for c in value])
+    try:
+        return Guided(GUIDED_COLUMNS[asked[0]], value)
+    except ValueError as e:
+        raise ValueError(f"column {asked[0]!r}: {e}") from None
+
+
+def _logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} (a JSON object's text) -> (id, bias) pairs, each id a token of the model."""
+    if value is None:
+        return ()
+    try:
+        bias = json.loads(value) if isinstance(value, str) else value
+        pairs = tuple((int(k), float(b)) for k, b in bias.items())
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f'column \'logit_bias\': expected {{"token id": bias, ...}}, got {value!r}') from None
+    bad = [t for t, _ in pairs if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"column 'logit_bias': {bad[0]} is not a token id of this model (0..{vocab_size - 1})")
+    return pairs
+
+
+def _token_ids(value, vocab_size: int) -> tuple[int, ...]:
+    """stop_token_ids: a list of ids (in CSV, its JSON text or one id)."""
+    if value is None:
+        return ()
+    try:
+        ids = json.loads(value) if isinstance(value, str) else value
+        ids = tuple(int(t) for t in (ids if isinstance(ids, list | tuple | np.ndarray) else [ids]))
+    except (ValueError, TypeError):
+        raise ValueError(f"column 'stop_token_ids': expected a list of token ids, got {value!r}") from None
+    if not all(0 <= t < vocab_size for t in ids):
+        raise ValueError(f"column 'stop_token_ids': token ids of this model are 0..{vocab_size - 1}")
+    return ids
+
+
+def _flag(value, name: str) -> bool:
+    """A boolean cell: true or false (in CSV, its text)."""
+    if value is None or isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValueError(f"column {name!r}: expected true or false, got {value!r}")
