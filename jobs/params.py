@@ -35,9 +35,9 @@ def is_null(value) -> bool:
 def row_params(row: dict, defaults: dict, vocab_size: int) -> SamplingParams:
     """The job's defaults, overridden by the row's own columns (PARAM_COLUMNS); ValueError names a bad value. A row
     that asks for a grammar replaces the job's (--json-schema)."""
-    mine = {k: row[k] for k in PARAM_COLUMNS if not is_null(row.get(k)) and row[k] is not False}
-    values = {k: v for k, v in defaults.items() if k != "chat" and not (k in GUIDED_COLUMNS and mine.keys()
-                                                                         & GUIDED_COLUMNS.keys())}
+    mine = {k: row[k] for k in PARAM_COLUMNS if not is_null(row.get(k))}
+    replaced = any(_asks(c, mine[c]) for c in GUIDED_COLUMNS if c in mine)
+    values = {k: v for k, v in defaults.items() if k != "chat" and not (replaced and k in GUIDED_COLUMNS)}
     values.update(mine)
 
     def number(key: str, kind: type, default=None):  # CSV cells come as text: "64" is 64
@@ -61,23 +61,26 @@ def row_params(row: dict, defaults: dict, vocab_size: int) -> SamplingParams:
                           ignore_eos=_flag(values.get("ignore_eos"), "ignore_eos"), guided=_row_guided(values))
 
 
+def _asks(column: str, value) -> bool:
+    """Whether a grammar column's value asks for a grammar (``guided_json_object`` false does not)."""
+    return value is not None and (column != "guided_json_object" or _flag(value, column))
+
+
 def _row_guided(values: dict) -> Guided | None:
     """The grammar a row asks for (GUIDED_COLUMNS), at most one."""
-    asked = [c for c in GUIDED_COLUMNS if values.get(c) is not None and values[c] is not False]
+    asked = [c for c in GUIDED_COLUMNS if _asks(c, values.get(c))]
     if len(asked) > 1:
         raise ValueError(f"columns {asked}: ask for one grammar per row")
     if not asked:
         return None
-    value = values[asked[0]]
-    if asked[0] == "guided_json_object":
-        return Guided("json_object") if _flag(value, "guided_json_object") else None
-    if asked[0] == "guided_choice":  # a list, or in CSV a JSON list or one string
-        value = json.dumps(json.loads(value) if value.lstrip().startswith("[") else [value]) \
-            if isinstance(value, str) else json.dumps([str(c) for c in value])
+    column, value = asked[0], values[asked[0]]
     try:
-        return Guided(GUIDED_COLUMNS[asked[0]], value)
-    except ValueError as e:
-        raise ValueError(f"column {asked[0]!r}: {e}") from None
+        if column == "guided_choice":  # a list; in CSV, a JSON list or one string
+            value = json.loads(value) if isinstance(value, str) and value.lstrip().startswith("[") else value
+            value = json.dumps([value] if isinstance(value, str) else [str(c) for c in value])
+        return Guided(GUIDED_COLUMNS[column], "" if column == "guided_json_object" else value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"column {column!r}: {e}") from None
 
 
 def _logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:

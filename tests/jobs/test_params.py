@@ -30,6 +30,8 @@ def test_a_rows_grammar_replaces_the_jobs_and_two_grammars_in_one_row_are_refuse
     assert row_params({"guided_json_object": True}, DEFAULTS, 100).guided == Guided("json_object")
     assert row_params({"guided_json_object": False}, DEFAULTS, 100).guided == Guided("json_schema",
                                                                                      '{"type": "object"}')
+    assert row_params({"guided_json_object": "false"}, DEFAULTS, 100).guided == Guided("json_schema",
+                                                                                       '{"type": "object"}')
     with pytest.raises(ValueError, match="one grammar per row"):
         row_params({"guided_regex": "a", "guided_grammar": 'root ::= "a"'}, DEFAULTS, 100)
 
@@ -43,6 +45,8 @@ def test_a_rows_grammar_replaces_the_jobs_and_two_grammars_in_one_row_are_refuse
     ({"ignore_eos": "maybe"}, "ignore_eos"),
     ({"top_k": "many"}, "top_k"),
     ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": "[not json"}, "guided_choice"),
+    ({"guided_json_object": "perhaps"}, "guided_json_object"),
 ])
 def test_a_bad_value_is_a_value_error_that_names_its_column(row, message):
     with pytest.raises(ValueError, match=message):
