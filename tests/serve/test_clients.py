@@ -43,35 +43,41 @@ def task_dir(tmp_path_factory) -> Path:
     return d
 
 
-def lm_eval_accuracy(task_dir: Path, out: Path, model: str, model_args: dict) -> float:
-    """Run the ``lm_eval`` command on the task; its accuracy from the results file it writes."""
+def lm_eval(task_dir: Path, out: Path, model: str, model_args: dict) -> tuple[float, dict[int, list[float]]]:
+    """Run the ``lm_eval`` command on the task: its accuracy, and each question's log-likelihood of each choice, from
+    the files it writes."""
     args = ",".join(f"{k}={v}" for k, v in model_args.items())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [Path(sys.executable).with_name("lm_eval"), "--model", model, "--model_args", args, "--tasks",
            "raypress_facts", "--include_path", str(task_dir), "--output_path", str(out), "--seed", "0",
-           "--batch_size", "8" if model == "hf" else "1", *(["--device", "cpu"] if model == "hf" else [])]
+           "--log_samples", "--batch_size", "8" if model == "hf" else "1",
+           *(["--device", "cpu"] if model == "hf" else [])]
     run = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results = sorted(out.rglob("results_*.json"))
-    assert results, f"lm_eval wrote no results under {out}: {run.stdout[-2000:]}"
-    return json.loads(results[-1].read_text())["results"]["raypress_facts"]["acc,none"]
+    results, samples = sorted(out.rglob("results_*.json")), sorted(out.rglob("samples_raypress_facts_*.jsonl"))
+    assert results and samples, f"lm_eval wrote no results under {out}: {run.stdout[-2000:]}"
+    scores = {}
+    for line in samples[-1].read_text().splitlines():
+        sample = json.loads(line)
+        scores[sample["doc_id"]] = [float(r[0]) for r in sample["filtered_resps"]]
+    return json.loads(results[-1].read_text())["results"]["raypress_facts"]["acc,none"], scores
 
 
 @pytest.mark.timeout(1800)
 def test_lm_eval_local_completions_scores_as_its_own_hf_backend_on_the_same_weights(clients_url, task_dir, tmp_path):
     folder = builtin.builtin_path("smollm2-135m")  # the float32 folder the server loads
-    reference = lm_eval_accuracy(task_dir, tmp_path / "hf", "hf",
-                                 {"pretrained": folder, "dtype": "float32"})
+    reference, reference_scores = lm_eval(task_dir, tmp_path / "hf", "hf", {"pretrained": folder, "dtype": "float32"})
     served = {"model": "smol", "base_url": f"{clients_url}/v1/completions", "tokenizer_backend": "huggingface",
               "tokenizer": folder, "num_concurrent": 1, "max_retries": 1}
-    as_ids = lm_eval_accuracy(task_dir, tmp_path / "ids", "local-completions", {**served, "tokenized_requests": True})
-    as_text = lm_eval_accuracy(task_dir, tmp_path / "text", "local-completions",
-                               {**served, "tokenized_requests": False})
-    print(f"raypress_facts accuracy: lm-eval hf {reference:.3f}, local-completions token ids {as_ids:.3f}, "
-          f"text {as_text:.3f}")
     assert reference > 0.5  # the model knows most of these: a broken scorer lands near chance (0.25)
-    assert abs(as_ids - reference) <= 0.01, (as_ids, reference)
-    assert abs(as_text - reference) <= 0.01, (as_text, reference)
+    for tokenized in (True, False):  # prompts as token ids (lm-eval's default), then as text
+        accuracy, scores = lm_eval(task_dir, tmp_path / f"tokenized-{tokenized}", "local-completions",
+                                   {**served, "tokenized_requests": tokenized})
+        gap = max(abs(a - b) for k in reference_scores for a, b in zip(scores[k], reference_scores[k], strict=True))
+        print(f"raypress_facts accuracy: lm-eval hf {reference:.3f}, local-completions (tokenized_requests="
+              f"{tokenized}) {accuracy:.3f}; largest log-likelihood difference {gap:.2e}")
+        assert len(scores) == len(reference_scores) == 40
+        assert abs(accuracy - reference) <= 0.01 and gap < 1e-3, (accuracy, reference, gap)
 
 
 @pytest.fixture(scope="module")
