@@ -168,7 +168,8 @@ class Predictor:
         if self.task == "score":  # the prompt log-probabilities the engine keeps in the prefill it runs anyway
             for i, g in self._through_engine(ids, dict.fromkeys(ids, SCORE_PARAMS), out).items():
                 scores = [p.logprob for p in g.prompt_logprobs[1:]]
-                out["_out"][i] = json.dumps({"sum": math.fsum(scores), "mean": math.fsum(scores) / len(scores)})
+                total = math.fsum(scores)
+                out["_out"][i] = json.dumps({"sum": total, "mean": total / len(scores)})
             return
         todo = sorted(todo, key=lambda i: len(ids[i]))  # similar lengths together: little padding
         for start in range(0, len(todo), self.max_num_seqs):
