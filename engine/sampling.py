@@ -35,6 +35,33 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this sample greedily: the limit they tend to, and float32 cannot divide by them safely."""
 
 
+def logit_bias_pairs(bias, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` ({"token id": bias}) as (id, bias) pairs; ValueError names a key that is not a token
+    id of this model, or a bias that is not a number."""
+    pairs = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"{key!r} is not a token id of this model (0..{vocab_size - 1})")
+        try:
+            pairs.append((token, float(value)))
+        except (TypeError, ValueError):
+            raise ValueError(f"the bias of {key!r} is {value!r}, not a number") from None
+    return tuple(pairs)
+
+
+def token_ids_of(ids, vocab_size: int) -> tuple[int, ...]:
+    """Token ids (``stop_token_ids``) as a tuple; ValueError names one outside the model's vocabulary."""
+    ids = tuple(int(t) for t in ids)
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{bad} is not a token id of this model (0..{vocab_size - 1})")
+    return ids
+
+
 @dataclass(frozen=True)
 class Guided:
     """Output held to a language, token by token (guided decoding).

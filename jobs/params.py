@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from engine.sampling import Guided, SamplingParams, stop_strings
+from engine.sampling import Guided, SamplingParams, logit_bias_pairs, stop_strings, token_ids_of
 
 PARAM_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(), "seed": pa.int64(),
                "stop": pa.list_(pa.string()),  # a row's own sampling settings; stop: one string or several
@@ -84,18 +84,19 @@ def _row_guided(values: dict) -> Guided | None:
 
 
 def _logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI's {"token id": bias} (a JSON object's text) -> (id, bias) pairs, each id a token of the model."""
+    """OpenAI's {"token id": bias} (in CSV, a JSON object's text) -> (id, bias) pairs, each id a token of the model."""
     if value is None:
         return ()
     try:
         bias = json.loads(value) if isinstance(value, str) else value
-        pairs = tuple((int(k), float(b)) for k, b in bias.items())
-    except (ValueError, TypeError, AttributeError):
+        if not isinstance(bias, dict):
+            raise TypeError
+    except (ValueError, TypeError):
         raise ValueError(f'column \'logit_bias\': expected {{"token id": bias, ...}}, got {value!r}') from None
-    bad = [t for t, _ in pairs if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"column 'logit_bias': {bad[0]} is not a token id of this model (0..{vocab_size - 1})")
-    return pairs
+    try:
+        return logit_bias_pairs(bias, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"column 'logit_bias': {e}") from None
 
 
 def _token_ids(value, vocab_size: int) -> tuple[int, ...]:
@@ -104,12 +105,13 @@ def _token_ids(value, vocab_size: int) -> tuple[int, ...]:
         return ()
     try:
         ids = json.loads(value) if isinstance(value, str) else value
-        ids = tuple(int(t) for t in (ids if isinstance(ids, list | tuple | np.ndarray) else [ids]))
+        ids = [int(t) for t in (ids if isinstance(ids, list | tuple | np.ndarray) else [ids])]
     except (ValueError, TypeError):
         raise ValueError(f"column 'stop_token_ids': expected a list of token ids, got {value!r}") from None
-    if not all(0 <= t < vocab_size for t in ids):
-        raise ValueError(f"column 'stop_token_ids': token ids of this model are 0..{vocab_size - 1}")
-    return ids
+    try:
+        return token_ids_of(ids, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"column 'stop_token_ids': {e}") from None
 
 
 def _flag(value, name: str) -> bool:

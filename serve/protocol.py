@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.sampling import MAX_TOP_LOGPROBS, Guided, stop_strings
+from engine.sampling import MAX_TOP_LOGPROBS, Guided, logit_bias_pairs, stop_strings, token_ids_of
 
 MAX_STOP = 4  # OpenAI's limit
 MAX_MESSAGES = 1024
@@ -150,21 +150,16 @@ def generation_settings(body: _Sampling, default_max_tokens: int) -> dict:
 def engine_settings(body: _Sampling, vocab_size: int) -> dict:
     """The rest of SamplingParams a request asks for (only those it sets): penalties, bias, end tokens, guided
     decoding. APIError names a token id outside the vocabulary or a grammar given twice."""
-    out: dict[str, Any] = {name: getattr(body, name) for name in _ENGINE_FIELDS if name in body.model_fields_set}
+    out: dict[str, Any] = {name: getattr(body, name) for name in _ENGINE_FIELDS
+                           if name in body.model_fields_set and getattr(body, name) is not None}  # null: the default
     if out.get("top_k") == -1:  # vLLM's "off"
         out["top_k"] = 0
-    if body.logit_bias:
-        bias = []
-        for key, value in body.logit_bias.items():
-            if not key.isdigit() or int(key) >= vocab_size:
-                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab_size - 1})",
-                               "logit_bias")
-            bias.append((int(key), float(value)))
-        out["logit_bias"] = tuple(bias)
-    if "stop_token_ids" in out:
-        if any(t >= vocab_size for t in out["stop_token_ids"]):
-            raise APIError(400, f"stop_token_ids: token ids of this model are 0..{vocab_size - 1}", "stop_token_ids")
-        out["stop_token_ids"] = tuple(out["stop_token_ids"])
+    for name, check in (("logit_bias", logit_bias_pairs), ("stop_token_ids", token_ids_of)):
+        if out.get(name) is not None:
+            try:
+                out[name] = check(out[name], vocab_size)
+            except ValueError as e:
+                raise APIError(400, f"{name}: {e}", name) from e
     guided = guided_of(body)
     if guided is not None:
         out["guided"] = guided
@@ -172,7 +167,7 @@ def engine_settings(body: _Sampling, vocab_size: int) -> dict:
 
 
 _ENGINE_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_tokens", "ignore_eos",
-                  "stop_token_ids")
+                  "logit_bias", "stop_token_ids")
 
 
 def guided_of(body: _Sampling) -> Guided | None:

@@ -40,7 +40,7 @@ def test_a_rows_grammar_replaces_the_jobs_and_two_grammars_in_one_row_are_refuse
     ({"logit_bias": '{"100": 1}'}, "not a token id of this model"),
     ({"logit_bias": "[1, 2]"}, "logit_bias"),
     ({"logit_bias": '{"1": 500}'}, "logit_bias"),  # SamplingParams holds bias to [-100, 100]
-    ({"stop_token_ids": "[1, 200]"}, "token ids of this model"),
+    ({"stop_token_ids": "[1, 200]"}, "not a token id of this model"),
     ({"stop_token_ids": "x"}, "stop_token_ids"),
     ({"ignore_eos": "maybe"}, "ignore_eos"),
     ({"top_k": "many"}, "top_k"),

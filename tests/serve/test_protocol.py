@@ -45,7 +45,10 @@ def test_engine_settings_hold_only_what_the_request_set_and_check_token_ids():
     assert oa.engine_settings(body, 10) == {"top_k": 0, "logit_bias": ((5, -100.0), (7, 2.5)), "stop_token_ids": (3,),
                                             "presence_penalty": 0.5}
     assert oa.engine_settings(oa.CompletionRequest(prompt="x"), 10) == {}
-    for bad in ({"logit_bias": {"10": 1}}, {"logit_bias": {"word": 1}}, {"stop_token_ids": [10]}):
+    nulls = oa.CompletionRequest(prompt="x", logit_bias=None, stop_token_ids=None)  # null is "not set" (a fuzzed
+    assert oa.engine_settings(nulls, 10) == {}  # request once got a 500 here)
+    for bad in ({"logit_bias": {"10": 1}}, {"logit_bias": {"word": 1}}, {"logit_bias": {"-1": 1}},
+                {"stop_token_ids": [10]}, {"stop_token_ids": [2**70]}):
         with pytest.raises(oa.APIError) as e:
             oa.engine_settings(oa.CompletionRequest(prompt="x", **bad), 10)
         assert e.value.param == next(iter(bad))
