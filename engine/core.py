@@ -111,13 +111,12 @@ class Engine:
     def submit_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[RequestHandle]:
         """``n`` sequences of one prompt (OpenAI's ``n``). The first is prefilled and the others wait for its full
         blocks and start from them cached (the scheduler's rule for any requests sharing a prefix), so the prompt is
-        computed once with prefix caching on. With a seed, sequence i draws with seed + i, so the n differ and a
-        repeated request repeats all of them."""
+        computed once with prefix caching on. With a seed, sequence i draws with seed + i
+        (``SamplingParams.for_sample``)."""
         if n < 1:
             raise ValueError(f"n={n}: expected >= 1")
         self.check(prompt, params)
-        return [self._queue(prompt, params if params.seed is None or i == 0 else
-                            dataclasses.replace(params, seed=params.seed + i), None) for i in range(n)]
+        return [self._queue(prompt, params.for_sample(i), None) for i in range(n)]
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError (with the reason) for a request this engine cannot run; compiles its grammar."""

@@ -144,6 +144,11 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias or self.min_tokens or self.guided is not None)
 
+    def for_sample(self, i: int) -> SamplingParams:
+        """The settings of sample i of n that share a prompt (OpenAI's ``n``): with a seed, sample i draws with
+        seed + i, so the n differ and a repeated request repeats all of them."""
+        return self if self.seed is None or i == 0 else dataclasses.replace(self, seed=self.seed + i)
+
     def generator(self) -> torch.Generator | None:
         return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
 

@@ -13,7 +13,11 @@ engine's prefix cache already held: rows that share a prefix, such as instructio
 max_tokens, temperature, top_p, seed, stop, json_schema (the answer held to that schema: structured extraction; or
 guided_regex, guided_choice, guided_grammar, guided_json_object), presence_penalty, frequency_penalty,
 repetition_penalty, min_tokens, top_k, logit_bias, stop_token_ids and ignore_eos columns override the flags
-(jobs/params.py). embed adds embedding
+(jobs/params.py). A tools column (OpenAI's tools; with tool_choice and parallel_tool_calls columns) answers with calls
+as the chat route does (jobs/tools.py): a tool_calls column (OpenAI's list, as JSON text) and finish_reason
+tool_calls; messages may hold an assistant's tool_calls and tool messages. An n column samples a row n times from one
+prefill: a choices column holds every sample (text, finish_reason, num_generated_tokens, tool_calls), the row's other
+columns the first (num_generated_tokens: all of them). embed adds embedding
 (list<float32>, pooled as the model's sentence-transformers config says); score adds logprob_sum, logprob_mean,
 perplexity. Every task adds num_prompt_tokens, and error: null or why that row got no answer; and source_file,
 source_row: where the row came from (its file relative to INPUT, its row number in that file). Output rows = input rows.

@@ -288,14 +288,17 @@ def _by_values(col: str, values: list, problems: list[str]) -> pa.Array:
         return pa.array(values)
 
 
-JSON_TEXT_COLUMNS = ("json_schema", "logit_bias")  # string columns a job reads that JSON lines may give as an object
+JSON_TEXT_COLUMNS = ("json_schema", "logit_bias", "tools", "tool_choice")  # string columns a job reads that JSON
+# lines may give as an object or a list
 
 
 def _typed(col: str, values: list, type_: pa.DataType, problems: list[str]) -> pa.Array:
     if pa.types.is_list(type_) and pa.types.is_string(type_.value_type):  # "x" means ["x"] (stop strings)
         values = [[v] if isinstance(v, str) else v for v in values]
     if col in JSON_TEXT_COLUMNS:
-        values = [json.dumps(v) if isinstance(v, dict | bool) else v for v in values]
+        values = [json.dumps(v) if isinstance(v, dict | list | bool) else v for v in values]
+    if pa.types.is_list(type_) and pa.types.is_struct(type_.value_type):
+        values = [_texts_in(v, type_.value_type) for v in values]
     fits = _KINDS.get(str(type_), lambda v: True)  # arrow would take 5 as "5" or True as 1: check the kind first
     try:
         if all(v is None or fits(v) for v in values):
@@ -314,6 +317,16 @@ def _typed(col: str, values: list, type_: pa.DataType, problems: list[str]) -> p
                                           f"{type(v).__name__}")
             fitted.append(None)
     return pa.array(fitted, type_)
+
+
+def _texts_in(value, struct: pa.StructType):
+    """A list of objects typed as structs (chat messages): a text field given an object or a list (an assistant's
+    tool_calls) holds its JSON text."""
+    if not isinstance(value, list):
+        return value
+    text = {f.name for f in struct if pa.types.is_string(f.type)}
+    return [{k: json.dumps(x) if k in text and isinstance(x, dict | list) else x for k, x in m.items()}
+            if isinstance(m, dict) else m for m in value]
 
 
 def _number(v) -> bool:

@@ -2,12 +2,14 @@
 tasks), ``Predictor`` (the model actors) and ``postprocess`` (format the answers, CPU tasks).
 
 Between stages a batch carries the input's columns plus internal ones: ``_ids`` (the prompt's token ids,
-list<int32>), ``_params`` (the row's sampling settings, JSON), ``_error`` (why the row gets no answer, or "") and
-``_out`` (the model's answer, JSON). A row with an error passes through the model untouched, and every row comes out.
+list<int32>), ``_params`` (the row's sampling settings, JSON), ``_n`` (its samples), ``_tools`` (its tool plan,
+JSON, or ""), ``_error`` (why the row gets no answer, or "") and ``_out`` (the model's answer, JSON). A row with an
+error passes through the model untouched, and every row comes out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -21,10 +23,13 @@ from engine.interface import EngineClient
 from engine.request import Generation
 from engine.sampling import SamplingParams
 from jobs.inputs import TYPE_ERRORS
-from jobs.params import PARAM_COLUMNS, PARAM_TYPES, is_null, row_params
+from jobs.params import PARAM_COLUMNS, PARAM_TYPES, is_null, row_n, row_params, row_tools
+from jobs.tools import ToolPlan
 
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # OpenAI chat messages
-INTERNAL = ("_ids", "_params", "_error", "_out", TYPE_ERRORS)
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()),  # OpenAI chat messages; an
+                                ("tool_calls", pa.string()),  # assistant's calls (OpenAI's list, as JSON text)
+                                ("tool_call_id", pa.string())]))  # and a tool message's answer to one
+INTERNAL = ("_ids", "_params", "_n", "_tools", "_error", "_out", TYPE_ERRORS)
 
 
 @functools.cache
@@ -43,7 +48,7 @@ def preprocess(table: pa.Table, model: str, task: str, column: str, context: int
     """Template and tokenize each row; a bad row gets its error here and skips the model."""
     tokenizer, _ = _tokenizer(model)
     wanted = [c for c in (column, "messages", TYPE_ERRORS, *PARAM_COLUMNS) if c in table.column_names]
-    ids, params, errors = [], [], []
+    ids, params, ns, tools, errors = [], [], [], [], []
     for row in table.select(wanted).to_pylist():
         value = row.get(column)
         if value is None and task == "generate" and column != "messages":
@@ -51,44 +56,69 @@ def preprocess(table: pa.Table, model: str, task: str, column: str, context: int
         try:
             if row.get(TYPE_ERRORS):
                 raise ValueError(row[TYPE_ERRORS])
-            text, templated = _row_text(value, column, tokenizer, task, chat=defaults.get("chat", False))
-            row_ids = data.prompt_ids(tokenizer, text, templated)
             p = row_params(row, defaults, len(tokenizer)) if task == "generate" else None
+            plan = row_tools(row, tokenizer) if task == "generate" else None
+            if plan is not None and plan.guided is not None:
+                p = dataclasses.replace(p, guided=plan.guided)
+            text, templated = _row_text(value, column, tokenizer, task, chat=defaults.get("chat", False), tools=plan)
+            row_ids = data.prompt_ids(tokenizer, text, templated)
             budget = p.max_tokens if p else 0
             if len(row_ids) + budget > context:
                 raise ValueError(f"{len(row_ids)} prompt tokens + {budget} new tokens exceed the limit of {context} "
                                  "tokens (the model's context, or --max-model-len)")
             if task == "score" and len(row_ids) < 2:
                 raise ValueError("scoring needs at least 2 tokens")
-            ids.append(row_ids)
-            params.append(p.to_json() if p else "")
-            errors.append("")
+            row = (row_ids, p.to_json() if p else "", row_n(row) if p else 1,
+                   json.dumps(dataclasses.asdict(plan)) if plan else "", "")
         except (ValueError, TypeError) as e:
-            ids.append([])
-            params.append("")
-            errors.append(str(e))
+            row = ([], "", 1, "", str(e))
+        for out, value in zip((ids, params, ns, tools, errors), row, strict=True):
+            out.append(value)
     return (table.append_column("_ids", pa.array(ids, pa.list_(pa.int32())))
             .append_column("_params", pa.array(params, pa.string()))
+            .append_column("_n", pa.array(ns, pa.int64()))
+            .append_column("_tools", pa.array(tools, pa.string()))
             .append_column("_error", pa.array(errors, pa.string())))
 
 
-def _row_text(value, column: str, tokenizer, task: str, chat: bool = False) -> tuple[str, bool]:
-    """The row's text, and whether the chat template made it."""
+def _row_text(value, column: str, tokenizer, task: str, chat: bool = False,
+              tools: ToolPlan | None = None) -> tuple[str, bool]:
+    """The row's text, and whether the chat template made it (always, for a row with tools)."""
     if is_null(value):
         raise ValueError(f"column {column!r} is null")
     if isinstance(value, np.ndarray | list) and task == "generate":
-        messages = [dict(m) if isinstance(m, dict) else m for m in value]
-        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                                   for m in messages):
+        messages = [_message(m, column) for m in value]
+        if not messages:
             raise ValueError(f"column {column!r}: expected OpenAI chat messages [{{role, content}}, ...]")
-        return data.chat_text(tokenizer, messages), True
+        if tools is not None:
+            messages, kwargs = tools.messages(messages)
+            return data.chat_text(tokenizer, messages, **kwargs), True
+        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]  # no tools: text only
+        return data.chat_text(tokenizer, plain), True
     if not isinstance(value, str):
         raise TypeError(f"column {column!r}: expected a string, got {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"column {column!r} is empty")
-    if chat:
-        return data.chat_text(tokenizer, [{"role": "user", "content": value}]), True
+    if chat or tools is not None:
+        return _row_text([{"role": "user", "content": value}], column, tokenizer, task, tools=tools)
     return value, False
+
+
+def _message(m, column: str) -> dict:
+    """One chat message of a row: role and content (text; none for an assistant's tool calls), the calls as
+    OpenAI's list or its JSON text, a tool message's tool_call_id. Empty fields are left out."""
+    m = {k: v for k, v in (m.items() if isinstance(m, dict) else ()) if not is_null(v)}
+    calls = m.get("tool_calls")
+    if isinstance(calls, str):
+        try:
+            m["tool_calls"] = calls = json.loads(calls)
+        except ValueError:
+            calls = None
+    if not (m.get("role") and (isinstance(m.get("content"), str) or (isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)))):
+        raise ValueError(f"column {column!r}: expected OpenAI chat messages [{{role, content}}, ...] (an "
+                         f"assistant's tool_calls as OpenAI's list), got {m!r}")
+    return m
 
 
 class Predictor:
@@ -159,14 +189,22 @@ class Predictor:
         import torch
 
         ids = {i: [int(t) for t in batch["_ids"][i]] for i in todo}
-        if self.task == "generate":
-            for i, g in self._through_engine(ids, {i: SamplingParams.from_json(batch["_params"][i]) for i in ids},
-                                             out).items():
-                out["_out"][i] = json.dumps({"n": len(g.token_ids), "text": g.text, "finish_reason": g.finish_reason,
-                                             "cached": g.num_cached_tokens})
+        if self.task == "generate":  # a row's n samples share its prompt: the prefix cache prefills it once
+            settings = {}
+            for i in ids:
+                p = SamplingParams.from_json(batch["_params"][i])
+                settings |= {(i, k): p.for_sample(k) for k in range(int(batch["_n"][i]))}
+            done = self._through_engine({key: ids[key[0]] for key in settings}, settings, out)
+            for i in ids:
+                samples = [done.get((i, k)) for k in range(int(batch["_n"][i]))]
+                if all(samples):  # else the row has its error
+                    out["_out"][i] = json.dumps([{"n": len(g.token_ids), "text": g.text,
+                                                  "finish_reason": g.finish_reason, "cached": g.num_cached_tokens}
+                                                 for g in samples])
             return
         if self.task == "score":  # the prompt log-probabilities the engine keeps in the prefill it runs anyway
-            for i, g in self._through_engine(ids, dict.fromkeys(ids, SCORE_PARAMS), out).items():
+            for (i, _), g in self._through_engine({(i, 0): ids[i] for i in ids}, dict.fromkeys(
+                    ((i, 0) for i in ids), SCORE_PARAMS), out).items():
                 scores = [p.logprob for p in g.prompt_logprobs[1:]]
                 total = math.fsum(scores)
                 out["_out"][i] = json.dumps({"sum": total, "mean": total / len(scores)})
@@ -183,38 +221,42 @@ class Predictor:
                 for i in rows:
                     out["_error"][i] = f"model error: {type(e).__name__}: {e}"
 
-    def _through_engine(self, ids: dict[int, list[int]], settings: dict[int, SamplingParams],
-                        out: dict) -> dict[int, Generation]:
-        """Every row's result from the engine, all queued at once; a row the engine refuses or fails gets its error
-        in ``out`` and no result."""
-        rows = list(ids)
-        if not rows:
+    def _through_engine(self, ids: dict[tuple[int, int], list[int]], settings: dict[tuple[int, int], SamplingParams],
+                        out: dict) -> dict[tuple[int, int], Generation]:
+        """Every (row, sample)'s result from the engine, all queued at once; a row whose sample the engine refuses
+        or fails gets its error in ``out``, and that sample no result."""
+        keys = list(ids)
+        if not keys:
             return {}
+
+        def fail(key, why: str) -> None:
+            out["_error"][key[0]] = why
+
         try:
-            engine = self._engine(max(len(ids[i]) + p.max_tokens for i, p in settings.items()))
+            engine = self._engine(max(len(ids[k]) + p.max_tokens for k, p in settings.items()))
         except Exception as e:  # no engine for this call: every row gets the reason
-            for i in rows:
-                out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+            for k in keys:
+                fail(k, f"model error: {type(e).__name__}: {e}")
             return {}
         runnable = []
-        for i in rows:  # a row the engine refuses (a schema that does not compile) gets its error; the rest run
+        for k in keys:  # a row the engine refuses (a schema that does not compile) gets its error; the rest run
             try:
-                engine.check(ids[i], settings[i])
-                runnable.append(i)
+                engine.check(ids[k], settings[k])
+                runnable.append(k)
             except ValueError as e:
-                out["_error"][i] = str(e)
+                fail(k, str(e))
         try:
-            results = engine.generate([ids[i] for i in runnable], [settings[i] for i in runnable])
+            results = engine.generate([ids[k] for k in runnable], [settings[k] for k in runnable])
         except Exception as e:  # the engine refused the call as a whole: every row gets the reason
-            for i in runnable:
-                out["_error"][i] = f"model error: {type(e).__name__}: {e}"
+            for k in runnable:
+                fail(k, f"model error: {type(e).__name__}: {e}")
             return {}
         done = {}
-        for i, g in zip(runnable, results, strict=True):
+        for k, g in zip(runnable, results, strict=True):
             if g.error:
-                out["_error"][i] = f"model error: {g.error}"
+                fail(k, f"model error: {g.error}")
             else:
-                done[i] = g
+                done[k] = g
         return done
 
 
@@ -260,10 +302,12 @@ def _call_key(batch: dict) -> str:
     return h.hexdigest()
 
 
+CHOICES = pa.list_(pa.struct([("text", pa.string()), ("finish_reason", pa.string()),
+                               ("num_generated_tokens", pa.int64()), ("tool_calls", pa.string())]))  # a row's n samples
 OUTPUT_TYPES = {"generated_text": pa.string(), "num_generated_tokens": pa.int64(), "finish_reason": pa.string(),
                 "logprob_sum": pa.float64(), "logprob_mean": pa.float64(), "perplexity": pa.float64(),
                 "embedding": pa.list_(pa.float32()), "num_prompt_tokens": pa.int64(), "num_cached_tokens": pa.int64(),
-                "error": pa.string()}
+                "tool_calls": pa.string(), "choices": CHOICES, "error": pa.string()}
 
 
 def postprocess(batch: dict, task: str, schema: pa.Schema) -> pa.Table:
@@ -273,10 +317,7 @@ def postprocess(batch: dict, task: str, schema: pa.Schema) -> pa.Table:
     errors = [e or None for e in batch["_error"]]
     outs = [json.loads(o) if o and not errors[i] else None for i, o in enumerate(batch["_out"])]
     if task == "generate":
-        batch["generated_text"] = [o and o["text"] for o in outs]
-        batch["num_generated_tokens"] = [o and o["n"] for o in outs]
-        batch["finish_reason"] = [o and o["finish_reason"] for o in outs]
-        batch["num_cached_tokens"] = [o and o["cached"] for o in outs]
+        _generated(batch, outs, schema)
     elif task == "score":
         batch["logprob_sum"] = [o["sum"] if o else None for o in outs]
         batch["logprob_mean"] = [o["mean"] if o else None for o in outs]
@@ -289,6 +330,29 @@ def postprocess(batch: dict, task: str, schema: pa.Schema) -> pa.Table:
         batch.pop(key, None)
     types = {f.name: f.type for f in schema} | OUTPUT_TYPES
     return pa.table({k: _array(v, types.get(k)) for k, v in batch.items()})
+
+
+def _generated(batch: dict, outs: list, schema: pa.Schema) -> None:
+    """A generate batch's answer columns: the first sample's text, finish reason and tokens (all samples' tokens in
+    num_generated_tokens); with a ``tools`` input column, tool_calls (OpenAI's list as JSON text, the first sample's;
+    finish_reason tool_calls); with an ``n`` input column, choices: every sample."""
+    samples = []
+    for out, plan in zip(outs, batch["_tools"], strict=True):
+        plan = ToolPlan(**json.loads(plan)) if out and plan else None
+        rows = []
+        for s in out or ():
+            calls = plan.parse(s["text"]) if plan else None
+            rows.append({"text": s["text"], "finish_reason": "tool_calls" if calls else s["finish_reason"],
+                         "num_generated_tokens": s["n"], "tool_calls": json.dumps(calls) if calls else None})
+        samples.append(rows)
+    batch["generated_text"] = [s[0]["text"] if s else None for s in samples]
+    batch["num_generated_tokens"] = [sum(c["num_generated_tokens"] for c in s) if s else None for s in samples]
+    batch["finish_reason"] = [s[0]["finish_reason"] if s else None for s in samples]
+    batch["num_cached_tokens"] = [o[0]["cached"] if o else None for o in outs]  # the prompt's, once
+    if "tools" in schema.names:
+        batch["tool_calls"] = [s[0]["tool_calls"] if s else None for s in samples]
+    if "n" in schema.names:
+        batch["choices"] = [s or None for s in samples]
 
 
 def _array(values, type_: pa.DataType | None) -> pa.Array:

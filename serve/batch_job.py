@@ -84,9 +84,9 @@ def parse_requests(data: bytes, endpoint: str, max_requests: int) -> list[tuple[
 # 1. prepare
 
 
-BATCH_LATER = {"echo", "tools", "tool_choice", "top_logprobs"}
+BATCH_LATER = {"echo", "top_logprobs"}
 ROW_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_k", "ignore_eos",
-              "stop_token_ids")  # carried as row columns (jobs.params)
+              "stop_token_ids", "n", "parallel_tool_calls")  # carried as row columns (jobs.params)
 GUIDED_COLUMN = {"json_schema": "json_schema", "json_object": "guided_json_object", "regex": "guided_regex",
                  "choice": "guided_choice", "grammar": "guided_grammar"}  # Guided's kind -> its row column
 
@@ -106,7 +106,7 @@ def to_rows(line: int, body: dict, endpoint: str, served: str, causal: bool, def
         raise APIError(400, "stream: true is not available in a batch", "stream")
     if request.logprobs:
         raise APIError(400, "logprobs are not available in a batch yet", "logprobs")
-    later = sorted(request.model_fields_set & BATCH_LATER) + (["n"] if request.n > 1 else [])
+    later = sorted(request.model_fields_set & BATCH_LATER)
     if later:  # refused by name rather than dropped: the batch rows do not carry them yet
         raise APIError(400, f"{later[0]} is not available in a batch yet (the synchronous endpoint takes it)", later[0])
     settings = oa.generation_settings(request, default_max_tokens)
@@ -114,16 +114,27 @@ def to_rows(line: int, body: dict, endpoint: str, served: str, causal: bool, def
     settings.update({k: getattr(request, k) for k in ROW_FIELDS if k in request.model_fields_set})
     if request.logit_bias:  # its token ids are checked with the row's other settings (a row error)
         settings["logit_bias"] = json.dumps(request.logit_bias)
+    if chat and request.tools:  # planned with the row (jobs.tools), as the chat route plans them
+        settings["tools"] = json.dumps([t.model_dump(exclude_none=True, by_alias=True) for t in request.tools])
+    if chat and request.tool_choice is not None:
+        choice = request.tool_choice
+        settings["tool_choice"] = choice if isinstance(choice, str) else choice.function.name
     guided = oa.guided_of(request)
     if guided is not None:
         settings[GUIDED_COLUMN[guided.kind]] = (True if guided.kind == "json_object" else
                                                 json.loads(guided.spec) if guided.kind == "choice" else guided.spec)
     if chat:
-        return [{"messages": [m.model_dump() for m in request.messages], **settings}]
+        return [{"messages": [_message(m) for m in request.messages], **settings}]
     prompts = oa.prompts_of(request)
     if not all(isinstance(p, str) for p in prompts):
         raise APIError(400, "prompt as token ids is not available in a batch yet: send text", "prompt")
     return [{"prompt": p, **settings} for p in prompts]
+
+
+def _message(m: oa.ChatMessage) -> dict:
+    """A chat message as a row holds it (jobs.predict.MESSAGES): an assistant's tool calls as JSON text."""
+    calls = json.dumps([c.model_dump() for c in m.tool_calls]) if m.tool_calls else None
+    return {"role": m.role, "content": m.content, "tool_calls": calls, "tool_call_id": m.tool_call_id}
 
 
 def prepare(fs, folder: str, requests: list[tuple[str, dict]], endpoint: str, served: str, causal: bool,
@@ -200,12 +211,15 @@ def _body(endpoint: str, served: str, rows: list[dict]) -> dict:
     if endpoint == "/v1/embeddings":
         return rs.embeddings(served, [r["embedding"] for r in rows], prompt_tokens, rows[0]["encoding_format"])
     generated = sum(r["num_generated_tokens"] for r in rows)
+    choices = [c for r in rows for c in r.get("choices") or [  # n samples per prompt, prompt by prompt
+        {"text": r["generated_text"], "finish_reason": r["finish_reason"], "tool_calls": r.get("tool_calls")}]]
+    texts, reasons = [c["text"] for c in choices], [c["finish_reason"] for c in choices]
     if endpoint == "/v1/chat/completions":
-        (r,) = rows
-        return rs.chat_completion(served, [r["generated_text"]], [r["finish_reason"]], prompt_tokens, generated,
-                                  cached_tokens=r.get("num_cached_tokens") or 0)
-    return rs.completion(served, [r["generated_text"] for r in rows], [r["finish_reason"] for r in rows],
-                         prompt_tokens, generated, cached_tokens=sum(r.get("num_cached_tokens") or 0 for r in rows))
+        calls = [json.loads(c["tool_calls"]) if c.get("tool_calls") else None for c in choices]
+        return rs.chat_completion(served, texts, reasons, prompt_tokens, generated,
+                                  cached_tokens=rows[0].get("num_cached_tokens") or 0, tool_calls=calls)
+    return rs.completion(served, texts, reasons, prompt_tokens, generated,
+                         cached_tokens=sum(r.get("num_cached_tokens") or 0 for r in rows))
 
 
 def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str, served: str,
@@ -215,7 +229,7 @@ def finalize(fs, root: str, batch_id: str, custom_ids: list[str], endpoint: str,
     folder = f"{root}/batches/{batch_id}"
     expected, rejected = _rows_per_line(fs, folder), _rejected(fs, folder)
     extra = ["embedding", "encoding_format"] if endpoint == "/v1/embeddings" else \
-        ["generated_text", "finish_reason", "num_generated_tokens", "num_cached_tokens"]
+        ["generated_text", "finish_reason", "num_generated_tokens", "num_cached_tokens", "tool_calls", "choices"]
     by_line = defaultdict(list)
     for r in _results(fs, folder, ["line", "k", "error", "num_prompt_tokens", *extra]):
         by_line[r["line"]].append(r)

@@ -30,7 +30,7 @@ from engine.sampling import Guided, SamplingParams
 from serve import protocol as oa
 from serve import responses as rs
 from serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
-from serve.tools import ToolPlan, plan_tools
+from serve.tools import ToolPlan, history, plan_tools
 
 
 class Completions:
@@ -76,7 +76,7 @@ class Completions:
         if plan is None:
             messages, template_args = [{"role": m.role, "content": m.content} for m in body.messages], {}
         else:
-            messages, template_args = plan.messages(body)
+            messages, template_args = history(plan, body)
         try:
             text = await asyncio.to_thread(data.chat_text, self.tokenizer, messages, **template_args)
         except Exception as e:  # a template may reject a message order; that is the request's fault

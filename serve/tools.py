@@ -1,150 +1,32 @@
-"""Tool calls (OpenAI's function calling): the request's tools into the prompt, the choice into a grammar, and the
-model's answer back into ``tool_calls``.
-
-    plan = plan_tools(body, tokenizer)      # None when the request asks for no tool call
-    messages = plan.messages(body)          # the history for the chat template, tools described
-    params: guided=plan.guided              # required / a named function: the answer is one call, always parseable
-    calls = plan.parse(text)                # [{"id", "type": "function", "function": {"name", "arguments"}}] or None
-
-``tool_choice``: ``none`` (the tools are still shown, no call is made), ``required`` (one call of any of the tools),
-a named function (one call of it), ``auto`` (the model decides; only for a model whose chat template renders tools,
-whose answer is then read for a call, else a 400 that says so). Required and named calls are enforced with a grammar
-on ``{"name": ..., "arguments": {...}}``, the arguments held to the function's JSON schema, so they always parse. A
-template that renders tools gets them as ``tools=``; for one that does not, they are described in a system message.
-
-``parallel_tool_calls`` (OpenAI's default: true) lets an answer hold several calls: the grammar then also takes a
-JSON list of calls, and ``auto`` reads every ``<tool_call>`` block. With ``parallel_tool_calls: false`` the grammar
-takes one call, and of an ``auto`` answer only the first call is kept.
-
-Streamed (``stream: true``), an answer that is or may be a call is held back until it ends, then sent as one
-``delta.tool_calls`` chunk with each call whole (OpenAI's clients join deltas, so one is as good as many); an ``auto``
-answer that turns out to be text is streamed from the moment it cannot be a call (``may_be_call``).
-"""
+"""Tool calls on the OpenAI routes: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` planned
+by jobs.tools (what the chat template shows, the grammar of a required or named call, how an answer is read back
+into ``tool_calls``), a plan that cannot run refused with a 400 naming the field."""
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
-
-from engine.sampling import Guided
+from jobs.tools import ToolError, ToolPlan
+from jobs.tools import plan_tools as _plan
 from serve.protocol import APIError, ChatRequest
-from serve.responses import new_id
 
-_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)  # Hermes / Qwen style, the common template form
-
-
-def renders_tools(tokenizer) -> bool:
-    """Whether the model's chat template does something with ``tools``."""
-    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
-
-
-@dataclass
-class ToolPlan:
-    tools: list[dict]  # OpenAI's function definitions, as sent
-    choice: str  # "none", "auto", "required" or the named function
-    native: bool  # the chat template renders tools itself
-    parallel: bool = True  # several calls per answer allowed (parallel_tool_calls)
-
-    @property
-    def guided(self) -> Guided | None:
-        if self.choice in ("none", "auto"):
-            return None
-        fns = [t for t in self.tools if self.choice == "required" or t["name"] == self.choice]
-        options = [{"type": "object", "properties": {"name": {"enum": [f["name"]]},
-                                                     "arguments": f.get("parameters") or {"type": "object"}},
-                    "required": ["name", "arguments"]} for f in fns]
-        one = options[0] if len(options) == 1 else {"anyOf": options}
-        if self.parallel:  # one call, or a list of them
-            one = {"anyOf": [*options, {"type": "array", "items": one, "minItems": 1}]}
-        return Guided("json_schema", json.dumps(one))
-
-    @property
-    def holds_back(self) -> bool:
-        """Whether a streamed answer is held back while it may be a call (every choice but ``none``)."""
-        return self.choice != "none"
-
-    def may_be_call(self, text: str) -> bool:
-        """Whether an answer that begins with ``text`` may still be a tool call (always, for a call the grammar
-        enforces)."""
-        if self.choice != "auto":
-            return self.choice != "none"
-        head = text.lstrip()
-        return head[:1] in ("", "{", "[") or head.startswith("<tool_call>") or "<tool_call>".startswith(head)
-
-    def messages(self, body: ChatRequest) -> tuple[list[dict], dict]:
-        """The history for the chat template, and the keyword arguments it takes (``tools`` where it renders them)."""
-        out = []
-        for m in body.messages:
-            msg = {"role": m.role, "content": m.content}
-            if m.tool_calls:
-                calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)}
-                         for c in m.tool_calls]
-                if self.native:
-                    msg["tool_calls"] = [{"type": "function", "function": c} for c in calls]
-                else:  # a template without tools reads the call as the assistant's text
-                    msg["content"] = (m.content or "") + "".join(json.dumps(c) for c in calls)
-            if m.tool_call_id and self.native:
-                msg["tool_call_id"] = m.tool_call_id
-            out.append(msg)
-        if self.native:
-            return out, {"tools": [{"type": "function", "function": f} for f in self.tools]}
-        note = ("You can call these functions. To call one, answer with JSON: {\"name\": <function name>, "
-                "\"arguments\": <its arguments>}" + ("; to call several, a JSON list of such objects" if self.parallel
-                                                     else "") + ".\n" + json.dumps(self.tools))
-        if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{note}"}
-        else:
-            out.insert(0, {"role": "system", "content": note})
-        return out, {}
-
-    def parse(self, text: str) -> list[dict] | None:
-        """The tool calls in the model's answer (None when it holds none)."""
-        if self.choice == "none":
-            return None
-        found = [m.group(1) for m in _CALL.finditer(text)] or [text.strip()]
-        names, calls = {t["name"] for t in self.tools}, []
-        for raw in found:
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                continue
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, dict) and item.get("name") in names and isinstance(item.get("arguments"), dict):
-                    calls.append({"id": new_id("call_"), "type": "function",
-                                  "function": {"name": item["name"], "arguments": json.dumps(item["arguments"])}})
-        return (calls if self.parallel else calls[:1]) or None
+__all__ = ["ToolPlan", "history", "plan_tools"]
 
 
 def plan_tools(body: ChatRequest, tokenizer) -> ToolPlan | None:
     """How the request's tools are handled; None for a request without tools. APIError for one that cannot run."""
-    if not body.tools:
-        if body.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice needs tools", "tool_choice")
-        return None
-    tools = [t.function.model_dump(exclude_none=True, by_alias=True) for t in body.tools]
-    names = [t["name"] for t in tools]
-    if len(set(names)) < len(names):
-        raise APIError(400, f"tools: function names repeat ({names})", "tools")
-    choice = body.tool_choice or "auto"
-    if not isinstance(choice, str):
-        choice = choice.function.name
-        if choice not in names:
-            raise APIError(400, f"tool_choice names {choice!r}, which is not among the tools {names}", "tool_choice")
-    native = renders_tools(tokenizer)
-    if choice == "auto" and not native:
-        raise APIError(400, "tool_choice auto needs a model whose chat template renders tools, and this model's does "
-                            "not: ask for tool_choice required, or name the function", "tool_choice")
-    if body.response_format is not None and choice not in ("none", "auto"):
-        raise APIError(400, "a tool call and response_format both shape the answer: ask for one", "response_format")
-    return ToolPlan(tools, choice, native, parallel=body.parallel_tool_calls is not False)
-
-
-def _arguments(value: str) -> dict:
+    choice = body.tool_choice if body.tool_choice is None or isinstance(body.tool_choice, str) else \
+        body.tool_choice.function.name
+    tools = [t.function.model_dump(exclude_none=True, by_alias=True) for t in body.tools or ()]
     try:
-        parsed = json.loads(value)
-    except ValueError as e:
-        raise APIError(400, f"messages: a tool call's arguments are not JSON: {e}", "messages") from e
-    if not isinstance(parsed, dict):
-        raise APIError(400, "messages: a tool call's arguments must be a JSON object", "messages")
-    return parsed
+        return _plan(tools, choice, tokenizer, parallel=body.parallel_tool_calls is not False,
+                     other_grammar=body.response_format is not None)
+    except ToolError as e:
+        raise APIError(400, str(e), e.param) from e
+
+
+def history(plan: ToolPlan, body: ChatRequest) -> tuple[list[dict], dict]:
+    """The request's messages for the chat template, with its tools (ToolPlan.messages); APIError for a call in the
+    history whose arguments are not a JSON object."""
+    try:
+        return plan.messages([m.model_dump(exclude_none=True) for m in body.messages])
+    except ToolError as e:
+        raise APIError(400, str(e), e.param) from e

@@ -487,3 +487,59 @@ def test_structured_rows_parse_as_their_schema_and_bad_schemas_fail_their_row_al
     assert got[5]["error"] is None and got[5]["finish_reason"] == "length" and got[5]["num_generated_tokens"] == 3
     assert got[6]["generated_text"] in ("yes", "no") and re.fullmatch("[0-9]{3}", got[7]["generated_text"])
     assert set(got[8]["generated_text"]) == {"x"}, got[8]
+
+
+@pytest.mark.timeout(300)
+def test_rows_with_tools_answer_calls_that_parse_and_rows_with_n_answer_every_sample(ray_local, tmp_path):
+    import jsonschema
+
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+               "required": ["city", "unit"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}]
+    ask = "What is the weather like in Paris?"
+    call = {"id": "call_1", "type": "function",  # a call and its answer in the history
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    rows = [{"id": 0, "prompt": ask, "tools": tools, "tool_choice": "required"},
+            {"id": 1, "prompt": ask, "tools": json.dumps(tools), "parallel_tool_calls": False,  # JSON text as well
+             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+            {"id": 2, "prompt": ask, "tools": tools, "tool_choice": "none"},  # shown, never called
+            {"id": 3, "prompt": ask, "tools": tools, "tool_choice": "auto"},  # SmolLM2's template renders no tools
+            {"id": 4, "prompt": ask, "tools": tools, "tool_choice": "nope"},
+            {"id": 5, "prompt": "Name a fruit.", "n": 3, "temperature": 1.0, "seed": 7},
+            {"id": 6, "prompt": "Name a fruit.", "n": 3, "temperature": 1.0, "seed": 7},  # seeded: repeats row 5
+            {"id": 7, "prompt": ask, "tools": tools, "tool_choice": "required", "n": 2, "temperature": 1.0, "seed": 1},
+            {"id": 8, "prompt": "Name a fruit.", "n": 99},
+            {"id": 9, "messages": [{"role": "user", "content": ask}, {"role": "assistant", "tool_calls": [call]},
+                                   {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'}],
+             "tools": tools, "tool_choice": "none"}]
+    out = tmp_path / "out"
+    assert batch_infer.main(model="smollm2-135m", input=str(write_jsonl(tmp_path / "in.jsonl", rows)),
+                            output=str(out), chat=True, max_tokens=48) == 0
+    got = {r["id"]: r for r in read_out(out)}
+    assert sorted(got) == list(range(10))
+
+    def calls_of(r):
+        calls = json.loads(r["tool_calls"])
+        for c in calls:
+            assert c["id"].startswith("call_") and c["type"] == "function"
+            fn = next(t["function"] for t in tools if t["function"]["name"] == c["function"]["name"])
+            jsonschema.validate(json.loads(c["function"]["arguments"]), fn["parameters"])
+        return calls
+
+    for k in (0, 1, 7):
+        assert got[k]["error"] is None and got[k]["finish_reason"] == "tool_calls", got[k]
+        assert calls_of(got[k])
+    (only,) = calls_of(got[1])
+    assert only["function"]["name"] == "get_weather"
+    assert got[2]["tool_calls"] is None and got[2]["generated_text"] and got[2]["finish_reason"] != "tool_calls"
+    assert "tool_choice" in got[3]["error"] and "nope" in got[4]["error"] and "'n'" in got[8]["error"]
+    assert got[9]["error"] is None and got[9]["generated_text"] and got[9]["tool_calls"] is None
+    fruits = [c["text"] for c in got[5]["choices"]]
+    assert len(fruits) == 3 and len(set(fruits)) > 1 and fruits == [c["text"] for c in got[6]["choices"]]
+    assert got[5]["generated_text"] == fruits[0]
+    assert got[5]["num_generated_tokens"] == sum(c["num_generated_tokens"] for c in got[5]["choices"])
+    assert len(got[7]["choices"]) == 2 and all(c["finish_reason"] == "tool_calls" for c in got[7]["choices"])
+    assert got[0]["choices"] is not None and len(got[0]["choices"]) == 1  # n defaults to 1

@@ -166,11 +166,23 @@ def test_malformed_files_are_refused_at_create_time_with_the_line(client):
         client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
 
 
+UNIT = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"]}}}
+
+
+def answers(body: dict) -> list:
+    """Each choice's role, text, tool calls (name and arguments: ids differ) and finish reason."""
+    return [(c["message"]["role"], c["message"]["content"], [(t["function"]["name"], t["function"]["arguments"])
+                                                              for t in c["message"].get("tool_calls") or ()],
+             c["finish_reason"]) for c in body["choices"]]
+
+
 def test_a_chat_batch_answers_every_line_as_the_synchronous_endpoint_does(client):
     settings = [{}, {"logit_bias": {"28": -100, "30": 5}, "presence_penalty": 0.5},
                 {"response_format": {"type": "json_object"}}, {"top_k": 3, "ignore_eos": True},
-                {"guided_choice": ["yes", "no"]}, {"guided_regex": "[0-9]{2,4}", "stop_token_ids": [31]}]
-    lines = [chat_line(f"req-{i}", f"Tell me about the number {i}.", max_tokens=4 + i % 7, **settings[i % 6])
+                {"guided_choice": ["yes", "no"]}, {"guided_regex": "[0-9]{2,4}", "stop_token_ids": [31]},
+                {"tools": [UNIT], "tool_choice": "required", "max_tokens": 40}, {"n": 2}]
+    lines = [chat_line(f"req-{i}", f"Tell me about the number {i}.", **{"max_tokens": 4 + i % 7, **settings[i % 8]})
              for i in range(46)]
     lines += [chat_line("bad-empty", "x") | {"body": {"messages": []}},
               chat_line("bad-model", "Hi", model="someone-else"),
@@ -198,8 +210,7 @@ def test_a_chat_batch_answers_every_line_as_the_synchronous_endpoint_does(client
                                               extra_body={k: v for k, v in request.items() if k in vllm}).model_dump()
         body = out["response"]["body"]
         assert body["object"] == "chat.completion" and body["model"] == sync["model"]
-        assert body["choices"][0]["message"] == {k: sync["choices"][0]["message"][k] for k in ("role", "content")}
-        assert body["choices"][0]["finish_reason"] == sync["choices"][0]["finish_reason"]
+        assert answers(body) == answers(sync) and len(body["choices"]) == line["body"].get("n", 1)
         counts = ("prompt_tokens", "completion_tokens", "total_tokens")
         assert {k: body["usage"][k] for k in counts} == {k: sync["usage"][k] for k in counts}
         # what the prefix cache held differs between the batch's engine and the server's; both say it

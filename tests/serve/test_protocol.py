@@ -106,11 +106,22 @@ def test_a_batch_line_carries_what_its_rows_hold_and_refuses_the_rest_by_name():
     assert row["guided_json_object"] is True and "json_schema" not in row
     (row,) = to_rows(0, {"prompt": "x", "guided_regex": "[a-z]+"}, "/v1/completions", "m", True, 16)
     assert row["guided_regex"] == "[a-z]+"
-    tool = {"type": "function", "function": {"name": "f"}}
-    for extra, param in [({"tools": [tool], "tool_choice": "required"}, "tool_choice"), ({"n": 2}, "n"),
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    history = [*HI, {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "call_1", "content": "done"}]
+    (row,) = to_rows(0, {"messages": history, "tools": [tool], "parallel_tool_calls": False, "n": 3,
+                         "tool_choice": {"type": "function", "function": {"name": "f"}}}, "/v1/chat/completions", "m",
+                     True, 16)
+    assert json.loads(row["tools"]) == [tool] and row["tool_choice"] == "f" and row["n"] == 3
+    assert row["parallel_tool_calls"] is False and json.loads(row["messages"][1]["tool_calls"]) == calls
+    assert row["messages"][2]["tool_call_id"] == "call_1"
+    for extra, param in [({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"prompt": "x", "echo": True}, "echo"),
                          ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice")]:
+        completions = "prompt" in extra
         with pytest.raises(oa.APIError) as e:
-            to_rows(0, {"messages": HI, **extra}, "/v1/chat/completions", "m", True, 16)
+            to_rows(0, extra if completions else {"messages": HI, **extra},
+                    "/v1/completions" if completions else "/v1/chat/completions", "m", True, 16)
         assert e.value.param == param, extra
     with pytest.raises(oa.APIError, match="token ids"):
         to_rows(0, {"prompt": [1, 2]}, "/v1/completions", "m", True, 16)
