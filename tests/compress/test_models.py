@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from compress import builtin, models
 from compress.data import chat_prompt
@@ -60,9 +61,13 @@ def test_store_import_is_safe_under_two_concurrent_processes(tmp_path):
         out, err = p.communicate(timeout=280)
         assert p.returncode == 0, err.decode()[-2000:]
     store = tmp_path / "models"
-    assert sorted(p.name for p in store.iterdir()) == ["smollm2-135m"]  # no temporary folder left behind
-    files = sorted(p.name for p in (store / "smollm2-135m").iterdir())
+    folder = f"smollm2-135m.v{builtin.STORE_LAYOUT}"
+    assert sorted(p.name for p in store.iterdir()) == [folder]  # no temporary folder left behind
+    files = sorted(p.name for p in (store / folder).iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    with safe_open(store / folder / "model.safetensors", "pt") as f:  # the tied pair under HF's (and vLLM's) name
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+        assert f.get_tensor("model.embed_tokens.weight").abs().sum() > 0
 
     os.environ["RAYPRESS_HOME"], old = str(tmp_path), os.environ.get("RAYPRESS_HOME")
     try:
@@ -72,6 +77,7 @@ def test_store_import_is_safe_under_two_concurrent_processes(tmp_path):
     finally:
         os.environ.pop("RAYPRESS_HOME") if old is None else os.environ.__setitem__("RAYPRESS_HOME", old)
     assert "quantization_config" not in model.config.to_dict()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied again on load
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, model.config.vocab_size)
 
 
