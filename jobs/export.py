@@ -71,6 +71,26 @@ def export(model: str, out: str | Path, format: str = "compressed-tensors", gguf
     return out
 
 
+def for_vllm(model: str) -> Path:
+    """What vLLM loads for ``model``: a plain model folder as it is; a raypress artifact as its compressed-tensors
+    export, written beside it (ARTIFACT-compressed-tensors, what ``export_choice`` writes for a sweep's chosen) and
+    reused while the artifact's manifest is the one it was made from."""
+    import hashlib
+
+    path = models.resolve(model)
+    if not (path / models.MANIFEST).exists():
+        return path
+    digest = hashlib.sha256((path / models.MANIFEST).read_bytes()).hexdigest()
+    out = path.with_name(f"{path.name}-compressed-tensors")
+    marker = out / "raypress-source.json"
+    if marker.exists() and json.loads(marker.read_text()).get("manifest_sha256") == digest:
+        return out
+    log.info("exporting %s as compressed-tensors for vLLM -> %s", path, out)
+    export(str(path), out, "compressed-tensors")
+    marker.write_text(json.dumps({"artifact": str(path), "manifest_sha256": digest}) + "\n")
+    return out
+
+
 def export_choice(out: Path, spec: str | None, formats: list[str]) -> str:
     """Export a sweep's chosen variant (OUT/chosen, of ``spec``) to OUT/chosen-FORMAT for each format; returns what
     to add to the sweep's summary line. A variant a format cannot hold is reported, not fatal: the sweep stands."""

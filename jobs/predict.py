@@ -132,21 +132,33 @@ class Predictor:
     """
 
     def __init__(self, model: str, task: str, column: str, max_num_seqs: int, max_model_len: int,
-                 threads: int | None = None, ledger=None):
+                 threads: int | None = None, ledger=None, vllm: dict | None = None):
+        """``vllm``: run on vLLM (engine.vllm) with these settings (``folder``: what vLLM loads, the model's own
+        folder or its compressed-tensors export; ``tensor_parallel_size``) instead of raypress's engine."""
         import torch
 
-        self.threads, self.ledger = threads, ledger
+        self.threads, self.ledger, self.vllm = threads, ledger, vllm
+        self.task, self.column, self.max_num_seqs, self.max_model_len = task, column, max_num_seqs, max_model_len
+        self.engine: EngineClient | None = None
+        if vllm is not None:  # vLLM loads the weights itself, once, when the first call needs the engine
+            return
         max_memory = None
         if torch.cuda.device_count() > 1:  # this actor holds several GPUs: shard the model's layers over them
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
             max_memory = models.plan_sharding(models.weights_bytes(model), free)
         self.model, self.tokenizer, self.kind = models.load(model, max_memory=max_memory)
-        self.task, self.column, self.max_num_seqs, self.max_model_len = task, column, max_num_seqs, max_model_len
-        self.engine: EngineClient | None = None
 
     def _engine(self, need: int) -> EngineClient:
         """The engine, with a KV cache as long as this call's longest row needs (in steps of 256 tokens, at most
         max_model_len): a batch of short rows does not pay memory for the longest row the job allows."""
+        if self.vllm is not None:  # one engine for the job's longest row: vLLM's start is slow, its cache paged
+            if self.engine is None:
+                from engine.vllm import VllmEngine
+
+                self.engine = VllmEngine(self.vllm["folder"], max_num_seqs=self.max_num_seqs,
+                                         max_model_len=self.max_model_len,
+                                         tensor_parallel_size=self.vllm.get("tensor_parallel_size", 1))
+            return self.engine
         if self.engine is None or self.engine.max_model_len < need:
             length = min(self.max_model_len, -(-need // 256) * 256)
             self.engine = None  # the old cache goes before the new one is made

@@ -383,6 +383,12 @@ def test_bad_invocations_are_refused_with_the_reason(tmp_path):
         batch_infer.main(model="smollm2-135m", input=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="--task 'translate'"):
         batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "o"), task="translate")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    for kw, message in [({"engine": "tgi"}, "--engine 'tgi'"), ({"tensor_parallel_size": 2}, "--engine vllm"),
+                        ({"engine": "vllm", "task": "embed", "model": "minilm-l6", "column": "prompt"}, "raypress"),
+                        ({"engine": "vllm"}, "make venv-vllm")]:  # this venv has no vLLM (make test-vllm's has)
+        with pytest.raises(ValueError, match=message):
+            batch_infer.main(**{"model": "smollm2-135m", "input": str(prompts), "output": str(tmp_path / "o"), **kw})
 
 
 @pytest.mark.timeout(300)

