@@ -36,6 +36,32 @@ def available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def cpu_settings(folder: str | Path) -> dict:
+    """What vLLM's CPU backend needs to run a checkpoint (``{"dtype": ...}`` where it must differ from float32);
+    ValueError for one it cannot run, naming the raypress spec that runs there. Its kernels: W8A8 (raypress's
+    int8-dynamic) in float32, W4A16 (int4s-gN, int4-gN) in bf16 on AVX-512 CPUs only, no 8-bit weight-only (int8,
+    W8A16). The CPU checked is this process's: run the job's driver on a node like its workers."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return {}
+    for group in quant.get("config_groups", {}).values():
+        bits, dynamic = (group.get("weights") or {}).get("num_bits"), group.get("input_activations") is not None
+        if bits == 8 and not dynamic:
+            raise ValueError("vLLM's CPU backend has no kernel for 8-bit weight-only layers (W8A16, raypress's int8): "
+                             "compress with int8-dynamic (W8A8) or int4s-g128 (W4A16) to run there, or use --engine "
+                             "raypress (GPU builds of vLLM run W8A16)")
+        if bits == 4 and not dynamic:
+            import torch
+
+            if not torch.cpu._is_avx512_supported():  # vLLM's AVX2 build holds no W4A16 kernel (cpu_gemm_wna16)
+                raise ValueError("vLLM's CPU backend runs 4-bit weight-only layers (W4A16) on AVX-512 CPUs only, and "
+                                 "this one has AVX2: compress with int8-dynamic (W8A8) to run there, or use --engine "
+                                 "raypress (its int4 kernels dispatch to AVX2)")
+            return {"dtype": "bfloat16"}  # its W4A16 kernel takes no float32 activations
+    return {}
+
+
 class VllmEngine:
     """raypress's ``check`` and ``generate`` over ``vllm.LLM`` (one engine per batch actor)."""
 

@@ -253,7 +253,9 @@ def _vllm_settings(engine: str, task: str, model: str, num_gpus: float, tensor_p
         raise ValueError(vllm_engine.INSTALL)
     from jobs.export import for_vllm
 
-    return {"folder": str(for_vllm(model)), "tensor_parallel_size": tensor_parallel_size or max(1, int(num_gpus))}
+    folder = for_vllm(model)
+    settings = {} if num_gpus > 0 else vllm_engine.cpu_settings(folder)  # no GPUs: vLLM's CPU backend runs it
+    return {"folder": str(folder), "tensor_parallel_size": tensor_parallel_size or max(1, int(num_gpus)), **settings}
 
 
 def _schema_text(value: str | None) -> str | None:

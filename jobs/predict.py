@@ -156,7 +156,7 @@ class Predictor:
                 from engine.vllm import VllmEngine
 
                 self.engine = VllmEngine(self.vllm["folder"], max_num_seqs=self.max_num_seqs,
-                                         max_model_len=self.max_model_len,
+                                         max_model_len=self.max_model_len, dtype=self.vllm.get("dtype"),
                                          tensor_parallel_size=self.vllm.get("tensor_parallel_size", 1))
             return self.engine
         if self.engine is None or self.engine.max_model_len < need:
