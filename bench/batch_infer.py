@@ -11,6 +11,8 @@ row with its own seeded max_tokens in 8..256, greedy, after a warm-up, alternati
   static          what jobs.batch_infer did before the engine: rows sorted by length, sub-batches of --batch-size,
                   each run until its longest row ends (a left-padded prefill, then one forward per step)
   engine          engine.core: every row queued at once, a row starts as soon as a slot frees up
+  vllm            with --engine vllm: vLLM's engine (engine.vllm; its CPU backend in float32 here, eager) on the same
+                  rows and settings (run it from .venv-vllm: make venv-vllm)
   jobs.batch_infer  with --job: the whole Ray Data job (read, tokenize, actor, write), once, after the rounds
 Prints generated tokens/s of each (medians over rounds) and the ratios to static.
 """
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--job", action="store_true", help="also time the whole Ray Data job once")
+    parser.add_argument("--engine", choices=["raypress", "vllm"], default="raypress",
+                        help="vllm: also time vLLM's engine on the same rows, beside raypress's")
     parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,6 +134,13 @@ def main() -> None:
         "static": lambda: run_static(model, tokenizer, ids, max_tokens, args.batch_size),
         "engine": lambda: run_engine(engine, ids, max_tokens),
     }
+    if args.engine == "vllm":
+        from engine.vllm import VllmEngine
+
+        theirs = VllmEngine(models.resolve(args.model), max_num_seqs=args.batch_size,
+                            max_model_len=max(len(i) for i in ids) + args.max_tokens)
+        ways["vllm"] = lambda: run_engine(theirs, ids, max_tokens)
+        run_engine(theirs, ids[:4], [4] * 4)
     # warm-up: every way once on a little work, so that none pays first-call costs inside the timing
     run_engine(engine, ids[:4], [4] * 4), run_static(model, tokenizer, ids[:4], [4] * 4, 4)
     run_loop(model, tokenizer, ids[:1], [4])

@@ -62,40 +62,33 @@ def cpu_settings(folder: str | Path) -> dict:
     return {}
 
 
-class VllmEngine:
-    """raypress's ``check`` and ``generate`` over ``vllm.LLM`` (one engine per batch actor)."""
+def engine_args(model: str | Path, *, max_num_seqs: int = 16, max_model_len: int = 2048, dtype: str | None = None,
+                tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool | None = None,
+                **engine_kwargs) -> dict:
+    """vLLM's engine arguments for raypress's settings. ``dtype``: vLLM's (default: its "auto" on a GPU; float32 on
+    the CPU backend, as raypress's CPU path, where bf16 is slower on most CPUs and answers differ from float32's).
+    ``enforce_eager``: skip vLLM's compilation and CUDA graphs; default: on the CPU backend only, where compiling
+    costs minutes at every start."""
+    if not available():
+        raise RuntimeError(INSTALL)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB on the CPU backend; its default is far larger
+    import torch
 
-    def __init__(self, model: str | Path, *, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 dtype: str | None = None, tensor_parallel_size: int = 1, seed: int = 0,
-                 enforce_eager: bool | None = None, **engine_kwargs):
-        """``dtype``: vLLM's (default: its "auto" on a GPU; float32 on the CPU backend, as raypress's CPU path, where
-        bf16 is slower on most CPUs and answers differ from float32's). ``enforce_eager``: skip vLLM's compilation
-        and CUDA graphs; default: on the CPU backend only, where compiling costs minutes at every start."""
-        if not available():
-            raise RuntimeError(INSTALL)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB on the CPU backend; its default is far larger
-        import torch
-        from vllm import LLM
+    gpu = torch.cuda.is_available()
+    return {"model": str(model), "dtype": dtype or ("auto" if gpu else "float32"), "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs, "tensor_parallel_size": tensor_parallel_size, "seed": seed,
+            "enable_prefix_caching": True, "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
+            **engine_kwargs}
 
-        gpu = torch.cuda.is_available()
-        dtype = dtype or ("auto" if gpu else "float32")
-        if enforce_eager is None:
-            enforce_eager = not gpu
-        engine_kwargs["enforce_eager"] = enforce_eager
 
-        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
-        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True, seed=seed,
-                       **engine_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
-        self._guide = None
+class Checks:
+    """What raypress checks before a request reaches vLLM: its length, and its grammar compiled with raypress's own
+    xgrammar guide, so that a grammar that does not compile is that request's error and not the whole call's."""
 
-    def shutdown(self) -> None:
-        """Stop vLLM's engine process now rather than at exit."""
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None:
-            core.shutdown()
+    tokenizer: object
+    vocab_size: int
+    max_model_len: int
+    _guide = None
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError (with the reason) for a request vLLM would refuse or fail on, before it is queued."""
@@ -106,6 +99,26 @@ class VllmEngine:
 
                 self._guide = Guide(self.tokenizer, self.vocab_size)
             self._guide.compile(params.guided)
+
+
+class VllmEngine(Checks):
+    """raypress's ``check`` and ``generate`` over ``vllm.LLM`` (one engine per batch actor)."""
+
+    def __init__(self, model: str | Path, *, max_num_seqs: int = 16, max_model_len: int = 2048, **settings):
+        """``settings``: engine_args's (dtype, tensor_parallel_size, seed, enforce_eager, vLLM's own)."""
+        args = engine_args(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, **settings)
+        from vllm import LLM
+
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.llm = LLM(**args)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine process now rather than at exit."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
         """Run the requests to completion; every one is checked first (ValueError names the first bad one)."""
@@ -139,19 +152,34 @@ def vllm_params(p: SamplingParams):
 def _generation(out, p: SamplingParams) -> Generation:
     """A vLLM RequestOutput (one sequence) as raypress's Generation."""
     (seq,) = out.outputs
-    reason = {"stop": "stop", "length": "length", "abort": "cancelled"}.get(seq.finish_reason or "", "error")
-    logprobs = None if seq.logprobs is None else [_entry(t, e, p.logprobs or 0)
-                                                  for t, e in zip(seq.token_ids, seq.logprobs, strict=True)]
-    prompt = None if out.prompt_logprobs is None else [_entry(t, e, p.prompt_logprobs or 0)
+    reason = finish_reason(seq.finish_reason)
+    tokens, entries = own_tokens(seq)
+    logprobs = None if entries is None else [logprob_entry(t, e, p.logprobs or 0)
+                                             for t, e in zip(tokens, entries, strict=True)]
+    prompt = None if out.prompt_logprobs is None else [logprob_entry(t, e, p.prompt_logprobs or 0)
                                                        for t, e in zip(out.prompt_token_ids, out.prompt_logprobs,
                                                                        strict=True)]
-    return Generation(token_ids=list(seq.token_ids), text=seq.text, finish_reason=reason,
+    return Generation(token_ids=tokens, text=seq.text, finish_reason=reason,
                       num_prompt_tokens=len(out.prompt_token_ids or ()), logprobs=logprobs,
                       error=None if reason != "error" else f"vLLM ended the request with {seq.finish_reason!r}",
                       num_cached_tokens=out.num_cached_tokens or 0, prompt_logprobs=prompt)
 
 
-def _entry(token: int, ranked: dict | None, k: int) -> TokenLogprob | None:
+def own_tokens(seq) -> tuple[list[int], list | None]:
+    """A vLLM sequence's (or delta's) token ids and logprobs as raypress counts them: the end-of-sequence or stop
+    token that ended it is not part of the answer (vLLM keeps it in token_ids; raypress's usage does not count it)."""
+    tokens, logprobs = list(seq.token_ids), seq.logprobs
+    if tokens and seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):  # ended by a token
+        tokens, logprobs = tokens[:-1], None if logprobs is None else list(logprobs)[:-1]
+    return tokens, logprobs
+
+
+def finish_reason(theirs: str | None) -> str:
+    """vLLM's finish reason as raypress's."""
+    return {"stop": "stop", "length": "length", "abort": "cancelled"}.get(theirs or "", "error")
+
+
+def logprob_entry(token: int, ranked: dict | None, k: int) -> TokenLogprob | None:
     """vLLM's {token: Logprob} (the token's own and the k most likely) as a TokenLogprob, its top k best first."""
     if ranked is None:  # the first prompt token
         return None

@@ -37,6 +37,7 @@ from serve import responses as rs
 from serve.batch_store import BatchStore, database_path
 from serve.batches import POLL_S, Batches, file_object
 from serve.completions import Completions
+from serve.engines import ENGINES, config_of, vllm_engine
 from serve.metrics import prometheus_text
 from serve.protocol import APIError, BatchRequest, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
 from serve.settings import served_name, server_args
@@ -174,25 +175,40 @@ class ModelServer:
         batch_max_num_seqs: int = 32,
         batch_jobs_address: str | None = None,
         batch_poll_s: float = POLL_S,
+        engine: str = "raypress",
+        tensor_parallel_size: int = 1,
     ):
         start = time.perf_counter()
-        self.model, self.tokenizer, self.kind = models.load(model)
-        self.name = model_name or served_name(model, self.model.config)
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
+        if engine == "vllm":  # vLLM loads the weights itself; raypress needs the tokenizer and config only
+            self.model = None
+            self.tokenizer, self.kind = models.tokenizer_for(model)
+            config = config_of(model)
+        else:
+            self.model, self.tokenizer, self.kind = models.load(model)
+            config = self.model.config
+        self.name = model_name or served_name(model, config)
         self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
         self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
         self.max_upload_bytes, self.allow_unknown_fields = MAX_UPLOAD_BYTES, allow_unknown_fields
         self.engine: EngineClient | None = None
         # text is encoded off the event loop, in one thread (a Rust tokenizer must not encode in two at once)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        if engine == "vllm" and self.kind != models.CAUSAL:
+            raise ValueError(f"engine vllm serves causal LMs; {model!r} is an encoder: use engine raypress")
         if self.kind == models.CAUSAL:
-            # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two threads
-            self.engine = Engine(self.model, copy.deepcopy(self.tokenizer), max_num_seqs=max_num_seqs,
-                                 max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
-                                 num_threads=num_threads, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
-                                 prefix_caching=prefix_caching).start()
+            if engine == "vllm":
+                self.engine = vllm_engine(model, max_num_seqs, max_model_len or config.max_position_embeddings,
+                                          tensor_parallel_size)
+            else:  # the engine's thread detokenizes with its own copy: a Rust tokenizer must not be used by two
+                self.engine = Engine(self.model, copy.deepcopy(self.tokenizer), max_num_seqs=max_num_seqs,
+                                     max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
+                                     num_threads=num_threads, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                                     prefix_caching=prefix_caching).start()
             self.context = self.engine.max_model_len
             self.work = Completions(self.engine, self.tokenizer, self.name, default_max_tokens, self.context,
-                                    self.model.config.vocab_size, self.tokenizing)
+                                    config.vocab_size, self.tokenizing)
         else:
             self._encode_tokenizer = copy.deepcopy(self.tokenizer)
             self.context = encoders.input_limit(self.model.config)  # the loaded model's pooling config says it

@@ -1,0 +1,38 @@
+"""Which engine a serving replica generates with: raypress's own (engine.core, built for CPUs) or vLLM (the engine
+of GPU clusters, behind the same interface: engine.vllm_server), chosen by the application arg ``engine``. The routes,
+their checks and the Batch API are the same on both."""
+
+from __future__ import annotations
+
+from compress import models
+from engine.interface import EngineClient
+
+ENGINES = ("raypress", "vllm")
+
+
+def config_of(model: str):
+    """A model's config without its weights, with an artifact's manifest where it has one (the served name)."""
+    from transformers import AutoConfig
+
+    from compress import artifact
+
+    path = models.resolve(model)
+    config = AutoConfig.from_pretrained(path)
+    if (path / models.MANIFEST).exists():
+        config.raypress_manifest = artifact.read_manifest(path)
+    return config
+
+
+def vllm_engine(model: str, max_num_seqs: int, max_model_len: int, tensor_parallel_size: int) -> EngineClient:
+    """vLLM behind the engine interface (engine.vllm_server), on the model's folder or an artifact's
+    compressed-tensors export; on a machine without a GPU, vLLM's CPU backend with what it needs (engine.vllm)."""
+    import torch
+
+    from engine.vllm import cpu_settings
+    from engine.vllm_server import AsyncVllmEngine
+    from jobs.export import for_vllm
+
+    folder = for_vllm(model)
+    settings = {} if torch.cuda.is_available() else cpu_settings(folder)
+    return AsyncVllmEngine(folder, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                           tensor_parallel_size=tensor_parallel_size, **settings)
