@@ -134,16 +134,16 @@ def main() -> None:
         "static": lambda: run_static(model, tokenizer, ids, max_tokens, args.batch_size),
         "engine": lambda: run_engine(engine, ids, max_tokens),
     }
-    if args.engine == "vllm":
-        from engine.vllm import VllmEngine
+    if args.engine == "vllm":  # the two engines side by side (vLLM's venv pins an older transformers, whose
+        from engine.vllm import VllmEngine  # generate the plain and static ways are not written for)
 
         theirs = VllmEngine(models.resolve(args.model), max_num_seqs=args.batch_size,
                             max_model_len=max(len(i) for i in ids) + args.max_tokens)
-        ways["vllm"] = lambda: run_engine(theirs, ids, max_tokens)
+        ways = {"engine": ways["engine"], "vllm": lambda: run_engine(theirs, ids, max_tokens)}
         run_engine(theirs, ids[:4], [4] * 4)
-    # warm-up: every way once on a little work, so that none pays first-call costs inside the timing
-    run_engine(engine, ids[:4], [4] * 4), run_static(model, tokenizer, ids[:4], [4] * 4, 4)
-    run_loop(model, tokenizer, ids[:1], [4])
+    else:  # warm-up: every way once on a little work, so that none pays first-call costs inside the timing
+        run_static(model, tokenizer, ids[:4], [4] * 4, 4), run_loop(model, tokenizer, ids[:1], [4])
+    run_engine(engine, ids[:4], [4] * 4)
     rates: dict[str, list[float]] = {k: [] for k in ways}
     for r in range(args.rounds):
         for label in ways if r % 2 == 0 else reversed(ways):
@@ -157,11 +157,13 @@ def main() -> None:
     print(f"\n{args.model}: {args.prompts} prompts ({args.loop_prompts} for the plain loop), max_tokens "
           f"{args.min_tokens}..{args.max_tokens} per row (seeded), greedy, {args.batch_size} sequences at once, "
           f"medians of {args.rounds} round(s)\nCPU: {cpu_description()}")
-    print(f"{'way':<20}{'gen tokens/s':>14}{'x static':>10}")
+    base = "static" if "static" in med else "engine"
+    print(f"{'way':<20}{'gen tokens/s':>14}{'x ' + base:>10}")
     for label, rate in med.items():
-        print(f"{label:<20}{rate:>14.1f}{rate / med['static']:>10.2f}")
-    print(f"on the same {len(loop_rows)} rows, the engine runs {med['engine, loop rows'] / med['plain loop']:.2f}x "
-          "the plain loop")
+        print(f"{label:<20}{rate:>14.1f}{rate / med[base]:>10.2f}")
+    if "plain loop" in med:
+        print(f"on the same {len(loop_rows)} rows, the engine runs {med['engine, loop rows'] / med['plain loop']:.2f}x "
+              "the plain loop")
 
 
 def run_job(args, prompts: list[str], max_tokens: list[int]) -> float:
