@@ -127,7 +127,8 @@ def main(
             pass before the run: on every row, never repeated.
         resume: skip rows already written to OUTPUT by an interrupted run.
         num_actors: model actors (replicas) in the pool.
-        num_gpus_per_actor: GPUs per actor: fractional to share one, several to shard a big model across them.
+        num_gpus_per_actor: GPUs per actor: fractional to share one; several shard one model over them with
+            --engine vllm (tensor parallel; raypress's engine takes one GPU, or several for --task embed).
         cpus_per_actor: CPUs per actor (fractional leaves room for the read/write tasks on small machines).
         threads_per_actor: torch threads per actor; default: what Ray gives an actor of that many CPUs.
         actor_resources: JSON of custom Ray resources per actor, e.g. '{"accelerator": 1}'.
@@ -246,6 +247,9 @@ def _vllm_settings(engine: str, task: str, model: str, num_gpus: float, tensor_p
     if engine == "raypress":
         if tensor_parallel_size:
             raise ValueError("--tensor-parallel-size shards a model over GPUs with vLLM: add --engine vllm")
+        if num_gpus > 1 and task != "embed":  # layers over several devices, its KV cache on one: cannot work
+            raise ValueError(f"--num-gpus-per-actor {num_gpus:g} shards one model over GPUs, which raypress's engine "
+                             f"does not: add --engine vllm (tensor parallel over them), or give each actor one GPU")
         return None
     if task == "embed":
         raise ValueError("--task embed runs on raypress's engine: leave --engine at auto or raypress")

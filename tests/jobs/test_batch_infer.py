@@ -385,6 +385,7 @@ def test_bad_invocations_are_refused_with_the_reason(tmp_path):
         batch_infer.main(model="smollm2-135m", input=str(src), output=str(tmp_path / "o"), task="translate")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
     for kw, message in [({"engine": "tgi"}, "--engine 'tgi'"), ({"tensor_parallel_size": 2}, "--engine vllm"),
+                        ({"engine": "raypress", "num_gpus_per_actor": 2}, "add --engine vllm"),
                         ({"engine": "vllm", "task": "embed", "model": "minilm-l6", "column": "prompt"}, "raypress"),
                         ({"engine": "vllm"}, "make venv-vllm")]:  # this venv has no vLLM (make test-vllm's has)
         with pytest.raises(ValueError, match=message):
