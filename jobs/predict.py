@@ -68,11 +68,11 @@ def preprocess(table: pa.Table, model: str, task: str, column: str, context: int
                                  "tokens (the model's context, or --max-model-len)")
             if task == "score" and len(row_ids) < 2:
                 raise ValueError("scoring needs at least 2 tokens")
-            row = (row_ids, p.to_json() if p else "", row_n(row) if p else 1,
-                   json.dumps(dataclasses.asdict(plan)) if plan else "", "")
+            done = (row_ids, p.to_json() if p else "", row_n(row) if p else 1,
+                    json.dumps(dataclasses.asdict(plan)) if plan else "", "")
         except (ValueError, TypeError) as e:
-            row = ([], "", 1, "", str(e))
-        for out, value in zip((ids, params, ns, tools, errors), row, strict=True):
+            done = ([], "", 1, "", str(e))
+        for out, value in zip((ids, params, ns, tools, errors), done, strict=True):
             out.append(value)
     return (table.append_column("_ids", pa.array(ids, pa.list_(pa.int32())))
             .append_column("_params", pa.array(params, pa.string()))
