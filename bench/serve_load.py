@@ -8,6 +8,11 @@ with max_num_seqs as configured and with max_num_seqs=1), alternating the two se
 sends the same seeded workload with the official openai client from --clients threads: chat requests whose prompts
 are 10 to ~300 tokens, max_tokens 16 to 128, greedy, half of them with stream: true. Prints output tokens/s, time to
 first token (streamed requests) and latency percentiles per setting (medians over rounds), and the ratio.
+
+    .venv-vllm/bin/python bench/serve_load.py --engine vllm   # engine: vllm against engine: raypress instead
+
+With --engine vllm the two settings are the same args on vLLM (engine.vllm_server; its CPU backend here) and on
+raypress's engine: the first peer figure for serving, under the same load and the same routes.
 """
 
 from __future__ import annotations
@@ -127,6 +132,8 @@ def application(args) -> tuple[dict, dict, list[dict]]:
 def main() -> None:
     parser = parser_for(__doc__, requests=96, rounds=2)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--engine", choices=["raypress", "vllm"], default="raypress",
+                        help="vllm: compare engine: vllm with engine: raypress (same args) instead of max_num_seqs=1")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -136,6 +143,8 @@ def main() -> None:
     app_args, deployment, load = application(args)
     settings = {f"max_num_seqs={app_args.get('max_num_seqs', 16)}": app_args, "max_num_seqs=1": {**app_args,
                                                                                                   "max_num_seqs": 1}}
+    if args.engine == "vllm":
+        settings = {"engine: vllm": {**app_args, "engine": "vllm"}, "engine: raypress": app_args}
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     results: dict[str, list[dict]] = {label: [] for label in settings}
@@ -168,9 +177,9 @@ def main() -> None:
               f"{m['ttft_p50']:>10.2f}{m['ttft_p95']:>10.2f}{m['lat_p50']:>9.2f}{m['lat_p95']:>9.2f}")
         if any(x["first_error"] for x in runs):
             print(f"  first error: {next(x['first_error'] for x in runs if x['first_error'])}")
-    engine, single = (med[label] for label in settings)
-    ratio = engine["tokens_per_s"] / max(single["tokens_per_s"], 1e-9)
-    print(f"output tokens/s, engine / max_num_seqs=1: {ratio:.2f}x")
+    (a, first), (b, second) = ((label, med[label]) for label in settings)
+    ratio = first["tokens_per_s"] / max(second["tokens_per_s"], 1e-9)
+    print(f"output tokens/s, {a} / {b}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
