@@ -171,6 +171,8 @@ class ModelServer:
         batch_db: str | None = None,
         batch_actors: int = 1,
         batch_cpus_per_actor: float = 1.0,
+        batch_gpus_per_actor: float = 0.0,
+        batch_engine: str = "auto",
         batch_max_requests: int = 50_000,
         batch_max_num_seqs: int = 32,
         batch_jobs_address: str | None = None,
@@ -222,7 +224,8 @@ class ModelServer:
             self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batches, self._batch_settings = None, {
             "storage": batch_storage, "db": batch_db, "model": str(model), "actors": batch_actors,
-            "cpus_per_actor": batch_cpus_per_actor, "max_requests": batch_max_requests, "jobs": batch_jobs_address,
+            "cpus_per_actor": batch_cpus_per_actor, "gpus_per_actor": batch_gpus_per_actor, "engine": batch_engine,
+            "max_requests": batch_max_requests, "jobs": batch_jobs_address,
             "max_num_seqs": batch_max_num_seqs, "default_max_tokens": default_max_tokens}
         self._stopping, self._poll_s = threading.Event(), batch_poll_s
         threading.Thread(target=self._poll_batches, name="batch-poll", daemon=True).start()
@@ -342,8 +345,8 @@ class ModelServer:
                 BatchStore(b["storage"], b["db"]), model=b["model"], served_name=self.name,
                 causal=self.kind == models.CAUSAL, default_max_tokens=b["default_max_tokens"],
                 max_model_len=self.context, max_requests=b["max_requests"], max_file_bytes=self.max_upload_bytes,
-                num_actors=b["actors"],
-                cpus_per_actor=b["cpus_per_actor"], batch_size=b["max_num_seqs"], jobs_address=b["jobs"])
+                num_actors=b["actors"], cpus_per_actor=b["cpus_per_actor"], gpus_per_actor=b["gpus_per_actor"],
+                engine=b["engine"], batch_size=b["max_num_seqs"], jobs_address=b["jobs"])
         return self._batches
 
     # -- the work -------------------------------------------------------------------------------------------------

@@ -283,6 +283,8 @@ def main(
     max_requests: int = 50_000,
     num_actors: int = 1,
     cpus_per_actor: float = 1.0,
+    num_gpus_per_actor: float = 0.0,
+    engine: str = "auto",
     batch_size: int = 16,
 ) -> int:
     """Run one OpenAI batch: check its requests, generate or embed with jobs.batch_infer, write its output files.
@@ -300,6 +302,8 @@ def main(
         max_requests: requests a batch may hold.
         num_actors: model actors for the job.
         cpus_per_actor: CPUs per model actor.
+        num_gpus_per_actor: GPUs per model actor (jobs.batch_infer's --num-gpus-per-actor).
+        engine: auto, raypress or vllm (jobs.batch_infer's --engine: auto takes vLLM where the actors get GPUs).
         batch_size: sequences each actor decodes together.
     """
     from jobs import batch_infer
@@ -315,7 +319,8 @@ def main(
         batch_infer.main(model=model, input=f"{base}/batches/{batch_id}/rows.parquet",
                          output=f"{base}/batches/{batch_id}/results", task=ENDPOINTS[endpoint],
                          column=COLUMN[endpoint], id_column="row_id", resume=True, num_actors=num_actors,
-                         cpus_per_actor=cpus_per_actor, batch_size=batch_size, max_model_len=max_model_len,
+                         cpus_per_actor=cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor, engine=engine,
+                         batch_size=batch_size, max_model_len=max_model_len,
                          max_tokens=default_max_tokens, max_error_fraction=1.0)  # errors go to the error file
     storage.write_bytes(fs, f"{folder}/finalizing", b"")
     summary = finalize(fs, root, batch_id, [c for c, _ in requests], endpoint, served_name)

@@ -63,13 +63,13 @@ class Batches:
 
     def __init__(self, store: BatchStore, *, model: str, served_name: str, causal: bool, default_max_tokens: int,
                  max_model_len: int, max_requests: int = 50_000, max_file_bytes: int = 200 << 20,
-                 num_actors: int = 1, cpus_per_actor: float = 1.0, batch_size: int = 16,
-                 jobs_address: str | None = None):
+                 num_actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                 engine: str = "auto", batch_size: int = 16, jobs_address: str | None = None):
         self.store = store
         self.job_args = {"model": model, "served_name": served_name, "causal": causal,
                          "default_max_tokens": default_max_tokens, "max_model_len": max_model_len,
                          "max_requests": max_requests, "num_actors": num_actors, "cpus_per_actor": cpus_per_actor,
-                         "batch_size": batch_size}
+                         "num_gpus_per_actor": gpus_per_actor, "engine": engine, "batch_size": batch_size}
         self.max_requests, self.max_file_bytes = max_requests, max_file_bytes
         self.causal, self.jobs_address, self._client = causal, jobs_address, None
 

@@ -24,11 +24,12 @@ BUILD_ARGS = {"model", "model_name", "max_num_seqs", "max_model_len", "max_batch
               "batch_wait_timeout_s", "default_max_tokens", "num_threads", "api_key_file", "batch_storage", "batch_db",
               "batch_actors", "batch_cpus_per_actor", "batch_max_requests", "batch_max_num_seqs", "batch_jobs_address",
               "batch_poll_s",
-              "max_items_per_request", "max_request_bytes", "allow_unknown_fields", "engine", "tensor_parallel_size"}
+              "max_items_per_request", "max_request_bytes", "allow_unknown_fields", "engine", "tensor_parallel_size",
+              "batch_gpus_per_actor", "batch_engine"}
 INT_ARGS = ("max_num_seqs", "max_model_len", "max_batch_tokens", "block_size", "kv_cache_tokens", "max_batch_size",
             "default_max_tokens", "num_threads", "batch_actors", "batch_max_requests", "batch_max_num_seqs",
             "max_items_per_request", "max_request_bytes", "tensor_parallel_size")
-FLOAT_ARGS = ("batch_wait_timeout_s", "batch_cpus_per_actor", "batch_poll_s")
+FLOAT_ARGS = ("batch_wait_timeout_s", "batch_cpus_per_actor", "batch_poll_s", "batch_gpus_per_actor")
 BOOL_ARGS = ("prefix_caching", "allow_unknown_fields")
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 

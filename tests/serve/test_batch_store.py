@@ -72,3 +72,18 @@ def test_the_database_is_refused_on_a_network_filesystem(tmp_path, monkeypatch):
     monkeypatch.setattr(batch_store, "filesystem_type", lambda path: kind(path, f"host:/x {tmp_path} nfs4 rw 0 0"))
     with pytest.raises(ValueError, match=r"network filesystem \(nfs4\).*local disk"):
         BatchStore(str(tmp_path / "storage"))
+
+
+def test_a_batch_jobs_command_carries_the_gpu_and_engine_settings_and_parses_back(tmp_path):
+    import shlex
+
+    from jobs.cli import build_parser
+    from serve import batch_job
+    from serve.batches import Batches, _command
+
+    batches = Batches(BatchStore(str(tmp_path)), model="smollm2-135m", served_name="smol", causal=True,
+                      default_max_tokens=8, max_model_len=256, gpus_per_actor=1.0, engine="vllm")
+    words = shlex.split(_command({"storage_uri": str(tmp_path), "batch_id": "batch_x", "input_file_id": "file-x",
+                                  "endpoint": "/v1/chat/completions", **batches.job_args}))
+    args = build_parser(batch_job.main).parse_args(words[3:])  # after: python -m serve.batch_job
+    assert args.num_gpus_per_actor == 1.0 and args.engine == "vllm" and args.causal is True
