@@ -37,7 +37,7 @@ from serve import responses as rs
 from serve.batch_store import BatchStore, database_path
 from serve.batches import POLL_S, Batches, file_object
 from serve.completions import Completions
-from serve.engines import ENGINES, config_of, vllm_engine
+from serve.engines import ENGINES, config_of, vllm_engine, warn_unused
 from serve.metrics import prometheus_text
 from serve.protocol import APIError, BatchRequest, ChatRequest, CompletionRequest, EmbeddingRequest, error_body
 from serve.settings import served_name, server_args
@@ -184,12 +184,8 @@ class ModelServer:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
         if engine == "vllm":  # vLLM loads the weights itself; raypress needs the tokenizer and config only
-            own = {"max_batch_tokens": (max_batch_tokens, 512), "block_size": (block_size, 16),
-                   "kv_cache_tokens": (kv_cache_tokens, None), "prefix_caching": (prefix_caching, True)}
-            changed = sorted(k for k, (value, default) in own.items() if value != default)
-            if changed:  # said, not silently dropped
-                log.warning("raypress: %s apply to raypress's engine only; vLLM sizes its own batches and cache "
-                            "(VLLM_CPU_KVCACHE_SPACE on a CPU, gpu_memory_utilization on a GPU)", ", ".join(changed))
+            warn_unused({"max_batch_tokens": max_batch_tokens, "block_size": block_size,
+                         "kv_cache_tokens": kv_cache_tokens, "prefix_caching": prefix_caching})
             self.model = None
             self.tokenizer, self.kind = models.tokenizer_for(model)
             config = config_of(model)

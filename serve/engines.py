@@ -4,8 +4,21 @@ their checks and the Batch API are the same on both."""
 
 from __future__ import annotations
 
+import logging
+
 from compress import models
 from engine.interface import EngineClient
+
+log = logging.getLogger("ray.serve")
+RAYPRESS_ONLY = {"max_batch_tokens": 512, "block_size": 16, "kv_cache_tokens": None, "prefix_caching": True}
+
+
+def warn_unused(settings: dict) -> None:
+    """engine: vllm: say (not silently drop) which of raypress's engine settings were set and go unused."""
+    changed = sorted(k for k, value in settings.items() if value != RAYPRESS_ONLY[k])
+    if changed:
+        log.warning("raypress: %s apply to raypress's engine only; vLLM sizes its own batches and cache "
+                    "(VLLM_CPU_KVCACHE_SPACE on a CPU, gpu_memory_utilization on a GPU)", ", ".join(changed))
 
 ENGINES = ("raypress", "vllm")
 
