@@ -154,15 +154,12 @@ def _generation(out, p: SamplingParams) -> Generation:
     (seq,) = out.outputs
     reason = finish_reason(seq.finish_reason)
     tokens, entries = own_tokens(seq)
-    logprobs = None if entries is None else [logprob_entry(t, e, p.logprobs or 0)
-                                             for t, e in zip(tokens, entries, strict=True)]
-    prompt = None if out.prompt_logprobs is None else [logprob_entry(t, e, p.prompt_logprobs or 0)
-                                                       for t, e in zip(out.prompt_token_ids, out.prompt_logprobs,
-                                                                       strict=True)]
     return Generation(token_ids=tokens, text=seq.text, finish_reason=reason,
-                      num_prompt_tokens=len(out.prompt_token_ids or ()), logprobs=logprobs,
+                      num_prompt_tokens=len(out.prompt_token_ids or ()),
+                      logprobs=logprob_entries(tokens, entries, p.logprobs),
                       error=None if reason != "error" else f"vLLM ended the request with {seq.finish_reason!r}",
-                      num_cached_tokens=out.num_cached_tokens or 0, prompt_logprobs=prompt)
+                      num_cached_tokens=out.num_cached_tokens or 0,
+                      prompt_logprobs=logprob_entries(out.prompt_token_ids, out.prompt_logprobs, p.prompt_logprobs))
 
 
 def own_tokens(seq) -> tuple[list[int], list | None]:
@@ -177,6 +174,14 @@ def own_tokens(seq) -> tuple[list[int], list | None]:
 def finish_reason(theirs: str | None) -> str:
     """vLLM's finish reason as raypress's."""
     return {"stop": "stop", "length": "length", "abort": "cancelled"}.get(theirs or "", "error")
+
+
+def logprob_entries(tokens, entries, k: int | None) -> list[TokenLogprob | None] | None:
+    """vLLM's log-probabilities of ``tokens`` (one {token: Logprob} per token, or None where vLLM gave none) as
+    raypress's, each with its top k; None when vLLM gave none at all."""
+    if entries is None:
+        return None
+    return [logprob_entry(t, e, k or 0) for t, e in zip(tokens, entries, strict=True)]
 
 
 def logprob_entry(token: int, ranked: dict | None, k: int) -> TokenLogprob | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from engine.metrics import CacheStats, EngineMetrics, EngineStats
 from engine.request import Generation, RequestHandle, RequestOutput
 from engine.sampling import SamplingParams
-from engine.vllm import Checks, engine_args, finish_reason, logprob_entry, own_tokens, vllm_params
+from engine.vllm import Checks, engine_args, finish_reason, logprob_entries, own_tokens, vllm_params
 
 _ids = itertools.count()
 
@@ -108,14 +108,9 @@ class AsyncVllmEngine(Checks):
                     self.metrics.observe_first_token(time.perf_counter() - start, len(prompt))
                 made += len(tokens)
                 self.metrics.generation_tokens += len(tokens)
-                logprobs = None if entries is None else [logprob_entry(t, e, params.logprobs or 0)
-                                                         for t, e in zip(tokens, entries, strict=True)]
-                prompt_lp = None
-                if first and out.prompt_logprobs is not None:
-                    prompt_lp = [logprob_entry(t, e, params.prompt_logprobs or 0)
-                                 for t, e in zip(prompt, out.prompt_logprobs, strict=True)]
+                prompt_lp = logprob_entries(prompt, out.prompt_logprobs, params.prompt_logprobs) if first else None
                 first = first and not seq.token_ids
-                handle.publish(RequestOutput(seq.text, tokens, logprobs,
+                handle.publish(RequestOutput(seq.text, tokens, logprob_entries(tokens, entries, params.logprobs),
                                              finish_reason(seq.finish_reason) if out.finished else None, made,
                                              num_cached_tokens=out.num_cached_tokens or 0,
                                              prompt_logprobs=prompt_lp))

@@ -184,8 +184,8 @@ class ModelServer:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
         if engine == "vllm":  # vLLM loads the weights itself; raypress needs the tokenizer and config only
-            warn_unused({"max_batch_tokens": max_batch_tokens, "block_size": block_size,
-                         "kv_cache_tokens": kv_cache_tokens, "prefix_caching": prefix_caching})
+            warn_unused(type(self), {"max_batch_tokens": max_batch_tokens, "block_size": block_size,
+                                     "kv_cache_tokens": kv_cache_tokens, "prefix_caching": prefix_caching})
             self.model = None
             self.tokenizer, self.kind = models.tokenizer_for(model)
             config = config_of(model)

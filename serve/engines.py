@@ -10,17 +10,22 @@ from compress import models
 from engine.interface import EngineClient
 
 log = logging.getLogger("ray.serve")
-RAYPRESS_ONLY = {"max_batch_tokens": 512, "block_size": 16, "kv_cache_tokens": None, "prefix_caching": True}
+ENGINES = ("raypress", "vllm")
+RAYPRESS_ONLY = ("max_batch_tokens", "block_size", "kv_cache_tokens", "prefix_caching")  # settings vLLM does not take
 
 
-def warn_unused(settings: dict) -> None:
-    """engine: vllm: say (not silently drop) which of raypress's engine settings were set and go unused."""
-    changed = sorted(k for k, value in settings.items() if value != RAYPRESS_ONLY[k])
+def warn_unused(cls: type, values: dict) -> None:
+    """engine: vllm: say (not silently drop) which of raypress's engine settings (RAYPRESS_ONLY; ``values``) differ
+    from their defaults in the signature of ``cls``'s constructor, and so go unused. (Serve's ingress wraps the class
+    in a subclass taking ``*args``: the defaults are read from the class along the MRO that declares them.)"""
+    import inspect
+
+    defaults = next(p for p in (inspect.signature(c.__init__).parameters for c in cls.__mro__)
+                    if all(k in p for k in RAYPRESS_ONLY))
+    changed = sorted(k for k in RAYPRESS_ONLY if values[k] != defaults[k].default)
     if changed:
         log.warning("raypress: %s apply to raypress's engine only; vLLM sizes its own batches and cache "
                     "(VLLM_CPU_KVCACHE_SPACE on a CPU, gpu_memory_utilization on a GPU)", ", ".join(changed))
-
-ENGINES = ("raypress", "vllm")
 
 
 def config_of(model: str):

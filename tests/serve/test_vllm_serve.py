@@ -70,12 +70,16 @@ def test_grammars_tools_n_and_prompt_logprobs_go_through_vllm(urls):
 
 
 def test_a_stream_left_early_is_cancelled_in_vllm(urls):
+    stats = f"{urls['vllm']}/stats"
+    before = requests.get(stats, timeout=30).json()["generation_tokens"]
     with requests.post(f"{urls['vllm']}/v1/completions", stream=True, timeout=120,
-                       json={"prompt": "Count to one thousand:", "max_tokens": 600, "stream": True,
+                       json={"prompt": "Count to one thousand:", "max_tokens": 1000, "stream": True,
                              "ignore_eos": True}) as r:
         assert r.status_code == 200
         next(r.iter_lines())
     deadline = time.time() + 30
-    while requests.get(f"{urls['vllm']}/stats", timeout=30).json()["running"] and time.time() < deadline:
+    while requests.get(stats, timeout=30).json()["running"] and time.time() < deadline:
         time.sleep(0.5)
-    assert requests.get(f"{urls['vllm']}/stats", timeout=30).json()["running"] == 0
+    after = requests.get(stats, timeout=30).json()
+    assert after["running"] == 0
+    assert after["generation_tokens"] - before < 500, after  # aborted: far from the 1000 tokens it asked for
