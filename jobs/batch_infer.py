@@ -232,33 +232,24 @@ def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num
     return ds
 
 
-ENGINES = ("auto", "raypress", "vllm")
-
-
 def _vllm_settings(engine: str, task: str, model: str, num_gpus: float, tensor_parallel_size: int | None):
     """The model actors' vLLM settings (Predictor's ``vllm``), or None to run on raypress's engine."""
     from engine import vllm as vllm_engine
 
-    if engine not in ENGINES:
-        raise ValueError(f"--engine {engine!r}: expected one of {ENGINES}")
+    chosen = vllm_engine.choose(engine, num_gpus, causal=task != "embed")
     if engine == "auto":
-        engine = "vllm" if num_gpus > 0 and task != "embed" and vllm_engine.available() else "raypress"
-        log.info("--engine auto: %s", engine)
-    if engine == "raypress":
+        log.info("--engine auto: %s", chosen)
+    if chosen == "raypress":
         if tensor_parallel_size:
             raise ValueError("--tensor-parallel-size shards a model over GPUs with vLLM: add --engine vllm")
         if num_gpus > 1 and task != "embed":  # layers over several devices, its KV cache on one: cannot work
             raise ValueError(f"--num-gpus-per-actor {num_gpus:g} shards one model over GPUs, which raypress's engine "
                              f"does not: add --engine vllm (tensor parallel over them), or give each actor one GPU")
         return None
-    if task == "embed":
-        raise ValueError("--task embed runs on raypress's engine: leave --engine at auto or raypress")
-    if not vllm_engine.available():
-        raise ValueError(vllm_engine.INSTALL)
     from jobs.export import for_vllm
 
     folder = for_vllm(model)
-    settings = {} if num_gpus > 0 else vllm_engine.cpu_settings(folder)  # no GPUs: vLLM's CPU backend runs it
+    settings = vllm_engine.run_settings(folder, on_gpu=num_gpus > 0)  # no GPUs: vLLM's CPU backend runs it
     return {"folder": str(folder), "tensor_parallel_size": tensor_parallel_size or max(1, int(num_gpus)), **settings}
 
 

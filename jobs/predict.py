@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 
 import numpy as np
@@ -24,7 +25,10 @@ from engine.request import Generation
 from engine.sampling import SamplingParams
 from jobs.inputs import TYPE_ERRORS
 from jobs.params import PARAM_COLUMNS, PARAM_TYPES, is_null, row_n, row_params, row_tools
+from jobs.placement import warn_if_gpus_idle
 from jobs.tools import ToolPlan
+
+log = logging.getLogger("jobs.batch_infer")
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()),  # OpenAI chat messages; an
                                 ("tool_calls", pa.string()),  # assistant's calls (OpenAI's list, as JSON text)
@@ -140,6 +144,7 @@ class Predictor:
         self.threads, self.ledger, self.vllm = threads, ledger, vllm
         self.task, self.column, self.max_num_seqs, self.max_model_len = task, column, max_num_seqs, max_model_len
         self.engine: EngineClient | None = None
+        warn_if_gpus_idle("--num-gpus-per-actor 1 (the Batch API: batch_gpus_per_actor)", log)
         if vllm is not None:  # vLLM loads the weights itself, once, when the first call needs the engine
             return
         max_memory = None

@@ -55,6 +55,9 @@ def check_objective(objective) -> tuple[str, int | None]:
     return name, None
 
 
+ENGINE_NAMES = {"raypress": "raypress's engine", "vllm": "vLLM"}
+
+
 def speed_key(kind: str) -> str:
     return "decode_tokens_per_s_b1" if kind == "causal" else "sentences_per_s"
 
@@ -67,7 +70,7 @@ def failures(row: dict, base: dict, budget: dict) -> list[str]:
     """The budget lines a finished row misses (empty: it passes)."""
     if row.get("error"):
         return ["failed"]
-    out = []
+    out = [f"cannot run on {row.get('speed_engine')}: {row['speed_error']}"] if row.get("speed_error") else []
     for key, limit in budget.items():
         if key == "max_ppl_increase":
             value = row["ppl"] / base["ppl"] - 1
@@ -120,6 +123,9 @@ def write_report(out: Path, rows: list[dict], base: dict, budget: dict, objectiv
         lines += ["smollm2-135m ships as a 4-bit GGUF (Q4_1): its base is that checkpoint dequantized to float32, "
                   "so 4-bit variants re-quantize an already 4-bit model.", ""]
     lines += [f"Budget: {budget or 'none'}; objective: {_objective_text(objective)}.", ""]
+    measured = sorted({(r["speed_engine"], r.get("speed_device") or "?") for r in rows if r.get("speed_engine")})
+    if measured:
+        lines += ["Speed measured on " + "; ".join(f"{ENGINE_NAMES.get(e, e)}, {d}" for e, d in measured) + ".", ""]
     if chosen:
         lines += [f"**Chosen: `{chosen['spec']}`** ({_mb(chosen.get('artifact_bytes'))}, {q} {chosen.get(q, 0):.4g}"
                   f", {s} {chosen.get(s) or 0:.1f}) -> `chosen/`, served by `serve run serve.yaml`.", ""]
@@ -206,7 +212,8 @@ def _ratio(v, b) -> str:
 
 
 RESULT_COLUMNS = {"spec": pa.string(), "error": pa.string(), "fingerprint": pa.string(), "artifact": pa.string(),
-                  "artifact_bytes": pa.int64(), "notes": pa.string()}
+                  "artifact_bytes": pa.int64(), "notes": pa.string(), "speed_engine": pa.string(),
+                  "speed_device": pa.string(), "speed_error": pa.string()}
 """results.parquet's text and integer columns; every other column (quality metrics, speeds, seconds, finished_at,
 base_ppl) holds a number."""
 

@@ -45,6 +45,7 @@ import yaml
 from compress import artifact, data, evaluate, files, models, specs
 from engine import speed
 from jobs import export, report, storage
+from jobs.placement import warn_if_gpus_idle
 from jobs.sweep_config import SweepConfig, load_config
 
 log = logging.getLogger("jobs.sweep")
@@ -62,6 +63,7 @@ class TrialActor:
         import torch
 
         torch.set_grad_enabled(False)
+        warn_if_gpus_idle("--gpus-per-actor 1", log)
         self.name, self.store, self.fingerprint = model, store, cfg["fingerprint"]
         self.checkpoints = cfg.get("checkpoints") or {}
         self.base, self.tokenizer, self.kind = models.load(model)
@@ -121,15 +123,30 @@ class TrialActor:
         return row
 
 
-def measure_speed(artifact_uri: str, threads: int) -> dict:
-    """Speed of one saved variant, loaded from the store, with ``threads`` torch threads."""
+def measure_speed(artifact_uri: str, threads: int, engine: str = "raypress") -> dict:
+    """Speed of one saved variant, loaded from the store, on ``engine``: raypress's with ``threads`` torch threads,
+    or vLLM on the artifact's compressed-tensors export. A variant the engine cannot run here gets a
+    ``speed_error`` that says why and which spec runs there (vLLM's CPU backend has no W8A16 kernel)."""
     import torch
+
+    from compress.cpu import cpu_description
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
+    gpu = torch.cuda.is_available()
+    where = {"speed_engine": engine, "speed_device": torch.cuda.get_device_name() if gpu else cpu_description()}
     with storage.local_folder(artifact_uri) as path:
+        if engine == "vllm":
+            from engine import vllm
+
+            folder = export.for_vllm(str(path))
+            try:
+                settings = vllm.run_settings(folder, on_gpu=gpu)
+            except ValueError as e:
+                return {**where, "speed_error": str(e)}
+            return {**where, **speed.vllm_speed(folder, settings=settings)}
         model, tokenizer, kind = models.load(path)
-    return speed.measure(model, tokenizer, kind)
+    return {**where, **speed.measure(model, tokenizer, kind)}
 
 
 def _slug(spec: str) -> str:
@@ -211,21 +228,26 @@ def run_trials(cfg: SweepConfig, out: Path, store: str, rows: list[dict], eval_t
     return rows
 
 
-def run_speed(cfg: SweepConfig, out: Path, rows: list[dict], placement: dict) -> list[dict]:
-    """Measure each variant's speed in turn, alone on the machine, and record it as it finishes."""
+def run_speed(cfg: SweepConfig, out: Path, rows: list[dict], placement: dict, engine: str) -> list[dict]:
+    """Measure each variant's speed on ``engine`` in turn, alone on the machine, and record it as it finishes
+    (again where an earlier run measured it on another engine)."""
     key = report.speed_key(cfg.kind)
-    todo = [r for r in rows if not r.get("error") and r.get(key) is None and r["spec"] in cfg.specs]
+    todo = [r for r in rows if not r.get("error") and r["spec"] in cfg.specs
+            and (r.get(key) is None or r.get("speed_engine", "raypress") != engine)]
     if not todo:
         return rows
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) if not placement["num_gpus"] else 4)
     task = ray.remote(measure_speed).options(**placement, max_retries=1)
     for i, row in enumerate(todo, 1):
+        for stale in (key, "prefill_tokens_per_s", "decode_tokens_per_s_b8", "speed_error", "speed_device"):
+            row.pop(stale, None)
         try:
-            row.update(ray.get(task.remote(row["artifact"], min(threads, os.cpu_count() or 1))))
+            row.update(ray.get(task.remote(row["artifact"], min(threads, os.cpu_count() or 1), engine)))
         except ray.exceptions.RayError as e:
             row["error"] = f"speed measurement failed: {str(e)[:300]}"
         report.write_results(out, rows)
-        log.info("speed [%d/%d] %s: %s %.1f", i, len(todo), row["spec"], key, row.get(key) or float("nan"))
+        figure = row.get("speed_error") or f"{row.get(key) or float('nan'):.1f}"
+        log.info("speed on %s [%d/%d] %s: %s %s", engine, i, len(todo), row["spec"], key, figure)
     return rows
 
 
@@ -238,7 +260,9 @@ def _summary(row: dict, kind: str) -> str:
 # The choice
 
 
-def write_choice(out: Path, chosen: dict | None) -> None:
+def write_choice(out: Path, chosen: dict | None, num_gpus: float = 0) -> None:
+    """OUT/chosen (the chosen artifact) and OUT/serve.yaml serving it on the engine its speed was measured on, with
+    the trials' GPUs per replica; without a choice, neither."""
     chosen_dir = out / "chosen"
     if chosen is None:
         shutil.rmtree(chosen_dir, ignore_errors=True)
@@ -246,18 +270,17 @@ def write_choice(out: Path, chosen: dict | None) -> None:
         return
     with files.new_folder(chosen_dir) as tmp:
         storage.download(chosen["artifact"], tmp)
-    storage.write_bytes(*storage.resolve(out / "serve.yaml"), serve_yaml(chosen_dir.resolve()).encode())
+    text = serve_yaml(chosen_dir.resolve(), chosen.get("speed_engine") or "raypress", num_gpus)
+    storage.write_bytes(*storage.resolve(out / "serve.yaml"), text.encode())
 
 
-def serve_yaml(model_dir: Path) -> str:
-    return yaml.safe_dump({
-        "applications": [{
-            "name": "raypress",
-            "route_prefix": "/",
-            "import_path": "serve.app:build",
-            "args": {"model": str(model_dir)},  # served as its manifest's base model and spec, e.g. smollm2-135m-int8
-        }],
-    }, sort_keys=False)
+def serve_yaml(model_dir: Path, engine: str = "raypress", num_gpus: float = 0) -> str:
+    """A Serve config for ``model_dir`` (served as its manifest's base model and spec, e.g. smollm2-135m-int8)."""
+    app = {"name": "raypress", "route_prefix": "/", "import_path": "serve.app:build",
+           "args": {"model": str(model_dir), **({"engine": engine} if engine != "raypress" else {})}}
+    if num_gpus:
+        app["deployments"] = [{"name": "ModelServer", "ray_actor_options": {"num_gpus": num_gpus}}]
+    return yaml.safe_dump({"applications": [app]}, sort_keys=False)
 
 
 def main(
@@ -269,6 +292,7 @@ def main(
     gpus_per_actor: float = 0.0,
     actor_resources: str | None = None,
     retry_failed: bool = False,
+    engine: str = "auto",
 ) -> int:
     """Run a compression sweep: every spec of CONFIG measured against the base; report, Pareto plot, choice.
 
@@ -283,12 +307,20 @@ def main(
         actor_resources: JSON of custom Ray resources per trial actor and speed task, to put them on the nodes
             the variants are for, e.g. '{"accelerator": 1}'.
         retry_failed: on a rerun, run again the specs whose trial failed (else they stay recorded as failed).
+        engine: what measures the variants' speed, as it will serve them: raypress (its own engine, built for CPUs),
+            vllm (each artifact's compressed-tensors export; a variant vLLM cannot run there is left out of the
+            choice, saying which spec runs) or auto: vllm when the actors get GPUs and vLLM is installed. serve.yaml
+            serves the choice on the same engine.
     """
     start = time.perf_counter()
     cfg = load_config(config)
+    from engine import vllm
+
+    engine = vllm.choose(engine, gpus_per_actor, causal=cfg.kind == models.CAUSAL)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("sweep of %s: %d specs %s -> %s", cfg.model, len(cfg.specs), cfg.specs, out_dir)
+    log.info("sweep of %s: %d specs %s -> %s (speed on %s)", cfg.model, len(cfg.specs), cfg.specs, out_dir,
+             engine if cfg.speed else "-")
     if not ray.is_initialized():
         ray.init(configure_logging=False)
     rows = reusable(report.read_results(out_dir), cfg, retry_failed)
@@ -298,12 +330,12 @@ def main(
                  "resources": json.loads(actor_resources) if actor_resources else None}
     rows = run_trials(cfg, out_dir, store, rows, eval_texts, calib_texts, num_actors, placement)
     if cfg.speed:
-        rows = run_speed(cfg, out_dir, rows, placement)
+        rows = run_speed(cfg, out_dir, rows, placement, engine)
     base = next((r for r in rows if r["spec"] == "base" and not r.get("error")), None)
     if base is None:
         raise RuntimeError("the base model itself failed to evaluate; see results.parquet")
     chosen = report.choose(rows, base, cfg.budget, cfg.objective, cfg.kind)
-    write_choice(out_dir, chosen)
+    write_choice(out_dir, chosen, gpus_per_actor)
     exported = export.export_choice(out_dir, chosen["spec"] if chosen else None, cfg.export)
     report.write_report(out_dir, rows, base, cfg.budget, cfg.objective, cfg.kind, cfg.model, chosen)
     report.plot_pareto(out_dir, rows, cfg.kind, chosen)

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from compress import encoders, models
 from engine.core import Engine
 from engine.interface import EngineClient
+from jobs.placement import warn_if_gpus_idle
 from serve import protocol as oa
 from serve import responses as rs
 from serve.batch_store import BatchStore, database_path
@@ -183,6 +184,7 @@ class ModelServer:
         start = time.perf_counter()
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
+        warn_if_gpus_idle("ray_actor_options: {num_gpus: 1} on the deployment (serve/config.yaml), engine: vllm", log)
         if engine == "vllm":  # vLLM loads the weights itself; raypress needs the tokenizer and config only
             warn_unused(type(self), {"max_batch_tokens": max_batch_tokens, "block_size": block_size,
                                      "kv_cache_tokens": kv_cache_tokens, "prefix_caching": prefix_caching})

@@ -46,11 +46,11 @@ def vllm_engine(model: str, max_num_seqs: int, max_model_len: int, tensor_parall
     compressed-tensors export; on a machine without a GPU, vLLM's CPU backend with what it needs (engine.vllm)."""
     import torch
 
-    from engine.vllm import cpu_settings
+    from engine.vllm import run_settings
     from engine.vllm_server import AsyncVllmEngine
     from jobs.export import for_vllm
 
     folder = for_vllm(model)
-    settings = {} if torch.cuda.is_available() else cpu_settings(folder)
+    settings = run_settings(folder, on_gpu=torch.cuda.is_available())
     return AsyncVllmEngine(folder, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                            tensor_parallel_size=tensor_parallel_size, **settings)

@@ -71,7 +71,8 @@ from ray.util.state import list_actors
 model, prompts, tmp, wikitext = sys.argv[1:]
 os.chdir(f"{tmp}/nodes")  # the nodes' own working folder; the driver works in another (below)
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-worker = cluster.add_node(num_cpus=2, resources={"accelerator": 1})  # stands in for a GPU node
+# stands in for a GPU node: Ray counts a GPU there (none is used: the actors ask for none, and are told so)
+worker = cluster.add_node(num_cpus=2, num_gpus=1, resources={"accelerator": 1})
 os.chdir(f"{tmp}/driver")
 ray.init(address=cluster.address)
 try:
@@ -100,7 +101,8 @@ finally:
 @pytest.mark.timeout(500)
 def test_jobs_on_a_two_node_cluster_place_actors_and_share_artifacts(tmp_path, tiny_causal_dir, wikitext, ray_heads):
     """Model actors go to the node with the accelerator; a sweep whose trials run there writes its artifacts to a
-    store URI that the driver, working in another folder on another node, reads its choice from."""
+    store URI that the driver, working in another folder on another node, reads its choice from. Actors given no GPU
+    on a node that has one say which setting gives them one (Ray forwards their logs to the driver)."""
     for folder in ("nodes", "driver"):
         (tmp_path / folder).mkdir()
     proc = subprocess.Popen([sys.executable, "-c", _TWO_NODES, str(tiny_causal_dir), str(_prompts(tmp_path)),
@@ -113,6 +115,9 @@ def test_jobs_on_a_two_node_cluster_place_actors_and_share_artifacts(tmp_path, t
     assert proc.returncode == 0, stderr[-3000:]
     placed = json.loads(stdout.strip().splitlines()[-1])
     assert placed["predictor_nodes"] == [placed["worker"]] and placed["worker"] != placed["head"]
+    idle = "this node has 1 GPU(s) but the model runs on its CPU"
+    assert f"{idle}: Ray gives an actor GPUs only when it asks for them. Set --num-gpus-per-actor 1" in stderr + stdout
+    assert f"{idle}: Ray gives an actor GPUs only when it asks for them. Set --gpus-per-actor 1" in stderr + stdout
     out = tmp_path / "driver" / "out"
     assert sorted(r["source_row"] for r in pq.read_table(out).to_pylist()) == list(range(6))
 

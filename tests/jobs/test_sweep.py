@@ -65,13 +65,15 @@ def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local
     for spec, row in rows.items():
         if spec != "distill-L5":
             assert row["error"] is None and row["decode_tokens_per_s_b1"] > 0 and row["artifact_bytes"] > 0
+            assert row["speed_engine"] == "raypress" and row["speed_error"] is None  # auto, no GPUs: raypress's
     assert rows["int4m-g64"]["artifact_bytes"] < rows["int8"]["artifact_bytes"] < rows["base"]["artifact_bytes"]
 
     report = (out / "report.md").read_text()
     assert "Chosen: `int4m-g64`" in report and "| base |" in report and "error: ValueError" in report
+    assert f"Speed measured on raypress's engine, {rows['base']['speed_device']}." in report
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "pareto.parquet").exists()
     serve_cfg = yaml.safe_load((out / "serve.yaml").read_text())
-    assert serve_cfg["applications"][0]["args"]["model"] == str((out / "chosen").resolve())
+    assert serve_cfg["applications"][0]["args"] == {"model": str((out / "chosen").resolve())}  # raypress's engine
 
     # The chosen artifact reloads, and its quality measured again agrees with the report.
     chosen, tokenizer, kind = models.load(out / "chosen")
@@ -131,6 +133,21 @@ def test_config_errors_name_the_key_before_any_trial(tmp_path, tiny_model_dir, w
 
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "out" / "results.parquet").exists()
+
+
+@pytest.mark.parametrize("model, engine, message", [
+    ("tiny", "tgi", "--engine 'tgi': expected one of"),
+    ("minilm-l6", "vllm", "encoders .embeddings. run on raypress's engine"),
+    ("tiny", "vllm", "make venv-vllm"),  # this venv has no vLLM (make test-vllm's has)
+])
+def test_a_speed_engine_that_cannot_run_is_refused_before_any_trial(tmp_path, tiny_model_dir, wikitext, model,
+                                                                    engine, message):
+    budget = {"max_ppl_increase": 0.05} if model == "tiny" else {"min_cosine": 0.9}
+    cfg = write_config(tmp_path, tiny_model_dir if model == "tiny" else model, wikitext, specs=["int8"], grid={},
+                       budget=budget)
+    with pytest.raises(ValueError, match=message):
+        sweep.main(str(cfg), out=str(tmp_path / "out"), engine=engine)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.timeout(420)

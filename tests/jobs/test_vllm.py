@@ -150,3 +150,33 @@ def test_an_export_vllms_cpu_backend_cannot_run_is_refused_naming_the_spec_that_
     with pytest.raises(ValueError, match="int8-dynamic"):  # int8 is W8A16: no kernel on vLLM's CPU backend
         batch_infer.main(model=str(smollm2_artifacts["int8"]), input=str(src), output=str(tmp_path / "o"),
                          engine="vllm")
+
+
+def test_a_sweep_measures_speed_on_vllm_and_serves_its_choice_there(ray_local, tmp_path, wikitext):
+    """The sweep's speed phase on vLLM: each variant's compressed-tensors export, the same random prompts as on
+    raypress's engine; a variant vLLM's CPU backend cannot run (int8, W8A16) is said so and left out of the choice."""
+    import yaml
+
+    from jobs import sweep
+
+    cfg = {"model": "smollm2-135m", "eval_data": str(wikitext), "seq_len": 64, "eval_blocks": 2,
+           "specs": ["int8-dynamic", "int8"], "budget": {"max_ppl_increase": 1.0}, "objective": "smallest"}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert sweep.main(str(path), out=str(out), num_actors=1, cpus_per_actor=1.0, engine="vllm") == 0
+    rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    for spec in ("base", "int8-dynamic"):
+        row = rows[spec]
+        print(f"{spec} on vLLM ({row['speed_device']}): prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
+              f"b1 {row['decode_tokens_per_s_b1']:.1f}, b8 {row['decode_tokens_per_s_b8']:.1f} tok/s")
+        assert row["speed_engine"] == "vllm" and row["speed_error"] is None and row["error"] is None
+        assert min(row["prefill_tokens_per_s"], row["decode_tokens_per_s_b1"], row["decode_tokens_per_s_b8"]) > 0
+    refused = rows["int8"]
+    assert refused["error"] is None and refused["ppl"] > 0  # its quality stands; it cannot run on this engine
+    assert refused["decode_tokens_per_s_b1"] is None and "int8-dynamic" in refused["speed_error"]
+    report = (out / "report.md").read_text()
+    assert "Chosen: `int8-dynamic`" in report and "Speed measured on vLLM, " in report
+    assert "fail: cannot run on vllm: vLLM's CPU backend has no kernel for 8-bit weight-only" in report
+    app = yaml.safe_load((out / "serve.yaml").read_text())["applications"][0]
+    assert app["args"] == {"model": str((out / "chosen").resolve()), "engine": "vllm"}
