@@ -164,11 +164,12 @@ def main(
     column = column or _default_column(task, columns)
     if column not in columns:
         raise ValueError(f"input has no column {column!r}; its columns: {columns} (use --column)")
-    kind = models.kind_of(model)
+    local = storage.local_model(model)  # a URI: copied here once (and by each node's tasks and actors)
+    kind = models.kind_of(local)
     if (task == "embed") != (kind == models.ENCODER):
         raise ValueError(f"--task {task} does not fit {model!r}, a {kind} model: encoders embed; causal LMs "
                          "generate and score")
-    vllm = _vllm_settings(engine, task, model, num_gpus_per_actor, tensor_parallel_size)
+    vllm = _vllm_settings(engine, task, local, num_gpus_per_actor, tensor_parallel_size)
     if id_column is not None and id_column not in columns:
         raise ValueError(f"--id-column {id_column!r} is not an input column; columns: {columns}")
     id_columns = [id_column] if id_column else [inputs.SOURCE_FILE, inputs.SOURCE_ROW]
@@ -208,7 +209,7 @@ def main(
 def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num_gpus, num_cpus, threads, resources,
               batch_size, max_model_len, vllm=None):
     """read -> preprocess (CPU tasks) -> Predictor (model actors) -> postprocess (CPU tasks)."""
-    context = models.input_limit(models.resolve(model))
+    context = models.input_limit(models.resolve(storage.local_model(model)))
     if task == "generate":
         if max_model_len < 2:
             raise ValueError(f"--max-model-len {max_model_len}: expected at least 2 tokens")
@@ -248,9 +249,9 @@ def _vllm_settings(engine: str, task: str, model: str, num_gpus: float, tensor_p
         return None
     from jobs.export import for_vllm
 
-    folder = for_vllm(model)
+    folder = for_vllm(model)  # made here first: the actors of this node find it made
     settings = vllm_engine.run_settings(folder, on_gpu=num_gpus > 0)  # no GPUs: vLLM's CPU backend runs it
-    return {"folder": str(folder), "tensor_parallel_size": tensor_parallel_size or max(1, int(num_gpus)), **settings}
+    return {"tensor_parallel_size": tensor_parallel_size or max(1, int(num_gpus)), **settings}
 
 
 def _schema_text(value: str | None) -> str | None:

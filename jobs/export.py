@@ -18,6 +18,7 @@ the tokenizer and chat template.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import sys
@@ -83,11 +84,13 @@ def for_vllm(model: str) -> Path:
     digest = hashlib.sha256((path / models.MANIFEST).read_bytes()).hexdigest()
     out = path.with_name(f"{path.name}-compressed-tensors")
     marker = out / "raypress-source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("manifest_sha256") == digest:
-        return out
-    log.info("exporting %s as compressed-tensors for vLLM -> %s", path, out)
-    export(str(path), out, "compressed-tensors")
-    marker.write_text(json.dumps({"artifact": str(path), "manifest_sha256": digest}) + "\n")
+    with open(path.with_name(f".{path.name}-compressed-tensors.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the actors of one node: one exports, the others wait and reuse it
+        if marker.exists() and json.loads(marker.read_text()).get("manifest_sha256") == digest:
+            return out
+        log.info("exporting %s as compressed-tensors for vLLM -> %s", path, out)
+        export(str(path), out, "compressed-tensors")
+        marker.write_text(json.dumps({"artifact": str(path), "manifest_sha256": digest}) + "\n")
     return out
 
 

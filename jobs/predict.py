@@ -23,6 +23,7 @@ from engine.core import Engine
 from engine.interface import EngineClient
 from engine.request import Generation
 from engine.sampling import SamplingParams
+from jobs import storage
 from jobs.inputs import TYPE_ERRORS
 from jobs.params import PARAM_COLUMNS, PARAM_TYPES, is_null, row_n, row_params, row_tools
 from jobs.placement import warn_if_gpus_idle
@@ -38,7 +39,7 @@ INTERNAL = ("_ids", "_params", "_n", "_tools", "_error", "_out", TYPE_ERRORS)
 
 @functools.cache
 def _tokenizer(model: str):
-    return models.tokenizer_for(model)
+    return models.tokenizer_for(storage.local_model(model))
 
 
 def input_types(task: str, column: str) -> dict[str, pa.DataType]:
@@ -137,11 +138,13 @@ class Predictor:
 
     def __init__(self, model: str, task: str, column: str, max_num_seqs: int, max_model_len: int,
                  threads: int | None = None, ledger=None, vllm: dict | None = None):
-        """``vllm``: run on vLLM (engine.vllm) with these settings (``folder``: what vLLM loads, the model's own
-        folder or its compressed-tensors export; ``tensor_parallel_size``) instead of raypress's engine."""
+        """``model``: also a URI, copied to this node once (jobs.storage.local_model). ``vllm``: run on vLLM
+        (engine.vllm) with these settings (``tensor_parallel_size``, ``dtype``) instead of raypress's engine, on the
+        model's folder or its compressed-tensors export (jobs.export.for_vllm; the driver made it first)."""
         import torch
 
-        self.threads, self.ledger, self.vllm = threads, ledger, vllm
+        model = storage.local_model(model)
+        self.path, self.threads, self.ledger, self.vllm = model, threads, ledger, vllm
         self.task, self.column, self.max_num_seqs, self.max_model_len = task, column, max_num_seqs, max_model_len
         self.engine: EngineClient | None = None
         warn_if_gpus_idle("--num-gpus-per-actor 1 (the Batch API: batch_gpus_per_actor)", log)
@@ -159,8 +162,9 @@ class Predictor:
         if self.vllm is not None:  # one engine for the job's longest row: vLLM's start is slow, its cache paged
             if self.engine is None:
                 from engine.vllm import VllmEngine
+                from jobs.export import for_vllm
 
-                self.engine = VllmEngine(self.vllm["folder"], max_num_seqs=self.max_num_seqs,
+                self.engine = VllmEngine(for_vllm(self.path), max_num_seqs=self.max_num_seqs,
                                          max_model_len=self.max_model_len, dtype=self.vllm.get("dtype"),
                                          tensor_parallel_size=self.vllm.get("tensor_parallel_size", 1))
             return self.engine

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from compress.files import new_folder
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -87,3 +92,30 @@ def local_folder(uri: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="raypress-") as tmp:
         download(uri, tmp)
         yield tmp
+
+
+SOURCE = ".raypress-source.json"  # in a cached model folder: the listing of the URI it was copied from
+
+
+def local_model(model: str) -> str:
+    """A model named by URI (``s3://bucket/sweep/int8-dynamic``, ``file://...``) as a folder on this node: copied
+    once into ``$RAYPRESS_CACHE/models`` (default ~/.cache/raypress), and again only when the files at the URI
+    changed (their names, sizes and times); every process of the node shares the copy. Any other name (built-in,
+    folder, hub id) is returned as it is."""
+    model = str(model)
+    if "://" not in model:
+        return model
+    fs, path = resolve(model)
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    if not any(f.type == pafs.FileType.File for f in listing):
+        raise FileNotFoundError(f"model {model!r}: no files there")
+    source = json.dumps(sorted((f.path[len(path):], f.size, str(f.mtime)) for f in listing
+                               if f.type == pafs.FileType.File))
+    root = Path(os.environ.get("RAYPRESS_CACHE", "~/.cache/raypress")).expanduser() / "models"
+    dest = root / f"{hashlib.sha256(model.encode()).hexdigest()[:12]}-{path.rsplit('/', 1)[-1]}"
+    if (dest / SOURCE).exists() and (dest / SOURCE).read_text() == source:
+        return str(dest)
+    with new_folder(dest, replace=dest.exists()) as tmp:  # a new copy: first writer wins
+        download(model, tmp)
+        (tmp / SOURCE).write_text(source)
+    return str(dest)

@@ -7,7 +7,8 @@ A pool of trial actors each loads the base model once and takes spec after spec:
 against the base, save the artifact to the store (OUT/artifacts, or --store: any URI every node reaches, for
 clusters whose nodes do not share a disk). Each finished trial is written to OUT/results.parquet at once, so a rerun
 skips what is done and a killed sweep resumes. Speed is then measured one variant at a time, with the machine to
-itself. OUT gets report.md, pareto.png (+ pareto.csv), chosen/ (the best variant within budget) and serve.yaml.
+itself, on the engine that will serve it (--engine: raypress's, or vLLM on GPU nodes). OUT gets report.md,
+pareto.png (+ pareto.csv), chosen/ (the best variant within budget) and serve.yaml.
 Exit code 0: a variant was chosen; 3: none met the budget; 2: bad config.
 
 Config (YAML):
@@ -261,8 +262,8 @@ def _summary(row: dict, kind: str) -> str:
 
 
 def write_choice(out: Path, chosen: dict | None, num_gpus: float = 0) -> None:
-    """OUT/chosen (the chosen artifact) and OUT/serve.yaml serving it on the engine its speed was measured on, with
-    the trials' GPUs per replica; without a choice, neither."""
+    """OUT/chosen (the chosen artifact) and OUT/serve.yaml serving it (from the store, when that is a URI) on the
+    engine its speed was measured on, with the trials' GPUs per replica; without a choice, neither."""
     chosen_dir = out / "chosen"
     if chosen is None:
         shutil.rmtree(chosen_dir, ignore_errors=True)
@@ -270,12 +271,15 @@ def write_choice(out: Path, chosen: dict | None, num_gpus: float = 0) -> None:
         return
     with files.new_folder(chosen_dir) as tmp:
         storage.download(chosen["artifact"], tmp)
-    text = serve_yaml(chosen_dir.resolve(), chosen.get("speed_engine") or "raypress", num_gpus)
+    where = chosen["artifact"] if "://" in chosen["artifact"] else chosen_dir.resolve()  # a store every node reads
+    text = serve_yaml(where, chosen.get("speed_engine") or "raypress", num_gpus)
     storage.write_bytes(*storage.resolve(out / "serve.yaml"), text.encode())
 
 
-def serve_yaml(model_dir: Path, engine: str = "raypress", num_gpus: float = 0) -> str:
-    """A Serve config for ``model_dir`` (served as its manifest's base model and spec, e.g. smollm2-135m-int8)."""
+def serve_yaml(model_dir: Path | str, engine: str = "raypress", num_gpus: float = 0) -> str:
+    """A Serve config for ``model_dir`` (served as its manifest's base model and spec, e.g. smollm2-135m-int8): the
+    driver's OUT/chosen, or the chosen artifact's URI in the store when the sweep has one (replicas on other nodes
+    copy it from there)."""
     app = {"name": "raypress", "route_prefix": "/", "import_path": "serve.app:build",
            "args": {"model": str(model_dir), **({"engine": engine} if engine != "raypress" else {})}}
     if num_gpus:

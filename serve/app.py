@@ -33,6 +33,7 @@ from compress import encoders, models
 from engine.core import Engine
 from engine.interface import EngineClient
 from jobs.placement import warn_if_gpus_idle
+from jobs.storage import local_model
 from serve import protocol as oa
 from serve import responses as rs
 from serve.batch_store import BatchStore, database_path
@@ -185,6 +186,7 @@ class ModelServer:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
         warn_if_gpus_idle("ray_actor_options: {num_gpus: 1} on the deployment (serve/config.yaml), engine: vllm", log)
+        source, model = model, local_model(model)  # a URI (a sweep's store): copied to this node once
         if engine == "vllm":  # vLLM loads the weights itself; raypress needs the tokenizer and config only
             warn_unused(type(self), {"max_batch_tokens": max_batch_tokens, "block_size": block_size,
                                      "kv_cache_tokens": kv_cache_tokens, "prefix_caching": prefix_caching})
@@ -194,7 +196,7 @@ class ModelServer:
         else:
             self.model, self.tokenizer, self.kind = models.load(model)
             config = self.model.config
-        self.name = model_name or served_name(model, config)
+        self.name = model_name or served_name(source, config)
         self.default_max_tokens, self.api_key, self.num_threads = default_max_tokens, api_key, num_threads
         self.max_items, self.max_request_bytes = max_items_per_request, max_request_bytes
         self.max_upload_bytes, self.allow_unknown_fields = MAX_UPLOAD_BYTES, allow_unknown_fields
@@ -221,7 +223,7 @@ class ModelServer:
             self._embed_batch.set_max_batch_size(max_batch_size)
             self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batches, self._batch_settings = None, {
-            "storage": batch_storage, "db": batch_db, "model": str(model), "actors": batch_actors,
+            "storage": batch_storage, "db": batch_db, "model": str(source), "actors": batch_actors,
             "cpus_per_actor": batch_cpus_per_actor, "gpus_per_actor": batch_gpus_per_actor, "engine": batch_engine,
             "max_requests": batch_max_requests, "jobs": batch_jobs_address,
             "max_num_seqs": batch_max_num_seqs, "default_max_tokens": default_max_tokens}

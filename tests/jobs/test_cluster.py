@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from compress import artifact
 
@@ -132,5 +133,7 @@ def test_jobs_on_a_two_node_cluster_place_actors_and_share_artifacts(tmp_path, t
     assert not (sweep_out / "artifacts").exists() and not (tmp_path / "nodes" / "sweep-out").exists()
     chosen = artifact.verify(sweep_out / "chosen")  # copied from the store to the driver's OUT
     assert chosen["spec"] in rows
+    served = yaml.safe_load((sweep_out / "serve.yaml").read_text())["applications"][0]["args"]["model"]
+    assert served == f"file://{tmp_path}/store/{chosen['spec']}"  # replicas on any node copy it from the store
     exported = json.loads((sweep_out / "chosen-compressed-tensors" / "config.json").read_text())
     assert exported["quantization_config"]["quant_method"] == "compressed-tensors"
