@@ -37,12 +37,13 @@ class AsyncVllmEngine(Checks):
 
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.metrics, self._running = EngineMetrics(), set()
+        self._scheduler = SchedulerCounters(self.metrics)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._thread.start()
 
         async def make():
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._scheduler.logger()])
 
         self.llm = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
         self.tokenizer = self.llm.tokenizer
@@ -80,8 +81,10 @@ class AsyncVllmEngine(Checks):
         return [h.result() for h in [self.submit(p, s) for p, s in zip(prompts, params, strict=True)]]
 
     def stats(self) -> EngineStats:
-        """raypress's counters over vLLM (its scheduler's own queue and cache are not read: cache fields are 0)."""
-        return self.metrics.snapshot(len(self._running), 0, self.max_num_seqs, CacheStats(0, 0, 0, 0, 0, 0, 0))
+        """raypress's counters over vLLM: requests, tokens and first-token times counted here; the queue, steps, KV
+        blocks and prefix-cache hits as vLLM's scheduler reports them (blocks cached for reuse are not reported)."""
+        return self.metrics.snapshot(len(self._running), self._scheduler.waiting, self.max_num_seqs,
+                                     self._scheduler.cache())
 
     def shutdown(self) -> None:
         self.llm.shutdown()
@@ -121,3 +124,48 @@ class AsyncVllmEngine(Checks):
             self._running.discard(handle.id)
             if not handle.done:  # aborted (cancelled) without a final event
                 handle.publish(RequestOutput("", [], None, "cancelled", made))
+
+
+class SchedulerCounters:
+    """What vLLM's scheduler reports after each step, summed, and its steps counted in raypress's metrics: kept by
+    the vLLM stat logger ``logger()`` makes (it runs on vLLM's loop)."""
+
+    def __init__(self, metrics: EngineMetrics):
+        self.metrics = metrics
+        self.waiting = self.queries = self.hits = self.preemptions = self.blocks = self.block_size = 0
+        self.usage, self.last, self.busy = 0.0, time.perf_counter(), False
+
+    def observe(self, scheduler, iteration, cache_config) -> None:
+        """One report: vLLM's SchedulerStats and IterationStats (either may be None)."""
+        if scheduler is not None:
+            self.waiting, self.usage = scheduler.num_waiting_reqs, scheduler.kv_cache_usage
+            self.queries += scheduler.prefix_cache_stats.queries
+            self.hits += scheduler.prefix_cache_stats.hits
+            self.blocks, self.block_size = cache_config.num_gpu_blocks or 0, cache_config.block_size or 0
+        if iteration is not None and scheduler is not None:
+            self.preemptions += iteration.num_preempted_reqs
+            now, running = time.perf_counter(), scheduler.num_running_reqs
+            self.metrics.observe_step(now - self.last if self.busy else 0.0, running)  # idle time is no step's
+            self.last, self.busy = now, running > 0
+
+    def cache(self) -> CacheStats:
+        free = round(self.blocks * (1 - self.usage))  # blocks cached for reuse are not reported: 0
+        return CacheStats(self.blocks, self.block_size, free, 0, self.queries, self.hits, self.preemptions)
+
+    def logger(self):
+        """A vLLM stat-logger factory (``AsyncLLM``'s ``stat_loggers``) whose loggers report to these counters."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        counters = self
+
+        class Reader(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                self.cache_config = vllm_config.cache_config
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                counters.observe(scheduler_stats, iteration_stats, self.cache_config)
+
+            def log_engine_initialized(self):
+                pass
+
+        return Reader

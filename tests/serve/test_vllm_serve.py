@@ -83,3 +83,20 @@ def test_a_stream_left_early_is_cancelled_in_vllm(urls):
     after = requests.get(stats, timeout=30).json()
     assert after["running"] == 0
     assert after["generation_tokens"] - before < 500, after  # aborted: far from the 1000 tokens it asked for
+
+
+def test_stats_on_vllm_read_its_scheduler_steps_blocks_and_prefix_cache(urls):
+    stats = f"{urls['vllm']}/stats"
+    before = requests.get(stats, timeout=30).json()
+    # vLLM caches full blocks only (128 tokens each on its CPU backend): a prefix of some 350 tokens fills two
+    prompt = "A shared system prompt that many requests begin with, long enough to fill a few blocks. " * 20
+    for k in range(2):  # the second finds the first's blocks in vLLM's prefix cache
+        r = requests.post(f"{urls['vllm']}/v1/completions", timeout=120,
+                          json={"prompt": prompt + f"Question {k}:", "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+    after = requests.get(stats, timeout=30).json()
+    print({k: after[k] for k in ("steps", "kv_blocks", "kv_blocks_free", "cached_prompt_tokens", "waiting")})
+    assert after["steps"] >= before["steps"] + 8 and after["max_decode_batch"] >= 1  # a step per token at least
+    assert 0 < after["kv_blocks_free"] <= after["kv_blocks"] and after["waiting"] == 0
+    assert after["cached_prompt_tokens"] - before["cached_prompt_tokens"] >= 128  # the shared prefix's full blocks
+    assert 0 < after["prefix_cache_hit_rate"] < 1
