@@ -173,7 +173,9 @@ def plot_pareto(out: Path, rows: list[dict], kind: str, chosen: dict | None) -> 
             ax.scatter([chosen[x] / scale], [chosen[q]], s=250, facecolors="none", edgecolors="red", linewidths=2,
                        label=f"chosen: {chosen['spec']}")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(q + (" (lower is better)" if not higher_q else " (higher is better)"))
+        ax.set_ylabel(q + (" (lower is better, log scale)" if not higher_q else " (higher is better)"))
+        if not higher_q:  # perplexities span orders of magnitude: on a linear axis all but the worst lie flat
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("quality vs size and quality vs speed")

@@ -6,7 +6,7 @@ CANONICAL = [
     "base", "bf16", "fp16", "int8", "int8-dynamic", "int4-g32", "int4-g64", "int4-g128", "gptq-int4-g128",
     "int4s-g64", "int4m-g32", "gptq-int4s-g32", "gptq-int4m-g128",
     "prune-50%", "prune-2:4", "wanda-50%", "wanda-2:4", "distill-L15", "prune-2:4+int8", "wanda-2:4+int8",
-    "distill-L3+int8-dynamic",
+    "distill-L3+int8-dynamic", "smooth-int8-dynamic", "prune-2:4+smooth-int8-dynamic",
 ]
 
 

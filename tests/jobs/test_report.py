@@ -110,3 +110,19 @@ def test_results_parquet_keeps_every_column_when_the_first_trial_failed(tmp_path
     assert table.schema.field("ppl").type == pa.float64() and table.schema.field("artifact_bytes").type == pa.int64()
     report.write_results(tmp_path, back + [{"spec": "int8", "error": None, "ppl": 26.2}])  # a resumed sweep appends
     assert [r["spec"] for r in report.read_results(tmp_path)] == ["int4-g32", "base", "int8"]
+
+
+@pytest.mark.parametrize("kind, scale", [("causal", "log"), ("encoder", "linear")])
+def test_the_pareto_plot_puts_perplexity_on_a_log_axis(tmp_path, monkeypatch, kind, scale):
+    """Perplexities span orders of magnitude (a failed 2:4 variant at 11x the base): on a linear axis every other
+    variant lies flat against the floor. Cosines stay linear."""
+    from matplotlib.figure import Figure
+
+    seen = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.extend(ax.get_yscale() for ax in fig.axes),
+                                                                 save(fig, *a, **k)))
+    rows = ROWS if kind == "causal" else [{"spec": r["spec"], "cosine_to_base": 0.99, "sentences_per_s": 5.0,
+                                           "artifact_bytes": r.get("artifact_bytes")} for r in ROWS[:3]]
+    report.plot_pareto(tmp_path, rows, kind, None)
+    assert seen == [scale, scale] and (tmp_path / "pareto.png").stat().st_size > 10_000
