@@ -27,8 +27,8 @@ def _hf_load(path):
 
 # int8-dynamic: transformers fake-quantizes activations in float, raypress runs an int8 GEMM: rounding differs
 # distill-L1: a student with fewer layers, a plain dense checkpoint
-TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dynamic": 0.05, "prune-2:4": 1e-5,
-             "distill-L1": 1e-5}
+TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dynamic": 0.05,
+             "smooth-int8-dynamic": 0.05, "prune-2:4": 1e-5, "distill-L1": 1e-5}
 
 
 @pytest.mark.parametrize("spec", list(TOLERANCE))
@@ -56,10 +56,11 @@ def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logi
         return
     quant = config["quantization_config"]
     assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]
-    expected = {"int8": qmodules.Int8WeightOnlyLinear, "int8-dynamic": qmodules.Int8DynamicLinear,
-                "int4s-g32": qmodules.Int4WeightOnlyLinear, "gptq-int4s-g32": qmodules.Int4WeightOnlyLinear}[spec]
+    dynamic = spec.endswith("int8-dynamic")  # smoothed or not: W8A8, the smoothing is in the float norms' weights
+    expected = {"int8": qmodules.Int8WeightOnlyLinear, "int4s-g32": qmodules.Int4WeightOnlyLinear,
+                "gptq-int4s-g32": qmodules.Int4WeightOnlyLinear}.get(spec, qmodules.Int8DynamicLinear)
     assert type(layer) is expected  # onto raypress's kernels, not decompressed to float
-    assert quant["format"] == ("int-quantized" if spec == "int8-dynamic" else "pack-quantized")
+    assert quant["format"] == ("int-quantized" if dynamic else "pack-quantized")
 
 
 def test_variants_the_format_cannot_hold_are_refused_with_what_would_work(tiny_causal, tmp_path, capsys):

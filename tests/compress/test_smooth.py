@@ -30,7 +30,7 @@ def test_smoothing_keeps_the_float_function_and_reports_its_alphas(outlier_llama
     blocks = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(1))
     before = logits(outlier_llama, ids)
     alphas = smooth.smooth_(outlier_llama, blocks)
-    assert len(alphas) == 2 * len(outlier_llama.model.layers) and all(a in smooth.ALPHAS for a in alphas.values())
+    assert len(alphas) == 4 * len(outlier_llama.model.layers) and all(a in smooth.ALPHAS for a in alphas.values())
     assert any(a > 0 for a in alphas.values())  # the outliers are worth moving
     torch.testing.assert_close(logits(outlier_llama, ids), before, rtol=1e-4, atol=1e-4)
 
@@ -46,7 +46,7 @@ def test_smooth_int8_dynamic_answers_closer_to_float32_than_int8_dynamic(outlier
         out = logits(model, ids).log_softmax(-1)
         kl[spec] = float((ref.exp() * (ref - out)).sum(-1).mean())
         if spec.startswith("smooth"):
-            assert sum(notes[spec]["groups_by_alpha"].values()) == 2 * len(model.model.layers)
+            assert sum(notes[spec]["groups_by_alpha"].values()) == 4 * len(model.model.layers)
     print(kl)
     assert kl["smooth-int8-dynamic"] < 0.7 * kl["int8-dynamic"]
 
