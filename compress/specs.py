@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress import distill, gptq, prune, quantize, smooth
+from compress import channel_scaling, distill, gptq, prune, quantize
 
 BASE = "base"
 _GRIDS = {letter: grid for grid, letter in quantize.INT4_GRIDS.items()}
@@ -24,9 +24,11 @@ _STEPS: list[tuple[str, Callable]] = [
     (r"(bf16|fp16)", lambda m: quantize.CastConfig(m[1])),
     (r"int8", lambda m: quantize.Int8WeightOnlyConfig()),
     (r"int8-dynamic", lambda m: quantize.Int8DynamicConfig()),
-    (r"smooth-int8-dynamic", lambda m: smooth.SmoothInt8DynamicConfig()),
+    (r"smooth-int8-dynamic", lambda m: channel_scaling.SmoothInt8DynamicConfig()),
     (r"int4([sm]?)-g(\d+)", lambda m: quantize.Int4WeightOnlyConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
     (r"gptq-int4([sm]?)-g(\d+)", lambda m: gptq.GPTQConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
+    (r"awq-(gptq-)?int4([sm]?)-g(\d+)",
+     lambda m: channel_scaling.AWQConfig(group_size=int(m[3]), grid=_GRIDS[m[2]], gptq=bool(m[1]))),
     (r"prune-(\d+)%", lambda m: prune.MagnitudePruneConfig(sparsity=int(m[1]) / 100)),
     (r"prune-(\d+:\d+)", lambda m: prune.MagnitudePruneConfig(pattern=m[1])),
     (r"wanda-(\d+)%", lambda m: prune.WandaPruneConfig(sparsity=int(m[1]) / 100)),

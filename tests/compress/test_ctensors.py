@@ -28,7 +28,7 @@ def _hf_load(path):
 # int8-dynamic: transformers fake-quantizes activations in float, raypress runs an int8 GEMM: rounding differs
 # distill-L1: a student with fewer layers, a plain dense checkpoint
 TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dynamic": 0.05,
-             "smooth-int8-dynamic": 0.05, "prune-2:4": 1e-5, "distill-L1": 1e-5}
+             "smooth-int8-dynamic": 0.05, "awq-int4s-g32": 1e-3, "prune-2:4": 1e-5, "distill-L1": 1e-5}
 
 
 @pytest.mark.parametrize("spec", list(TOLERANCE))
@@ -58,7 +58,8 @@ def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logi
     assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]
     dynamic = spec.endswith("int8-dynamic")  # smoothed or not: W8A8, the smoothing is in the float norms' weights
     expected = {"int8": qmodules.Int8WeightOnlyLinear, "int4s-g32": qmodules.Int4WeightOnlyLinear,
-                "gptq-int4s-g32": qmodules.Int4WeightOnlyLinear}.get(spec, qmodules.Int8DynamicLinear)
+                "gptq-int4s-g32": qmodules.Int4WeightOnlyLinear, "awq-int4s-g32": qmodules.Int4WeightOnlyLinear,
+                }.get(spec, qmodules.Int8DynamicLinear)
     assert type(layer) is expected  # onto raypress's kernels, not decompressed to float
     assert quant["format"] == ("int-quantized" if dynamic else "pack-quantized")
 

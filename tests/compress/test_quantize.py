@@ -89,7 +89,7 @@ def test_each_int4_grid_rounds_to_nearest_and_says_whether_integer_zero_points_h
 
 ALL_SPECS = ["base", "bf16", "fp16", "int8", "int8-dynamic", "smooth-int8-dynamic", "int4-g32", "int4-g128",
              "gptq-int4-g128", "prune-50%", "prune-2:4", "wanda-50%", "wanda-2:4", "distill-L1", "prune-2:4+int8",
-             "wanda-2:4+int4-g64"]
+             "wanda-2:4+int4-g64", "awq-int4-g32", "awq-gptq-int4s-g32"]
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)

@@ -7,6 +7,7 @@ CANONICAL = [
     "int4s-g64", "int4m-g32", "gptq-int4s-g32", "gptq-int4m-g128",
     "prune-50%", "prune-2:4", "wanda-50%", "wanda-2:4", "distill-L15", "prune-2:4+int8", "wanda-2:4+int8",
     "distill-L3+int8-dynamic", "smooth-int8-dynamic", "prune-2:4+smooth-int8-dynamic",
+    "awq-int4-g128", "awq-int4s-g64", "awq-gptq-int4-g128", "awq-gptq-int4m-g32",
 ]
 
 

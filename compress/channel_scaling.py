@@ -1,15 +1,20 @@
-"""SmoothQuant: move activation outliers into the weights before int8 activations round them.
+"""Scale input channels before quantizing: SmoothQuant (int8 activations) and AWQ (int4 weights).
 
-    smooth_(model, blocks)            # in place; the model computes the same function, in float, as before
-    SmoothInt8DynamicConfig()         # spec "smooth-int8-dynamic": smooth_, then int8-dynamic
+    smooth_(model, blocks)                  # SmoothQuant in place; the float model computes what it did
+    awq_(model, blocks, group_size, grid)   # AWQ in place, for the int4 grid that follows
+    SmoothInt8DynamicConfig()               # spec "smooth-int8-dynamic": smooth_, then int8-dynamic
+    AWQConfig(group_size=128)               # spec "awq-int4-g128" (also awq-int4s-gN, awq-gptq-int4-gN)
 
-Per-token int8 rounds a whole token on one grid, so a few channels far larger than the rest (common in the inputs of
-the attention and MLP projections) leave the others a handful of levels. Dividing input channel j by s_j and
-multiplying column j of the weights that read it by s_j leaves their product unchanged and evens the channels out:
-s_j = max|X_j|^alpha / max|W_j|^(1 - alpha). The division is folded into the norm that feeds those layers (its
-weight, and bias where it has one), so the smoothed model runs the same ops as before. alpha is searched per group
-of layers on the calibration text: the value whose int8 product (per-token activations, per-channel weights, as
-``Int8DynamicLinear`` rounds them) is closest to the float product, alpha 0 (no smoothing) among the candidates.
+Dividing input channel j of a group of linear layers by s_j and multiplying column j of their weights by s_j leaves
+their product unchanged; the division is folded into whatever makes the channel (a norm's weight and bias, the rows
+of a linear layer), so the scaled model runs the same ops as before. What s is for:
+- SmoothQuant: per-token int8 rounds a whole token on one grid, so a few channels far larger than the rest leave the
+  others a handful of levels. s_j = max|X_j|^a / max|W_j|^(1 - a) evens the channels out, moving the outliers into
+  the weights (which int8 rounds per output channel).
+- AWQ: int4 rounds weights in small groups; the columns that meet large activations matter most. s_j = mean|X_j|^a
+  (normalized) enlarges those columns before rounding, so their relative rounding error shrinks.
+a is searched per group on the calibration text: the value whose quantized product (as the format that follows
+rounds it) is closest to the float product, a = 0 (left alone) among the candidates.
 
 Groups (Llama family: Llama, Mistral, Qwen2, SmolLM): ``input_layernorm`` -> q, k, v projections;
 ``post_attention_layernorm`` -> gate, up; ``up_proj``'s rows -> ``down_proj`` (its input is act(gate) * up, channel
@@ -25,9 +30,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress import calibrate, quantize
+from compress import calibrate, gptq, kernels, qmodules, quantize
 
-ALPHAS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ALPHAS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # SmoothQuant's
+AWQ_ALPHAS = tuple(i / 10 for i in range(10))  # AWQ's: 0 to 0.9
 SAMPLE_ROWS = 1024  # calibration tokens per group the search compares products on
 
 
@@ -57,8 +63,9 @@ def groups(model: nn.Module) -> list[SmoothGroup]:
         if heads is not None:  # attention mixes tokens, not channels: o_proj's input channel is a value channel
             found.append(SmoothGroup(f"{i}.self_attn.v_proj", attn.v_proj, (attn.o_proj,), heads))
     if not found:
-        raise ValueError(f"smooth: no norm -> projection groups in {type(model).__name__} (SmoothQuant here knows "
-                         "the Llama family: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up)")
+        raise ValueError(f"channel scaling: no norm -> projection groups in {type(model).__name__} (SmoothQuant and "
+                         "AWQ here know the Llama family: input_layernorm -> q/k/v, post_attention_layernorm -> "
+                         "gate/up)")
     return found
 
 
@@ -77,16 +84,48 @@ def _value_heads(model: nn.Module, attn) -> torch.Tensor | None:
     return (channel // dim) // (heads // kv_heads) * dim + channel % dim
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Method:
+    """What one channel-scaling method measures and searches: ``stat`` of |X| per channel (max or mean over the
+    calibration tokens), ``scales(act, w_peak, a)``, and the ``error`` of a quantized product x @ w.T with x / s and
+    w * s."""
+
+    stat: str  # "amax" | "mean"
+    scales: object
+    error: object
+    alphas: tuple
+
+
 def smooth_(model: nn.Module, blocks: torch.Tensor, alpha: float | None = None) -> dict:
-    """Smooth every group of ``model`` in place on the calibration ``blocks`` [n, seq_len]; ``alpha``: one value for
-    every group, or None to search ``ALPHAS`` per group. Returns the alphas chosen, by group."""
+    """SmoothQuant every group of ``model`` in place on the calibration ``blocks`` [n, seq_len]; ``alpha``: one value
+    for every group, or None to search ``ALPHAS`` per group. Returns the alphas chosen, by group."""
+    method = Method("amax", _smooth_scales, _int8_error, ALPHAS if alpha is None else (alpha,))
+    return scale_(model, blocks, method)
+
+
+def awq_(model: nn.Module, blocks: torch.Tensor, group_size: int, grid: str = "zero_point") -> dict:
+    """AWQ every group of ``model`` in place for int4 groups of ``group_size`` on ``grid``; returns the alphas."""
+
+    def error(x, w, s):
+        q, scale, offset = qmodules.quantize_groupwise(w * s, group_size, 4, grid)
+        wq = kernels.dequantize_groupwise(q, scale, offset, group_size)
+        return float(((x / s) @ wq.T - x @ w.T).pow(2).sum())
+
+    return scale_(model, blocks, Method("mean", _awq_scales, error, AWQ_ALPHAS))
+
+
+@torch.inference_mode()
+def scale_(model: nn.Module, blocks: torch.Tensor, method: Method) -> dict:
+    """Scale every group of ``model`` in place as ``method`` searches on the calibration ``blocks``."""
     found = groups(model)
-    peak = {g.name: torch.zeros(g.linears[0].in_features) for g in found}
+    stat = {g.name: torch.zeros(g.linears[0].in_features) for g in found}
+    tokens = dict.fromkeys(stat, 0)
     sample: dict[str, list[torch.Tensor]] = {g.name: [] for g in found}
 
     def see(name: str, x: torch.Tensor) -> None:
-        peak[name] = torch.maximum(peak[name], x.abs().amax(0).cpu())
+        a = x.abs()
+        stat[name] = torch.maximum(stat[name], a.amax(0).cpu()) if method.stat == "amax" else stat[name] + a.sum(0)
+        tokens[name] += len(x)
         held = sum(len(s) for s in sample[name])
         if held < SAMPLE_ROWS:
             sample[name].append(x[: SAMPLE_ROWS - held].cpu())
@@ -97,26 +136,34 @@ def smooth_(model: nn.Module, blocks: torch.Tensor, alpha: float | None = None) 
     for g in found:
         weights = torch.cat([m.weight.float() for m in g.linears])  # [sum of outputs, in_features]
         x = torch.cat(sample[g.name])
-        w_peak, act_peak = weights.abs().amax(0), peak[g.name]
+        act = stat[g.name] if method.stat == "amax" else stat[g.name] / max(tokens[g.name], 1)
+        w_peak = weights.abs().amax(0)
         if g.index is not None:  # one scale per source channel: the largest over the input channels reading it
             size = int(g.index.max()) + 1
-            act_peak = torch.zeros(size).scatter_reduce(0, g.index, act_peak, "amax")
+            act = torch.zeros(size).scatter_reduce(0, g.index, act, "amax")
             w_peak = torch.zeros(size).scatter_reduce(0, g.index, w_peak, "amax")
-        candidates = ALPHAS if alpha is None else (alpha,)
-        errors = {a: _int8_error(x, weights, _expand(g, _scales(act_peak, w_peak, a))) for a in candidates}
+        errors = {a: method.error(x, weights, _expand(g, method.scales(act, w_peak, a))) for a in method.alphas}
         best = min(errors, key=errors.get)
         if best:
-            _fold(g, _scales(act_peak, w_peak, best))
+            _fold(g, method.scales(act, w_peak, best))
         chosen[g.name] = best
     return chosen
 
 
-def _scales(act_peak: torch.Tensor, w_peak: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), 1 where a channel is silent."""
+def _smooth_scales(act_peak: torch.Tensor, w_peak: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), 1 where a channel is silent."""
     if alpha == 0:
         return torch.ones_like(act_peak)
     s = act_peak.clamp(min=1e-5).pow(alpha) / w_peak.clamp(min=1e-5).pow(1 - alpha)
     return torch.where(act_peak > 0, s, torch.ones_like(s)).clamp(min=1e-5)
+
+
+def _awq_scales(act_mean: torch.Tensor, w_peak: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ's s_j = mean|X_j|^alpha, divided by sqrt(max s * min s) so that the scales centre on 1."""
+    if alpha == 0:
+        return torch.ones_like(act_mean)
+    s = act_mean.clamp(min=1e-4).pow(alpha)
+    return s / (s.max() * s.min()).sqrt()
 
 
 def _expand(g: SmoothGroup, s: torch.Tensor) -> torch.Tensor:
@@ -159,8 +206,40 @@ class SmoothInt8DynamicConfig:
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict | None:
         notes = None
         if not restore:
-            alphas = smooth_(model, blocks)
-            counts = {str(a): sum(v == a for v in alphas.values()) for a in sorted(set(alphas.values()))}
-            notes = {"groups_by_alpha": counts}  # alpha 0: left as it was
+            notes = {"groups_by_alpha": _counts(smooth_(model, blocks))}
         quantize.Int8DynamicConfig().apply_(model, restore=restore)
         return notes
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """``awq-int4-gN`` (``awq-int4s-gN`` symmetric, ``awq-gptq-int4-gN`` with GPTQ's rounding after the scaling):
+    activation-aware scales searched per group on the calibration text for the int4 grid that follows, then int4.
+    An artifact holds the scaled norms and rows as plain weights: loading restores the int4 modules only."""
+
+    group_size: int = 128
+    grid: str = "zero_point"
+    gptq: bool = False
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self):
+        quantize.check_int4(type(self).__name__, self.group_size, self.grid)
+
+    @property
+    def token(self) -> str:
+        return f"awq-{'gptq-' if self.gptq else ''}int4{quantize.INT4_GRIDS[self.grid]}-g{self.group_size}"
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict | None:
+        notes = None
+        if not restore:
+            notes = {"groups_by_alpha": _counts(awq_(model, blocks, self.group_size, self.grid))}
+        if self.gptq:
+            gptq.GPTQConfig(group_size=self.group_size, grid=self.grid).apply_(model, restore=restore, blocks=blocks)
+        else:
+            quantize.Int4WeightOnlyConfig(self.group_size, self.grid).apply_(model, restore=restore)
+        return notes
+
+
+def _counts(alphas: dict) -> dict[str, int]:
+    """How many groups took each alpha (0: left as they were)."""
+    return {str(a): sum(v == a for v in alphas.values()) for a in sorted(set(alphas.values()))}
