@@ -115,7 +115,7 @@ def local_model(model: str) -> str:
     dest = root / f"{hashlib.sha256(model.encode()).hexdigest()[:12]}-{path.rsplit('/', 1)[-1]}"
     if (dest / SOURCE).exists() and (dest / SOURCE).read_text() == source:
         return str(dest)
-    with new_folder(dest, replace=dest.exists()) as tmp:  # a new copy: first writer wins
+    with new_folder(dest, replace=dest.exists()) as tmp:  # none yet: the first writer wins; a stale one: replaced
         download(model, tmp)
         (tmp / SOURCE).write_text(source)
     return str(dest)

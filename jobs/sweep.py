@@ -140,8 +140,8 @@ def measure_speed(artifact_uri: str, threads: int, engine: str = "raypress") -> 
         if engine == "vllm":
             from engine import vllm
 
-            folder = export.for_vllm(str(path))
-            try:
+            try:  # a variant the export cannot hold (int4m) or vLLM cannot run here: said, not measured
+                folder = export.for_vllm(str(path))
                 settings = vllm.run_settings(folder, on_gpu=gpu)
             except ValueError as e:
                 return {**where, "speed_error": str(e)}

@@ -160,7 +160,8 @@ def test_a_sweep_measures_speed_on_vllm_and_serves_its_choice_there(ray_local, t
     from jobs import sweep
 
     cfg = {"model": "smollm2-135m", "eval_data": str(wikitext), "seq_len": 64, "eval_blocks": 2,
-           "specs": ["int8-dynamic", "int8"], "budget": {"max_ppl_increase": 1.0}, "objective": "smallest"}
+           "specs": ["int8-dynamic", "int8", "int4m-g64"], "budget": {"max_ppl_increase": 1.0},
+           "objective": "smallest"}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
@@ -175,6 +176,8 @@ def test_a_sweep_measures_speed_on_vllm_and_serves_its_choice_there(ray_local, t
     refused = rows["int8"]
     assert refused["error"] is None and refused["ppl"] > 0  # its quality stands; it cannot run on this engine
     assert refused["decode_tokens_per_s_b1"] is None and "int8-dynamic" in refused["speed_error"]
+    no_export = rows["int4m-g64"]  # no compressed-tensors form: the export says which spec has one
+    assert no_export["error"] is None and "int4s-g64 (symmetric)" in no_export["speed_error"]
     report = (out / "report.md").read_text()
     assert "Chosen: `int8-dynamic`" in report and "Speed measured on vLLM, " in report
     assert "fail: cannot run on vllm: vLLM's CPU backend has no kernel for 8-bit weight-only" in report
