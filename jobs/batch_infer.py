@@ -192,7 +192,7 @@ def main(
     defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "stop": tuple(stop or ()), "chat": chat, "json_schema": _schema_text(json_schema)}
     resources = json.loads(actor_resources) if actor_resources else {}
-    ds = _pipeline(ray, ds, source.schema, model=model, task=task, column=column, defaults=defaults,
+    ds = _pipeline(ray, ds, source.schema, model=model, local=local, task=task, column=column, defaults=defaults,
                    num_actors=num_actors, num_gpus=num_gpus_per_actor, num_cpus=cpus_per_actor,
                    threads=threads_per_actor, resources=resources, batch_size=batch_size, max_model_len=max_model_len,
                    vllm=vllm)
@@ -206,10 +206,11 @@ def main(
     return 0
 
 
-def _pipeline(ray, ds, schema, *, model, task, column, defaults, num_actors, num_gpus, num_cpus, threads, resources,
-              batch_size, max_model_len, vllm=None):
-    """read -> preprocess (CPU tasks) -> Predictor (model actors) -> postprocess (CPU tasks)."""
-    context = models.input_limit(models.resolve(storage.local_model(model)))
+def _pipeline(ray, ds, schema, *, model, local, task, column, defaults, num_actors, num_gpus, num_cpus, threads,
+              resources, batch_size, max_model_len, vllm=None):
+    """read -> preprocess (CPU tasks) -> Predictor (model actors) -> postprocess (CPU tasks). ``model`` goes to the
+    tasks and actors (a URI: each node copies it); ``local`` is the driver's copy."""
+    context = models.input_limit(models.resolve(local))
     if task == "generate":
         if max_model_len < 2:
             raise ValueError(f"--max-model-len {max_model_len}: expected at least 2 tokens")
