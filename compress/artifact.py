@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress import encoders, files, hf, locate, prune, specs
+from compress.digest import weight_digest  # noqa: F401  (where the manifest's base_model digest comes from)
 
 FORMAT = "raypress-artifact"
 MANIFEST = "raypress.json"  # the file that makes a folder an artifact
@@ -46,6 +47,9 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, manifest
     with files.new_folder(out) as tmp:
         manifest = dict(manifest or {})
         manifest["spec"] = str(specs.parse(manifest.get("spec", specs.BASE)))
+        layers = specs.layer_formats(model, manifest["spec"])
+        if layers is not None:
+            manifest["layers"] = layers
         tensors, aliases, sparse = _encode_state_dict(model.state_dict())
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         loaded_from = model.config.__dict__.pop("raypress_manifest", None)  # where a loaded artifact came from:
@@ -97,7 +101,7 @@ def load(
     with no_init_weights():
         model = cls.from_config(config, dtype=saved_dtype)
     model.tie_weights()  # skipped under no_init_weights; restore_ must see the tie to rebuild it
-    specs.restore_(model, manifest["spec"])
+    specs.restore_(model, manifest["spec"], manifest.get("layers"))
     state = _decode_state_dict(load_file(str(path / WEIGHTS)), manifest["aliases"], manifest["sparse"])
     model.load_state_dict(state, strict=True)
     dtype = load_dtype(saved_dtype, dtype, device)
@@ -176,19 +180,6 @@ def verify(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def weight_digest(model: torch.nn.Module) -> str:
-    """sha256 over the model's tensors (names, dtypes, shapes, bytes): identifies the base weights."""
-    h = hashlib.sha256()
-    seen = set()
-    for name, t in sorted(model.state_dict().items()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
 def size_on_disk(path: str | os.PathLike) -> int:
     """Bytes of every file in the artifact."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -261,11 +252,6 @@ def _sha256(file: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:

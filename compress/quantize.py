@@ -70,6 +70,10 @@ class _Int8Config:
     needs_calibration: ClassVar[bool] = False
 
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
+        swap_modules_(model, *self.makers(restore))
+
+    def makers(self, restore: bool) -> tuple[Callable, Callable]:
+        """The (linear, embedding) module makers ``swap_modules_`` takes (``compress.mixed`` picks per layer)."""
         cls = Int8DynamicLinear if isinstance(self, Int8DynamicConfig) else Int8WeightOnlyLinear
 
         def make_linear(linear: nn.Linear, name: str) -> nn.Module:
@@ -82,7 +86,7 @@ class _Int8Config:
                 return Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.weight.dtype)
             return Int8Embedding.from_float(emb)
 
-        swap_modules_(model, make_linear, make_embedding)
+        return make_linear, make_embedding
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,11 @@ class Int4WeightOnlyConfig:
         return f"int4{INT4_GRIDS[self.grid]}-g{self.group_size}"
 
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks=None) -> None:
+        swap_modules_(model, *self.makers(restore))
+
+    def makers(self, restore: bool) -> tuple[Callable, Callable]:
         gs, grid = self.group_size, self.grid
-        swap_modules_(model, int4_linear_maker(gs, restore, grid=grid), int4_embedding_maker(gs, restore, grid))
+        return int4_linear_maker(gs, restore, grid=grid), int4_embedding_maker(gs, restore, grid)
 
 
 def check_int4(owner: str, group_size: int, grid: str) -> None:

@@ -8,13 +8,14 @@ the one registry: a new method adds its config class and one pattern.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from compress import channel_scaling, distill, gptq, prune, quantize
+from compress import channel_scaling, distill, gptq, mixed, prune, quantize
 
 BASE = "base"
 _GRIDS = {letter: grid for grid, letter in quantize.INT4_GRIDS.items()}
@@ -29,6 +30,8 @@ _STEPS: list[tuple[str, Callable]] = [
     (r"gptq-int4([sm]?)-g(\d+)", lambda m: gptq.GPTQConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
     (r"awq-(gptq-)?int4([sm]?)-g(\d+)",
      lambda m: channel_scaling.AWQConfig(group_size=int(m[3]), grid=_GRIDS[m[2]], gptq=bool(m[1]))),
+    (r"mixed(?:-int4([sm]?))?-(\d+(?:\.\d+)?)bit",
+     lambda m: mixed.MixedConfig(bits=float(m[2]), grid=None if m[1] is None else _GRIDS[m[1]])),
     (r"prune-(\d+)%", lambda m: prune.MagnitudePruneConfig(sparsity=int(m[1]) / 100)),
     (r"prune-(\d+:\d+)", lambda m: prune.MagnitudePruneConfig(pattern=m[1])),
     (r"wanda-(\d+)%", lambda m: prune.WandaPruneConfig(sparsity=int(m[1]) / 100)),
@@ -102,8 +105,16 @@ def apply_(model, spec: str | Spec, *, blocks: torch.Tensor | None = None) -> di
     return notes
 
 
-def restore_(model, spec: str | Spec):
-    """Give a freshly built model the module structure of ``spec`` (for loading an artifact)."""
+def restore_(model, spec: str | Spec, layers: dict | None = None):
+    """Give a freshly built model the module structure of ``spec`` (for loading an artifact); ``layers``: each
+    layer's format, as the manifest records it for a mixed-precision spec."""
     for config in parse(spec).steps:
+        if isinstance(config, mixed.MixedConfig):
+            config = dataclasses.replace(config, layers=layers)
         config.apply_(model, restore=True)
     return model
+
+
+def layer_formats(model, spec: str | Spec) -> dict | None:
+    """What a manifest records for ``restore_``: each layer's format where ``spec`` chooses them per layer."""
+    return mixed.module_formats(model) if any(isinstance(c, mixed.MixedConfig) for c in parse(spec).steps) else None

@@ -8,6 +8,7 @@ CANONICAL = [
     "prune-50%", "prune-2:4", "wanda-50%", "wanda-2:4", "distill-L15", "prune-2:4+int8", "wanda-2:4+int8",
     "distill-L3+int8-dynamic", "smooth-int8-dynamic", "prune-2:4+smooth-int8-dynamic",
     "awq-int4-g128", "awq-int4s-g64", "awq-gptq-int4-g128", "awq-gptq-int4m-g32",
+    "mixed-6bit", "mixed-6.35bit", "mixed-int4s-5.5bit", "mixed-int4-8bit", "prune-2:4+mixed-6bit",
 ]
 
 
@@ -33,6 +34,8 @@ def test_steps_parse_to_configs_in_order():
     ("int8+", "unknown step ''"),
     ("", "non-empty"),
     ("distill-L0", "layers=0"),
+    ("mixed-4bit", "bits=4.0: expected 4.5 <= bits < 32"),
+    ("mixed-int4x-6bit", "unknown step 'mixed-int4x-6bit'"),
 ])
 def test_bad_specs_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
