@@ -4,6 +4,7 @@ results.parquet, where that table is kept."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -127,7 +128,7 @@ def write_report(out: Path, rows: list[dict], base: dict, budget: dict, objectiv
     if measured:
         lines += ["Speed measured on " + "; ".join(f"{ENGINE_NAMES.get(e, e)}, {d}" for e, d in measured) + ".", ""]
     if chosen:
-        lines += [f"**Chosen: `{chosen['spec']}`** ({_mb(chosen.get('artifact_bytes'))}, {q} {chosen.get(q, 0):.4g}"
+        lines += [f"**Chosen: `{_name(chosen)}`** ({_mb(chosen.get('artifact_bytes'))}, {q} {chosen.get(q, 0):.4g}"
                   f", {s} {chosen.get(s) or 0:.1f}) -> `chosen/`, served by `serve run serve.yaml`.", ""]
     else:
         lines += ["**No variant meets the budget.** The closest ones are at the top of the table below "
@@ -140,13 +141,61 @@ def write_report(out: Path, rows: list[dict], base: dict, budget: dict, objectiv
         miss = failures(r, base, budget) if r is not base else []
         verdict = "base" if r is base else ("error: " + str(r["error"])[:60] if r.get("error") else
                                             ("pass" if not miss else "fail: " + "; ".join(miss)))
-        cells = [r["spec"], verdict] + [_cell(r.get(c)) for c in cols[2:]]
+        cells = [_name(r), verdict] + [_cell(r.get(c)) for c in cols[2:]]
         cells += [_ratio(r.get("artifact_bytes"), base.get("artifact_bytes")), _ratio(r.get(s), base.get(s))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![Pareto fronts](pareto.png)", ""]
+    for r in ordered:
+        if layer_formats(r):
+            lines += [f"### `{_name(r)}`: each layer's format", ""] + layer_table(layer_formats(r)) + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def layer_formats(row: dict) -> dict[str, str] | None:
+    """A mixed-precision row's format per layer (from its notes), or None for a row with one format throughout."""
+    steps = _notes(row).values()
+    return next((step["layers"] for step in steps if isinstance(step, dict) and step.get("layers")), None)
+
+
+def layer_table(layers: dict[str, str]) -> list[str]:
+    """A markdown table of a mixed variant's formats: a row per run of identical transformer blocks, a column per
+    module of a block; layers outside the blocks (embeddings, head) in a line under it."""
+    blocks: dict[int, dict[str, str]] = {}
+    other = {}
+    for name, fmt in layers.items():
+        m = re.fullmatch(r".*?\.(\d+)\.(.+)", name)
+        if m:
+            blocks.setdefault(int(m[1]), {})[m[2]] = fmt
+        else:
+            other[name] = fmt
+    modules = list(dict.fromkeys(k for b in blocks.values() for k in b))
+    lines = ["| blocks | " + " | ".join(modules) + " |", "|" + "---|" * (len(modules) + 1)] if blocks else []
+    runs: list[list] = []  # [first, last, formats] over consecutive blocks with the same formats
+    for i in sorted(blocks):
+        row = [blocks[i].get(k, "-") for k in modules]
+        if runs and runs[-1][1] == i - 1 and runs[-1][2] == row:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, row])
+    lines += [f"| {a if a == b else f'{a}-{b}'} | " + " | ".join(row) + " |" for a, b, row in runs]
+    if other:
+        lines += ["", "Outside the blocks: " + ", ".join(f"`{n}` {f}" for n, f in other.items()) + "."]
+    return lines
+
+
+def sensitivity_table(rows: list[dict]) -> pa.Table | None:
+    """The per-layer sensitivity a mixed-precision trial measured (predicted KL of each layer in each format), as
+    a table of (layer, format, predicted_kl); None when no trial measured one. Every mixed row of a sweep measures
+    the same base on the same calibration text, so the first found stands for all."""
+    for r in rows:
+        for step in _notes(r).values():
+            if isinstance(step, dict) and step.get("sensitivity"):
+                return pa.Table.from_pylist([{"layer": layer, "format": fmt, "predicted_kl": score}
+                                             for layer, by in step["sensitivity"].items()
+                                             for fmt, score in by.items()])
+    return None
 
 
 def plot_pareto(out: Path, rows: list[dict], kind: str, chosen: dict | None) -> Path:
@@ -184,6 +233,21 @@ def plot_pareto(out: Path, rows: list[dict], kind: str, chosen: dict | None) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _name(row: dict) -> str:
+    """A row's name in the report: its spec, and for a row that stands for a variant it found (``auto``, whose
+    notes under its own name give the spec it made), that variant too: "auto: mixed-6.35bit"."""
+    made = _notes(row).get(row["spec"])
+    return f"{row['spec']}: {made['spec']}" if isinstance(made, dict) and made.get("spec") else row["spec"]
+
+
+def _notes(row: dict) -> dict:
+    try:
+        notes = json.loads(row.get("notes") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return notes if isinstance(notes, dict) else {}
 
 
 def _objective_text(objective) -> str:

@@ -45,7 +45,7 @@ import yaml
 
 from compress import artifact, data, evaluate, files, models, specs
 from engine import speed
-from jobs import export, report, storage
+from jobs import auto, export, report, storage
 from jobs.placement import warn_if_gpus_idle
 from jobs.sweep_config import SweepConfig, load_config
 
@@ -67,6 +67,7 @@ class TrialActor:
         warn_if_gpus_idle("--gpus-per-actor 1", log)
         self.name, self.store, self.fingerprint = model, store, cfg["fingerprint"]
         self.checkpoints = cfg.get("checkpoints") or {}
+        self.budget = cfg.get("budget") or {}
         self.base, self.tokenizer, self.kind = models.load(model)
         self.ref = evaluate.reference(self.base, self.tokenizer, self.kind, eval_texts, cfg["seq_len"],
                                       cfg["eval_blocks"])
@@ -84,25 +85,33 @@ class TrialActor:
         try:
             if spec in self.checkpoints:
                 return self._checkpoint(spec, row, start)
-            model = self.base if spec == "base" else copy.deepcopy(self.base)
-            notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
-            metrics = evaluate.quality(model, self.tokenizer, self.kind, self.ref)
-            manifest = {"spec": spec, "base_model": {"id": self.name, "weight_digest": self.digest},
-                        "metrics": metrics, "notes": notes}
-            uri = f"{self.store.rstrip('/')}/{_slug(spec)}"
-            if "://" in uri:  # saved on this node, then copied to the store every node reads
-                with tempfile.TemporaryDirectory(prefix="raypress-trial-") as tmp:
-                    path = artifact.save(model, self.tokenizer, Path(tmp) / _slug(spec), manifest)
-                    size = artifact.weights_bytes(path)
-                    storage.upload(path, uri)
+            if spec == auto.AUTO:
+                row["fingerprint"] = auto.fingerprint(self.fingerprint, self.budget)
+                model, made, notes, metrics = auto.find(self.base, self.tokenizer, self.kind, self.ref, self.calib,
+                                                        self.budget)
             else:
-                path = artifact.save(model, self.tokenizer, uri, manifest)
-                uri, size = str(path), artifact.weights_bytes(path)
-            row.update(metrics, artifact=uri, artifact_bytes=size, notes=json.dumps(notes))
+                model, made = (self.base if spec == "base" else copy.deepcopy(self.base)), spec
+                notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
+                metrics = evaluate.quality(model, self.tokenizer, self.kind, self.ref)
+            self._save(row, model, made, notes, metrics)
         except Exception as e:  # a trial that fails is recorded, and the sweep goes on
             log.warning("trial %s failed: %s", spec, traceback.format_exc())
             row["error"] = f"{type(e).__name__}: {e}"
         return self._finish(row, start)
+
+    def _save(self, row: dict, model, spec: str, notes: dict, metrics: dict) -> None:
+        manifest = {"spec": spec, "base_model": {"id": self.name, "weight_digest": self.digest},
+                    "metrics": metrics, "notes": notes}
+        uri = f"{self.store.rstrip('/')}/{_slug(row['spec'])}"
+        if "://" in uri:  # saved on this node, then copied to the store every node reads
+            with tempfile.TemporaryDirectory(prefix="raypress-trial-") as tmp:
+                path = artifact.save(model, self.tokenizer, Path(tmp) / _slug(row["spec"]), manifest)
+                size = artifact.weights_bytes(path)
+                storage.upload(path, uri)
+        else:
+            path = artifact.save(model, self.tokenizer, uri, manifest)
+            uri, size = str(path), artifact.weights_bytes(path)
+        row.update(metrics, artifact=uri, artifact_bytes=size, notes=json.dumps(notes))
 
     def _checkpoint(self, name: str, row: dict, start: float) -> dict:
         """A variant made elsewhere: loaded (onto raypress's kernels where its scheme has one) and measured against
@@ -171,11 +180,12 @@ def reusable(rows: list[dict], cfg: SweepConfig, retry_failed: bool) -> list[dic
     ``retry_failed``) not failed. Says what it drops."""
     current = fingerprint(cfg)
     rows = [r for r in rows if r["spec"] in cfg.specs]
-    stale = [r["spec"] for r in rows if r.get("fingerprint") != current
+    expected = {auto.AUTO: auto.fingerprint(current, cfg.budget)}
+    stale = [r["spec"] for r in rows if r.get("fingerprint") != expected.get(r["spec"], current)
              or (r["spec"] in cfg.checkpoints and r.get("artifact") != cfg.checkpoints[r["spec"]])]
     if stale:
         log.warning("the sweep config changed since %d result(s) were written (model, eval/calib data, seq_len, "
-                    "block counts or a checkpoint's folder): re-running %s", len(stale), stale)
+                    "block counts, a checkpoint's folder, or the budget for auto): re-running %s", len(stale), stale)
     failed = [r["spec"] for r in rows if r.get("error") and r["spec"] not in stale] if retry_failed else []
     if failed:
         log.info("--retry-failed: re-running %s", failed)
@@ -195,7 +205,7 @@ def run_trials(cfg: SweepConfig, out: Path, store: str, rows: list[dict], eval_t
     actor_cls = ray.remote(trial_actor).options(**placement, max_restarts=0)
     args = (cfg.model, eval_texts, calib_texts, {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
                                                  "calib_blocks": cfg.calib_blocks, "fingerprint": fingerprint(cfg),
-                                                 "checkpoints": cfg.checkpoints}, store)
+                                                 "checkpoints": cfg.checkpoints, "budget": cfg.budget}, store)
     actors = [actor_cls.remote(*args) for _ in range(min(num_actors, len(todo)))]
     try:
         inflight = {}
@@ -346,6 +356,9 @@ def main(
     pa_rows = [{k: r.get(k) for k in ("spec", "artifact_bytes", report.quality_key(cfg.kind),
                                       report.speed_key(cfg.kind), "error")} for r in rows]
     pq.write_table(pa.Table.from_pylist(pa_rows), out_dir / "pareto.parquet")
+    sensitivity = report.sensitivity_table(rows)
+    if sensitivity is not None:
+        pq.write_table(sensitivity, out_dir / "sensitivity.parquet")
     print((out_dir / "report.md").read_text())
     verdict = f"chosen: {chosen['spec']} -> {out_dir / 'chosen'}" if chosen else "no variant meets the budget"
     print(f"{len(rows)} trials, {sum(bool(r.get('error')) for r in rows)} failed, {time.perf_counter() - start:.0f} s;"
@@ -361,7 +374,7 @@ def _texts(cfg: SweepConfig, out: Path) -> tuple[list[str], list[str] | None]:
         saved = json.loads(cache.read_text())
         if saved.get("fingerprint") == fingerprint(cfg):
             return saved["eval"], saved["calib"]
-    needs_calib = any(specs.needs_calibration(s) for s in cfg.specs if s not in cfg.checkpoints)
+    needs_calib = any(s == auto.AUTO or specs.needs_calibration(s) for s in cfg.specs if s not in cfg.checkpoints)
     eval_texts = data.read_texts(cfg.eval_data, cfg.eval_column) if cfg.eval_data else None
     calib_texts = data.read_texts(cfg.calib_data, cfg.eval_column) if cfg.calib_data else None
     if eval_texts is None or (needs_calib and calib_texts is None):

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from compress import models, specs
-from jobs import export, report
+from jobs import auto, export, report
 
 CONFIG_KEYS = {"model", "eval_data", "calib_data", "eval_column", "specs", "grid", "budget", "objective", "seq_len",
                "eval_blocks", "calib_blocks", "speed", "export", "checkpoints"}
@@ -56,6 +56,12 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     expanded = expand_specs(raw["specs"], raw.get("grid") or {})
     canonical = []
     for s in expanded:
+        if s == auto.AUTO:
+            if not raw.get("budget"):
+                raise ValueError(f"{str(path)!r}: specs: 'auto' finds the smallest variant within the budget; "
+                                 "give the sweep a budget")
+            canonical += [s] if s not in canonical else []
+            continue
         try:
             name = str(specs.parse(s))
         except ValueError as e:
@@ -99,6 +105,8 @@ def _checkpoints(raw, path: Path) -> dict[str, str]:
 
 
 def _is_spec(name: str) -> bool:
+    if name == auto.AUTO:
+        return True
     try:
         specs.parse(name)
         return True

@@ -126,3 +126,16 @@ def test_the_pareto_plot_puts_perplexity_on_a_log_axis(tmp_path, monkeypatch, ki
                                            "artifact_bytes": r.get("artifact_bytes")} for r in ROWS[:3]]
     report.plot_pareto(tmp_path, rows, kind, None)
     assert seen == [scale, scale] and (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("needed", [4.5, 5.0, 6.33, 8.5, 9.0])
+def test_auto_finds_the_fewest_bits_that_pass_within_a_step_in_few_probes(needed):
+    from jobs import auto
+
+    tried = []
+    found = auto.search(lambda bits: tried.append(bits) or bits >= needed)
+    if needed > auto.HIGH:
+        assert found is None and tried == [auto.HIGH]
+        return
+    assert needed <= found <= needed + auto.STEP and len(tried) <= 9
+    assert all(b < needed for b in tried if b < found)  # nothing below the find passed

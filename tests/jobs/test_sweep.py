@@ -108,11 +108,39 @@ def test_small_sweep_measures_every_spec_records_a_failure_and_chooses(ray_local
 @pytest.mark.timeout(300)
 def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_path, tiny_model_dir, wikitext):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%"], grid={},
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%", "auto"], grid={},
                        budget={"min_top1_agreement": 1.01}, speed=False)
     assert sweep.main(str(cfg), out=str(out), num_actors=2) == sweep.NO_VARIANT_EXIT
     assert not (out / "chosen").exists() and not (out / "serve.yaml").exists()
-    assert "No variant meets the budget" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "No variant meets the budget" in report
+    rows = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    found = json.loads(rows["auto"]["notes"])["auto"]  # even the top of auto's range misses: that is its row
+    assert found["spec"] == "mixed-8.5bit" and not found["found"] and len(found["probes"]) == 1
+    assert "| auto: mixed-8.5bit | fail: min_top1_agreement" in report
+
+    # The budget changes: auto (which depends on it) runs again and finds the smallest mix within it, measured
+    # probe by probe; the rows that do not depend on the budget stay as they were.
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%", "auto"], grid={},
+                       budget={"max_ppl_increase": 0.01, "min_top1_agreement": 0.9}, speed=False)
+    assert sweep.main(str(cfg), out=str(out), num_actors=1) == 0
+    after = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert after["int4-g32"]["finished_at"] == rows["int4-g32"]["finished_at"]
+    notes = json.loads(after["auto"]["notes"])
+    found, mix = notes["auto"], notes[notes["auto"]["spec"]]
+    bits = float(found["spec"][len("mixed-"):-len("bit")])
+    passing = [p["bits"] for p in found["probes"] if p["passed"]]
+    assert found["found"] and min(passing) == bits and mix["bits"] <= bits
+    assert all(p["bits"] <= bits for p in found["probes"] if not p["passed"])  # every miss was below the find
+    assert all(("error" not in p and p["ppl"] <= after["base"]["ppl"] * 1.01 and p["top1_agreement"] >= 0.9)
+               == p["passed"] for p in found["probes"])  # an error: fewer bits than the smallest formats take
+    print(f"auto found {found['spec']} ({mix['formats']}) in {len(found['probes'])} probes")
+    report = (out / "report.md").read_text()
+    assert f"auto: {found['spec']}" in report and f"### `auto: {found['spec']}`: each layer's format" in report
+    assert "| blocks | self_attn.q_proj |" in report
+    sensitivity = pq.read_table(out / "sensitivity.parquet").to_pylist()
+    assert {r["layer"] for r in sensitivity} == set(mix["layers"]) and all(r["predicted_kl"] >= 0 for r in sensitivity)
+    assert artifact.load(after["auto"]["artifact"], device="cpu")[0] is not None  # reloads from its manifest
 
 
 @pytest.mark.parametrize("override,message", [
@@ -123,6 +151,7 @@ def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_pa
     ({"specs": ["int4-g{gs}"], "grid": {"g": [32]}}, "uses \\['gs'\\]"),
     ({"speeed": True}, "unknown key\\(s\\) \\['speeed'\\]"),
     ({"checkpoints": {"llmc": "/no/such/folder"}}, "checkpoints: llmc: '/no/such/folder' is not a model folder"),
+    ({"specs": ["int8", "auto"], "budget": {}}, "'auto' finds the smallest variant within the budget"),
 ])
 def test_config_errors_name_the_key_before_any_trial(tmp_path, tiny_model_dir, wikitext, override, message):
     cfg = write_config(tmp_path, tiny_model_dir, wikitext, **override)
