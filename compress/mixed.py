@@ -1,13 +1,14 @@
 """Mixed precision: a format per layer, chosen from measured sensitivity under a size limit.
 
-    quantize_(model, MixedConfig(bits=6), blocks=calibration)    # spec "mixed-6bit"
+    specs.apply_(model, "mixed-6bit", blocks=calibration)     # MixedConfig(bits=6)
 
-``mixed-Nbit`` gives each linear layer and embedding table the format (float, int8, int4 on any grid and group
-size; ``mixed-int4-Nbit``, ``mixed-int4s-Nbit``, ``mixed-int4m-Nbit`` keep int4 to one grid, for exports that
-read only that one) that minimizes the predicted KL to the base (``compress.sensitivity``), with the weights'
-stored bytes at most N bits per weight on average. The choice is a multiple-choice knapsack, solved greedily on each
-layer's lower convex hull of (bytes, score): the best score drop per byte first, which is optimal for the problem's
-linear relaxation and within one layer's step of it here.
+``mixed-Nbit`` gives each linear layer and embedding table the format (float, int8, int4 on any grid, in groups
+that divide its rows; ``mixed-int4-Nbit``, ``mixed-int4s-Nbit``, ``mixed-int4m-Nbit`` keep int4 to one grid, for
+exports that read only that one) that minimizes the predicted KL to the base (``compress.sensitivity``), with the
+weights' stored bytes at most N bits per weight on average. Projections that engines fuse into one product (q/k/v,
+gate/up) take one format together, so the lean forward and vLLM still stack them. The choice is a multiple-choice
+knapsack, solved greedily on each unit's lower convex hull of (bytes, score): the best score drop per byte first,
+which is optimal for the problem's linear relaxation and within one unit's step of it.
 
 The artifact's manifest lists every layer's format (``layers``), which is all loading needs: each layer is the same
 module an all-int8 or all-int4 spec makes, so the compressed-tensors and GGUF exports write a type per layer as
@@ -30,6 +31,8 @@ from compress.sensitivity import FLOAT, INT8
 log = logging.getLogger(__name__)
 
 MIN_BITS, MAX_BITS = 4.5, 32.0
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_UNIT = "|"  # joins a unit's layer names (module names hold no "|")
 _CACHE: dict = {}  # the last sensitivity table, by (weights, calibration, formats): several targets, one measurement
 
 
@@ -88,8 +91,36 @@ def _measured(model: nn.Module, blocks: torch.Tensor, formats: tuple[str, ...]) 
     return _CACHE[key]
 
 
+def units(names) -> list[tuple[str, ...]]:
+    """The layers that must share a format: the projections an engine runs as one product (q/k/v, gate/up: raypress's
+    lean forward and vLLM's fused layers stack them, which needs one format) together, every other layer alone."""
+    groups: dict = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        key = next(((parent, i) for i, fused in enumerate(FUSED) if leaf in fused), name)
+        groups.setdefault(key, []).append(name)
+    return [tuple(group) for group in groups.values()]
+
+
+def _tied(table: sensitivity.Table) -> sensitivity.Table:
+    """``table`` over ``units``: a unit's score and bytes in a format are its layers' sums, for the formats all take."""
+    out = sensitivity.Table(tokens=table.tokens, seconds=table.seconds)
+    for unit in units(table.scores):
+        scored = [f for f in table.scores[unit[0]] if all(f in table.scores[n] for n in unit)]
+        sized = [f for f in table.bytes[unit[0]] if all(f in table.bytes[n] for n in unit)]
+        out.scores[_UNIT.join(unit)] = {f: sum(table.scores[n][f] for n in unit) for f in scored}
+        out.bytes[_UNIT.join(unit)] = {f: sum(table.bytes[n][f] for n in unit) for f in sized}
+    return out
+
+
 def solve(table: sensitivity.Table, bits: float) -> dict[str, str]:
-    """The format per layer with the least total score whose stored bytes are at most ``bits`` per weight."""
+    """The format per layer with the least total score whose stored bytes are at most ``bits`` per weight; the
+    layers of a fused product (``units``) take one format."""
+    plan = _solve(_tied(table), bits)
+    return {name: fmt for unit, fmt in plan.items() for name in unit.split(_UNIT)}
+
+
+def _solve(table: sensitivity.Table, bits: float) -> dict[str, str]:
     weights = sum(b[FLOAT] for b in table.bytes.values()) / 4
     budget = bits * weights / 8
     hulls = {name: _hull(table.bytes[name], table.scores[name]) for name in table.scores}

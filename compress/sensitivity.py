@@ -65,8 +65,11 @@ def format_config(fmt: str):
 
 
 def fits(fmt: str, in_features: int) -> bool:
-    """Whether a layer with ``in_features`` inputs can take ``fmt`` (int4 packing needs a multiple of 16)."""
-    return parse_format(fmt)[0] != "int4" or in_features % 16 == 0
+    """Whether a layer with ``in_features`` inputs takes ``fmt`` in a mixed variant: int4 groups must divide its
+    rows (raypress runs a partial last group, but the exports do not hold one: GGUF blocks, compressed-tensors'
+    groups), so every mix exports."""
+    kind, group_size, _ = parse_format(fmt)
+    return kind != "int4" or in_features % group_size == 0
 
 
 def stored_bytes(fmt: str, out_features: int, in_features: int) -> int:

@@ -92,6 +92,10 @@ def test_a_mixed_variant_keeps_its_limit_and_reloads_bit_identically(spec, outli
     ref = log_probs(model, IDS)
     notes = specs.apply_(model, spec, blocks=BLOCKS)[spec]
     assert notes["bits"] <= float(spec.split("-")[-1][:-3]) and sum(notes["formats"].values()) == len(notes["layers"])
+    for block in range(len(model.model.layers)):  # what the engines fuse into one product shares one format
+        prefix = f"model.layers.{block}."
+        assert len({notes["layers"][prefix + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert notes["layers"][prefix + "mlp.gate_proj"] == notes["layers"][prefix + "mlp.up_proj"]
     if "int4s" in spec:
         assert not any(f.startswith("int4") and not f.startswith("int4s") for f in notes["layers"].values())
     out = log_probs(model, IDS)
