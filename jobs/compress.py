@@ -61,13 +61,15 @@ def main(
 
     Args:
         model: built-in name, model folder, raypress artifact, or hub id.
-        spec: variant to make, e.g. int8, int8-dynamic, int4-g128, gptq-int4-g128, prune-2:4+int8.
+        spec: variant to make, e.g. int8, int8-dynamic, int4-g128, gptq-int4-g128, prune-2:4+int8, mixed-6bit (a
+            format per layer, at most 6 bits a weight on average).
         out: artifact folder to write (replaced if it exists, only once the new one is complete).
         eval_data: text file (.txt paragraphs, .jsonl, .parquet, .csv) for evaluation and calibration;
             default: text the base model writes itself from built-in prompts.
         eval_column: column holding the text in a .jsonl / .parquet / .csv file (eval and calibration).
-        calib_data: text file for the methods that calibrate on activations (gptq, wanda, distill); default: text
-            the base model writes itself from built-in prompts (a different sample from the evaluation text).
+        calib_data: text file for the methods that calibrate on activations (gptq, awq, smooth, wanda,
+            distill, mixed); default: text the base model writes itself from built-in prompts (a different sample
+            from the evaluation text).
         seq_len: tokens per evaluation block (causal models).
         eval_blocks: number of evaluation blocks (causal models).
         speed: measure speed (prefill/decode tokens/s, or sentences/s) as well as quality.
