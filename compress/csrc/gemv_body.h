@@ -60,7 +60,9 @@ struct Int4Rows {
   // Where groups hold whole 64-weight chunks, a chunk's 32 bytes become four vectors of 16 int16 with shifts and
   // masks alone: vector s holds nibble s of each 16-bit lane. That is not the weights' order, so the activations
   // of each such chunk are stored in the same order instead (chunk64_order, applied by qgemv.cpp once per call).
-  bool chunked() const { return gs % 64 == 0; }
+  // Groups of 32 are chunked too: a chunk's vectors then hold two groups, one per 128-bit half.
+  static bool chunked(int64_t gs) { return gs % 64 == 0 || gs == 32; }
+  bool chunked() const { return chunked(gs); }
   void load64(int64_t n, int64_t k, __m256i* out) const { split64(q + n * (K / 2) + k / 2, out); }
   static void split64(const uint8_t* p, __m256i* out) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -126,20 +128,13 @@ inline __m256i dot64(const __m256i* w, const int16_t* xq) {
   return _mm256_add_epi32(a, b);
 }
 
-// row_tile_int for packed int4 whose groups hold whole 64-weight chunks (Int4Rows::chunked): the common case, with
-// the row's pointers taken once and nothing but the chunk loop and one flush per group inside, since at 64 or 128
-// weights per group the generic loop's bookkeeping per group cost as much as the group's arithmetic. Two float
-// totals per activation row take alternate groups, so that the flushes do not wait on each other; the offsets'
-// share (sum over groups of offset * the group's activation sum) is one dot product after the loop.
+// row_tile_int4_chunked's groups when they hold whole 64-weight chunks (64, 128, ...), into ``total``.
 template <int MR>
-inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
-                                  const float* xsum, float* y, int64_t ldy) {
+inline void row_groups_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t* xq, int64_t K,
+                                    __m256 (&total)[MR][2]) {
   const int64_t G = rows.G, gs = rows.gs;
   const uint8_t* w = rows.q + n * (K / 2);
   const float* scale = rows.scale + n * G;
-  const float* offset = rows.offset + n * G;
-  __m256 total[MR][2];
-  for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
   const int64_t whole = K / gs, chunks = gs / 64;  // groups of whole chunks; a shorter last one may follow
   const uint8_t* wp = w;
   const int16_t* xp = xq;
@@ -172,6 +167,50 @@ inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t
     }
     const __m256 s = _mm256_set1_ps(scale[whole]);
     for (int m = 0; m < MR; ++m) total[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][0]);
+  }
+}
+
+// row_tile_int for packed int4 whose groups hold whole 64-weight chunks (Int4Rows::chunked): the common case, with
+// the row's pointers taken once and nothing but the chunk loop and one flush per group inside, since at 64 or 128
+// weights per group the generic loop's bookkeeping per group cost as much as the group's arithmetic. Two float
+// totals per activation row take alternate groups, so that the flushes do not wait on each other; the offsets'
+// share (sum over groups of offset * the group's activation sum) is one dot product after the loop.
+template <int MR>
+inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
+                                  const float* xsum, float* y, int64_t ldy) {
+  const int64_t G = rows.G, gs = rows.gs;
+  const uint8_t* w = rows.q + n * (K / 2);
+  const float* scale = rows.scale + n * G;
+  const float* offset = rows.offset + n * G;
+  __m256 total[MR][2];
+  for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  if (gs == 32) {
+    // Each chunk holds two groups: lanes 0-7 of its vectors are weights 0-31 (Int4Rows::split64), so the low half
+    // of each int32 sum is group 2c's and the high half group 2c + 1's, scaled by one vector of both scales.
+    const int64_t pairs = K / 64;
+    for (int64_t c = 0; c < pairs; ++c) {
+      const uint8_t* wp = w + 32 * c;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+      __m256i v[4];
+      Int4Rows::split64(wp, v);
+      const __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * c + 1]), _mm_set1_ps(scale[2 * c]));
+      for (int m = 0; m < MR; ++m)
+        total[m][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(v, xq + m * K + 64 * c)), s, total[m][c & 1]);
+    }
+    for (int64_t g = 2 * pairs; g < G; ++g) {  // a last half chunk (in the weights' own order) and a partial group
+      __m256i acc[MR];
+      for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
+      for (int64_t k = 32 * g; k < std::min(K, 32 * g + 32); k += 16) {
+        const __m256i wv = rows.load16(n, k);
+        for (int m = 0; m < MR; ++m)
+          acc[m] = _mm256_add_epi32(
+              acc[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k))));
+      }
+      const __m256 s = _mm256_set1_ps(scale[g]);
+      for (int m = 0; m < MR; ++m) total[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][0]);
+    }
+  } else {
+    row_groups_int4_chunked<MR>(rows, n, xq, K, total);
   }
   for (int m = 0; m < MR; ++m) {
     const __m256 t = _mm256_add_ps(total[m][0], total[m][1]);

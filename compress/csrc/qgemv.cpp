@@ -202,7 +202,7 @@ IntActivations quantize_rows(const torch::Tensor& x, int64_t gs, float qmax = 32
     a.sx[m] = scale;
     int16_t* xq = a.xq.data() + m * K;
     for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(row[k] / scale));
-    if (gs > 0 && gs % 64 == 0) {  // int4 chunks read by Int4Rows::load64: activations in the same order
+    if (gs > 0 && (gs % 64 == 0 || gs == 32)) {  // Int4Rows::chunked: chunks read by load64, activations alike
       int16_t chunk[64];
       for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
         for (int64_t j = 0; j < 64; ++j) chunk[j] = xq[k0 + chunk64_weight(j / 16, j % 16)];

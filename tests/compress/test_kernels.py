@@ -64,7 +64,8 @@ def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 33])
-@pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64), (9, 208, 64)])
+@pytest.mark.parametrize("n,k,gs", [(37, 64, 32), (128, 576, 128), (5, 192, 64), (9, 208, 64), (6, 576, 32),
+                                    (7, 96, 32), (5, 112, 32)])
 def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext, m, n, k, gs):
     torch.manual_seed(m + n)
     w = torch.randn(n, k)
