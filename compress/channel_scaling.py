@@ -206,7 +206,7 @@ class SmoothInt8DynamicConfig:
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict | None:
         notes = None
         if not restore:
-            notes = {"groups_by_alpha": _counts(smooth_(model, blocks))}
+            notes = {"groups_by_alpha": counts(smooth_(model, blocks))}
         quantize.Int8DynamicConfig().apply_(model, restore=restore)
         return notes
 
@@ -232,7 +232,7 @@ class AWQConfig:
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict | None:
         notes = None
         if not restore:
-            notes = {"groups_by_alpha": _counts(awq_(model, blocks, self.group_size, self.grid))}
+            notes = {"groups_by_alpha": counts(awq_(model, blocks, self.group_size, self.grid))}
         if self.gptq:
             gptq.GPTQConfig(group_size=self.group_size, grid=self.grid).apply_(model, restore=restore, blocks=blocks)
         else:
@@ -240,6 +240,6 @@ class AWQConfig:
         return notes
 
 
-def _counts(alphas: dict) -> dict[str, int]:
+def counts(alphas: dict) -> dict[str, int]:
     """How many groups took each alpha (0: left as they were)."""
     return {str(a): sum(v == a for v in alphas.values()) for a in sorted(set(alphas.values()))}

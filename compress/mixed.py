@@ -10,6 +10,10 @@ gate/up) take one format together, so the lean forward and vLLM still stack them
 knapsack, solved greedily on each unit's lower convex hull of (bytes, score): the best score drop per byte first,
 which is optimal for the problem's linear relaxation and within one unit's step of it.
 
+``int8-dynamic-P`` (``DynamicMixConfig``) chooses between two formats of the same bytes instead: int8 activations
+(``int8-dynamic``, fast prefill) on at least P% of the linear layers' multiply-adds, float activations (``int8``)
+where rounding them costs the most predicted KL per multiply-add: the same knapsack, with multiply-adds as the cost.
+
 The artifact's manifest lists every layer's format (``layers``), which is all loading needs: each layer is the same
 module an all-int8 or all-int4 spec makes, so the compressed-tensors and GGUF exports write a type per layer as
 they do for any spec.
@@ -25,8 +29,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress import digest, qmodules, quantize, sensitivity
-from compress.sensitivity import FLOAT, INT8
+from compress import channel_scaling, digest, qmodules, quantize, sensitivity
+from compress.sensitivity import FLOAT, INT8, INT8_DYNAMIC
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +71,7 @@ class MixedConfig:
 
     def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict:
         if restore:
-            if not self.layers:
-                raise ValueError(f"{self.token}: loading needs each layer's format (the manifest's 'layers')")
-            swap_(model, self.layers, restore=True)
+            _restore(self, model)
             return {}
         table = _measured(model, blocks, self.formats)
         plan = solve(table, self.bits)
@@ -81,6 +83,59 @@ class MixedConfig:
                 "formats": counts(plan), "layers": plan,
                 "sensitivity": {n: {f: float(f"{s:.4g}") for f, s in by.items()} for n, by in table.scores.items()},
                 "sensitivity_tokens": table.tokens, "sensitivity_seconds": round(table.seconds, 1)}
+
+
+@dataclass(frozen=True)
+class DynamicMixConfig:
+    """``int8-dynamic-P`` (``smooth-int8-dynamic-P``: SmoothQuant first, as ``smooth-int8-dynamic``): int8 weights
+    in every layer, and int8 activations (``int8-dynamic``'s integer GEMM, its prefill speed) in the linear layers
+    that do P% of those layers' multiply-adds; the rest keep float activations (``int8``). The layers left float
+    are those where rounding the activations costs the most predicted KL per multiply-add (``compress.sensitivity``
+    scores both formats), so a few outlier-heavy projections stop costing the whole model its quality. Embedding
+    tables, and a head tied to one, are int8 either way (and not counted in P)."""
+
+    percent: int
+    smooth: bool = False
+    layers: dict | None = field(default=None, compare=False, hash=False)
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not 0 < self.percent < 100:
+            raise ValueError(f"DynamicMixConfig.percent={self.percent!r}: expected 0 < percent < 100 (all of them is "
+                             "int8-dynamic, none int8)")
+
+    @property
+    def token(self) -> str:
+        return f"{'smooth-' if self.smooth else ''}int8-dynamic-{self.percent}"
+
+    def apply_(self, model: nn.Module, *, restore: bool = False, blocks: torch.Tensor | None = None) -> dict:
+        if restore:
+            _restore(self, model)
+            return {}
+        notes = {}
+        if self.smooth:
+            notes["groups_by_alpha"] = channel_scaling.counts(channel_scaling.smooth_(model, blocks))
+        table = _measured(model, blocks, (INT8, INT8_DYNAMIC))
+        macs = {name: mod.in_features * mod.out_features for name, mod in sensitivity.layers(model).items()
+                if isinstance(mod, nn.Linear)}
+        plan = solve_dynamic(table, self.percent / 100, macs)
+        swap_(model, plan)
+        dynamic = sum(macs[n] for n, f in plan.items() if f == INT8_DYNAMIC)
+        able = sum(macs[n] for n in table.scores if INT8_DYNAMIC in table.scores[n])
+        return {**notes, "dynamic_share": round(dynamic / able, 4),
+                "predicted_kl": float(f"{sum(table.scores[n][f] for n, f in plan.items()):.4g}"),
+                "formats": counts(plan), "layers": plan,
+                "sensitivity": {n: {f: float(f"{s:.4g}") for f, s in by.items()} for n, by in table.scores.items()},
+                "sensitivity_tokens": table.tokens, "sensitivity_seconds": round(table.seconds, 1)}
+
+
+PER_LAYER = (MixedConfig, DynamicMixConfig)  # the configs whose artifacts record a format per layer
+
+
+def _restore(config, model: nn.Module) -> None:
+    if not config.layers:
+        raise ValueError(f"{config.token}: loading needs each layer's format (the manifest's 'layers')")
+    swap_(model, config.layers, restore=True)
 
 
 def _measured(model: nn.Module, blocks: torch.Tensor, formats: tuple[str, ...]) -> sensitivity.Table:
@@ -120,16 +175,38 @@ def solve(table: sensitivity.Table, bits: float) -> dict[str, str]:
     return {name: fmt for unit, fmt in plan.items() for name in unit.split(_UNIT)}
 
 
+def solve_dynamic(table: sensitivity.Table, share: float, macs: dict[str, int]) -> dict[str, str]:
+    """int8-dynamic or int8 per layer (fused units together): the least total score with int8-dynamic on at least
+    ``share`` of the multiply-adds (``macs``) of the layers that can take it."""
+    tied = _tied(table)
+    cost = sensitivity.Table(scores=tied.scores, tokens=tied.tokens, seconds=tied.seconds)
+    for unit, scores in tied.scores.items():
+        unit_macs = sum(macs.get(n, 0) for n in unit.split(_UNIT))
+        cost.bytes[unit] = {f: unit_macs if f == INT8 and INT8_DYNAMIC in scores else 0 for f in scores}
+    able = sum(b[INT8] for b in cost.bytes.values())
+    plan = _pick(cost, (1 - share) * able)
+    return {name: fmt for unit, fmt in plan.items() for name in unit.split(_UNIT)}
+
+
 def _solve(table: sensitivity.Table, bits: float) -> dict[str, str]:
     weights = sum(b[FLOAT] for b in table.bytes.values()) / 4
-    budget = bits * weights / 8
+    try:
+        return _pick(table, bits * weights / 8)
+    except ValueError as e:
+        raise ValueError(f"mixed-{bits:g}bit: even the smallest formats store {8 * e.args[1] / weights:.2f} bits a "
+                         "weight here; ask for more bits") from None
+
+
+def _pick(table: sensitivity.Table, budget: float) -> dict[str, str]:
+    """The format per unit with the least total score whose costs (``table.bytes``) add up to at most ``budget``:
+    greedily, the best score saved per unit of cost first, on each unit's lower convex hull. Raises
+    ValueError(message, least cost) when even the cheapest formats cost more."""
     hulls = {name: _hull(table.bytes[name], table.scores[name]) for name in table.scores}
     plan = {name: hull[0][2] for name, hull in hulls.items()}
     used = sum(hull[0][0] for hull in hulls.values())
     if used > budget:
-        raise ValueError(f"mixed-{bits:g}bit: even the smallest formats store {8 * used / weights:.2f} bits a weight "
-                         "here; ask for more bits")
-    steps = []  # (score saved per byte, layer, position on its hull)
+        raise ValueError("the cheapest formats cost more than the budget", used)
+    steps = []  # (score saved per unit of cost, unit, position on its hull)
     for name, hull in hulls.items():
         for i in range(1, len(hull)):
             (b0, s0, _), (b1, s1, _) = hull[i - 1], hull[i]

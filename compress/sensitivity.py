@@ -11,6 +11,8 @@ output and y* a token drawn from the model's own next-token distribution (the tr
 the text's tokens: the budget is measured against the base model, not the text). For encoders the output is the last
 hidden state and the loss its squared error, estimated the same way through a random Gaussian projection per token.
 
+For ``int8-dynamic`` the activations are rounded too (per token, as its module does): dy = Q(x) Q(W)^T - x W^T.
+
 One forward and one backward pass per calibration batch give every layer's gradient; each format then costs one
 product x dW^T per layer: about (1 + formats / 3) times a training step over the calibration tokens. Scores add up
 across layers (the usual assumption of HAWQ and ModelOpt's auto_quantize: layers' rounding errors are independent),
@@ -28,13 +30,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compress import qmodules, quantize
+from compress import kernels, qmodules, quantize
 
 log = logging.getLogger(__name__)
 
 FLOAT = "float"
 INT8 = "int8"
-INT8_DYNAMIC = "int8-dynamic"  # a layer's format a manifest may record (another step made it), not a candidate
+INT8_DYNAMIC = "int8-dynamic"  # int8 weights and per-token int8 activations: a candidate of compress.mixed's
+# dynamic mixes (DynamicMixConfig), not of mixed-Nbit (same bytes as int8; it trades quality for prefill speed)
 # every format a layer may take in a mixed variant: float, int8 per channel, int4 groups on each grid and size
 INT4 = tuple(f"int4{letter}-g{g}" for letter in quantize.INT4_GRIDS.values() for g in quantize.GROUP_SIZES)
 FORMATS = (FLOAT, INT8) + INT4
@@ -64,11 +67,13 @@ def format_config(fmt: str):
     return quantize.Int4WeightOnlyConfig(group_size=group_size, grid=grid)
 
 
-def fits(fmt: str, in_features: int) -> bool:
+def fits(fmt: str, in_features: int, table: bool = False) -> bool:
     """Whether a layer with ``in_features`` inputs takes ``fmt`` in a mixed variant: int4 groups must divide its
     rows (raypress runs a partial last group, but the exports do not hold one: GGUF blocks, compressed-tensors'
-    groups), so every mix exports."""
+    groups), so every mix exports; an embedding ``table`` (and a head tied to it) has no int8 activations."""
     kind, group_size, _ = parse_format(fmt)
+    if kind == INT8_DYNAMIC:
+        return not table
     return kind != "int4" or in_features % group_size == 0
 
 
@@ -134,7 +139,7 @@ def measure(model: nn.Module, blocks: torch.Tensor, formats: tuple[str, ...] = F
     out = Table()
     for name, mod in named.items():
         n_out, n_in = _shape(mod)
-        usable = [f for f in formats if fits(f, n_in)]
+        usable = [f for f in formats if fits(f, n_in, isinstance(mod, nn.Embedding))]
         out.scores[name] = dict.fromkeys(usable, 0.0)
         out.bytes[name] = {f: stored_bytes(f, n_out, n_in) for f in usable}
     causal = head is not None
@@ -146,8 +151,12 @@ def measure(model: nn.Module, blocks: torch.Tensor, formats: tuple[str, ...] = F
         for fmt in out.scores[name]:
             if fmt == FLOAT:
                 continue
-            dw = rounded(fmt, weight) - weight.detach().float()
-            dy = dw[x] if lookup else x @ dw.T
+            if fmt == INT8_DYNAMIC:  # activations rounded per token too: dy = Q(x) Q(W)^T - x W^T
+                xq, sx = kernels.quantize_per_token(x)
+                dy = (xq * sx) @ rounded(fmt, weight).T - x @ weight.detach().float().T
+            else:
+                dw = rounded(fmt, weight) - weight.detach().float()
+                dy = dw[x] if lookup else x @ dw.T
             out.scores[name][fmt] += 0.5 * float((g2 * dy.square()).sum())
 
     def on_forward(lookup: bool, score_as: str):

@@ -26,6 +26,7 @@ _STEPS: list[tuple[str, Callable]] = [
     (r"int8", lambda m: quantize.Int8WeightOnlyConfig()),
     (r"int8-dynamic", lambda m: quantize.Int8DynamicConfig()),
     (r"smooth-int8-dynamic", lambda m: channel_scaling.SmoothInt8DynamicConfig()),
+    (r"(smooth-)?int8-dynamic-(\d+)", lambda m: mixed.DynamicMixConfig(percent=int(m[2]), smooth=bool(m[1]))),
     (r"int4([sm]?)-g(\d+)", lambda m: quantize.Int4WeightOnlyConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
     (r"gptq-int4([sm]?)-g(\d+)", lambda m: gptq.GPTQConfig(group_size=int(m[2]), grid=_GRIDS[m[1]])),
     (r"awq-(gptq-)?int4([sm]?)-g(\d+)",
@@ -107,9 +108,9 @@ def apply_(model, spec: str | Spec, *, blocks: torch.Tensor | None = None) -> di
 
 def restore_(model, spec: str | Spec, layers: dict | None = None):
     """Give a freshly built model the module structure of ``spec`` (for loading an artifact); ``layers``: each
-    layer's format, as the manifest records it for a mixed-precision spec."""
+    layer's format, as the manifest records it for a spec that chooses per layer (mixed-Nbit, int8-dynamic-P)."""
     for config in parse(spec).steps:
-        if isinstance(config, mixed.MixedConfig):
+        if isinstance(config, mixed.PER_LAYER):
             config = dataclasses.replace(config, layers=layers)
         config.apply_(model, restore=True)
     return model
@@ -117,4 +118,4 @@ def restore_(model, spec: str | Spec, layers: dict | None = None):
 
 def layer_formats(model, spec: str | Spec) -> dict | None:
     """What a manifest records for ``restore_``: each layer's format where ``spec`` chooses them per layer."""
-    return mixed.module_formats(model) if any(isinstance(c, mixed.MixedConfig) for c in parse(spec).steps) else None
+    return mixed.module_formats(model) if any(isinstance(c, mixed.PER_LAYER) for c in parse(spec).steps) else None

@@ -62,7 +62,8 @@ def main(
     Args:
         model: built-in name, model folder, raypress artifact, or hub id.
         spec: variant to make, e.g. int8, int8-dynamic, int4-g128, gptq-int4-g128, prune-2:4+int8, mixed-6bit (a
-            format per layer, at most 6 bits a weight on average).
+            format per layer, at most 6 bits a weight on average), smooth-int8-dynamic-90 (int8 activations in the
+            layers doing 90% of the multiply-adds, float ones where rounding them costs most).
         out: artifact folder to write (replaced if it exists, only once the new one is complete).
         eval_data: text file (.txt paragraphs, .jsonl, .parquet, .csv) for evaluation and calibration;
             default: text the base model writes itself from built-in prompts.

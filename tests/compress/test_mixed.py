@@ -43,14 +43,17 @@ IDS = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(2)
 
 
 def test_predicted_cost_ranks_layers_and_formats_as_their_measured_kl(outlier_llama):
-    table = sensitivity.measure(outlier_llama, BLOCKS)
+    table = sensitivity.measure(outlier_llama, BLOCKS, sensitivity.FORMATS + (sensitivity.INT8_DYNAMIC,))
     assert table.tokens == BLOCKS.numel() and set(table.scores) == set(sensitivity.layers(outlier_llama))
     assert "lm_head" not in table.scores  # tied: its error is the embedding's
     ref = log_probs(outlier_llama, IDS)
     predicted, measured = [], []
     for name, by_format in table.scores.items():
         assert by_format[sensitivity.FLOAT] == 0
-        for fmt in ("int8", "int4-g32", "int4s-g64", "int4m-g32"):
+        assert ("int8-dynamic" in by_format) == ("embed" not in name)  # a table's lookups have no activations
+        for fmt in ("int8", "int8-dynamic", "int4-g32", "int4s-g64", "int4m-g32")[: len(by_format)]:
+            if fmt not in by_format:
+                continue
             variant = copy.deepcopy(outlier_llama)
             mixed.swap_(variant, {name: fmt})
             predicted.append(by_format[fmt])
@@ -110,6 +113,39 @@ def test_a_mixed_variant_keeps_its_limit_and_reloads_bit_identically(spec, outli
     torch.testing.assert_close(log_probs(back, IDS), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("spec", ["int8-dynamic-70", "smooth-int8-dynamic-90"])
+def test_a_dynamic_mix_keeps_float_activations_where_rounding_them_costs_most(spec, outlier_llama, tiny_causal,
+                                                                               tmp_path):
+    ref = log_probs(outlier_llama, IDS)
+    everywhere = copy.deepcopy(outlier_llama)
+    specs.apply_(everywhere, "int8-dynamic")
+    model = copy.deepcopy(outlier_llama)
+    notes = specs.apply_(model, spec, blocks=BLOCKS)[spec]
+    share = int(spec.rsplit("-", 1)[1]) / 100
+    assert share <= notes["dynamic_share"] < 1 and set(notes["formats"]) == {"int8", "int8-dynamic"}
+    assert "embed" not in "".join(n for n, f in notes["layers"].items() if f == "int8-dynamic")
+    for block in range(len(model.model.layers)):
+        prefix = f"model.layers.{block}."
+        assert len({notes["layers"][prefix + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+    # the unit where int8 activations cost most per multiply-add keeps float ones (where it fits in the rest)
+    by = notes["sensitivity"]
+    macs = {n: m.in_features * m.out_features for n, m in outlier_llama.named_modules()
+            if isinstance(m, torch.nn.Linear) and "int8-dynamic" in by.get(n, {})}
+    per_mac = {u: sum(by[n]["int8-dynamic"] - by[n]["int8"] for n in u) / sum(macs[n] for n in u)
+               for u in mixed.units(macs)}
+    top = max(per_mac, key=per_mac.get)
+    if sum(macs[n] for n in top) <= (1 - share) * sum(macs.values()):
+        assert notes["layers"][top[0]] == "int8"
+    mix, full = kl(ref, log_probs(model, IDS)), kl(ref, log_probs(everywhere, IDS))
+    print(f"{spec}: {notes['dynamic_share']:.0%} of the multiply-adds on int8 activations, formats {notes['formats']}, "
+          f"KL {mix:.3g} (int8-dynamic everywhere: {full:.3g}), predicted {notes['predicted_kl']:.3g}")
+    assert mix < full
+    saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "a", {"spec": spec})
+    back = artifact.load(saved, device="cpu")[0]
+    assert mixed.module_formats(back) == notes["layers"]
+    torch.testing.assert_close(log_probs(back, IDS), log_probs(model, IDS), rtol=0, atol=0)
+
+
 def test_loading_a_mixed_artifact_without_its_layer_list_is_refused(tiny_causal):
     with pytest.raises(ValueError, match="the manifest's 'layers'"):
         specs.restore_(copy.deepcopy(tiny_causal.model), "mixed-6bit")
@@ -165,6 +201,25 @@ def test_a_mix_exports_to_gguf_with_a_type_per_tensor(make_tiny_llama, tiny_caus
     diff = (log_probs(model, IDS) - log_probs(theirs, IDS)).abs().max()
     print(f"max |d log p| raypress vs transformers reading the GGUF {diff:.2e}")
     assert diff < 5e-3  # scales are float16 in GGUF
+
+
+def test_a_dynamic_mix_exports_to_compressed_tensors_with_w8a8_and_w8a16_groups(outlier_llama, tiny_causal, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(outlier_llama)
+    layers = specs.apply_(model, "int8-dynamic-70", blocks=BLOCKS)["int8-dynamic-70"]["layers"]
+    saved = artifact.save(model, tiny_causal.tokenizer, tmp_path / "a", {"spec": "int8-dynamic-70"})
+    out = export.export(str(saved), tmp_path / "ct")
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert sorted(bool(g["input_activations"]) for g in groups) == [False, True]  # W8A16 and W8A8 (per token)
+    back = models.load(out, device="cpu").model
+    assert mixed.module_formats(back) == {n: f for n, f in layers.items() if "embed" not in n} | {
+        n: "float" for n in layers if "embed" in n}  # the table is written float, as for every int8 spec
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = log_probs(model, IDS)
+    diff, again = (ours - log_probs(theirs, IDS)).abs().max(), (ours - log_probs(back, IDS)).abs().max()
+    print(f"max |d log p| transformers {diff:.2e} (it rounds activations in float), reimport {again:.2e}")
+    assert diff < 0.05 and again < 0.05
 
 
 def test_min_grid_layers_are_refused_by_compressed_tensors_with_what_would_work(tiny_causal, tmp_path):

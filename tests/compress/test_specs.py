@@ -9,6 +9,7 @@ CANONICAL = [
     "distill-L3+int8-dynamic", "smooth-int8-dynamic", "prune-2:4+smooth-int8-dynamic",
     "awq-int4-g128", "awq-int4s-g64", "awq-gptq-int4-g128", "awq-gptq-int4m-g32",
     "mixed-6bit", "mixed-6.35bit", "mixed-int4s-5.5bit", "mixed-int4-8bit", "prune-2:4+mixed-6bit",
+    "int8-dynamic-90", "smooth-int8-dynamic-80",
 ]
 
 
@@ -36,6 +37,7 @@ def test_steps_parse_to_configs_in_order():
     ("distill-L0", "layers=0"),
     ("mixed-4bit", "bits=4.0: expected 4.5 <= bits < 32"),
     ("mixed-int4x-6bit", "unknown step 'mixed-int4x-6bit'"),
+    ("int8-dynamic-100", "percent=100: expected 0 < percent < 100"),
 ])
 def test_bad_specs_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
