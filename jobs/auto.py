@@ -1,6 +1,7 @@
-"""``auto`` in a sweep's specs: the smallest mixed-precision variant that meets the sweep's budget, found by measuring.
+"""``auto`` in a sweep's specs: the smallest mixed-precision variant that meets the sweep's budget, found by measuring;
+``auto-dynamic``: the ``int8-dynamic-P`` variant with int8 activations (fast prefill) on the most multiply-adds.
 
-    specs: [base, int8, auto]      # with the sweep's budget, e.g. {max_ppl_increase: 0.02, min_top1_agreement: 0.95}
+    specs: [base, int8, auto, auto-dynamic]   # with the sweep's budget, e.g. {max_ppl_increase: 0.02, ...}
 
 A ``mixed-Nbit`` variant (``compress.mixed``) stores N bits a weight on average, each layer in the format its
 measured sensitivity earns it, so it gets smaller and (by the sensitivity's ranking) worse as N falls. ``auto``
@@ -9,6 +10,10 @@ probe against the budget as the sweep measures any variant, down to steps of 0.0
 once for all probes. The sweep's row keeps the name ``auto`` (a changed budget reruns it) and holds the variant found:
 its artifact, its spec (``mixed-6.38bit``, which ``jobs.compress`` remakes) and, in its notes, every probe.
 If even the top of the range misses the budget, the row is that variant, with its verdict: the closest there is.
+
+``auto-dynamic`` searches the same way over the share of multiply-adds left on float activations, from 1% to 50% in
+steps of 1 (``smooth-int8-dynamic-P`` with P = 100 - share for the Llama family, which SmoothQuant knows;
+``int8-dynamic-P`` otherwise): the fewest float-activation layers that keep the budget, so the most prefill speed.
 """
 
 from __future__ import annotations
@@ -18,29 +23,56 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from compress import evaluate, mixed, models, specs
+from compress import channel_scaling, evaluate, mixed, models, specs
 from jobs import report
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
+AUTO, AUTO_DYNAMIC = "auto", "auto-dynamic"
 LOW, HIGH, STEP = mixed.MIN_BITS, 8.5, 0.05
 
 
-def spec_for(bits: float) -> str:
+def _mixed(base, bits: float) -> str:
     return f"mixed-{bits:g}bit"
 
 
-def search(passes: Callable[[float], bool], low: float = LOW, high: float = HIGH, step: float = STEP) -> float | None:
-    """The smallest bits (within ``step``) for which ``passes(bits)``, assuming that more bits never hurt; None
-    when even ``high`` fails. Probes ``high`` first, then bisects: about log2((high - low) / step) + 1 calls."""
+def _dynamic(base, float_percent: float) -> str:
+    try:
+        channel_scaling.groups(base)
+        smooth = "smooth-"
+    except ValueError:  # not the Llama family: no SmoothQuant
+        smooth = ""
+    return f"{smooth}int8-dynamic-{100 - round(float_percent)}"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Variants ordered by one number x, more of which never hurts quality: ``spec(base, x)`` names one."""
+
+    key: str  # what x is, in a probe's record
+    spec: Callable[[object, float], str]
+    low: float
+    high: float
+    step: float
+    digits: int  # x is rounded to this many decimals
+
+
+FAMILIES = {AUTO: Family("bits", _mixed, LOW, HIGH, STEP, 2),
+            AUTO_DYNAMIC: Family("float_activation_percent", _dynamic, 1, 50, 1, 0)}
+
+
+def search(passes: Callable[[float], bool], low: float = LOW, high: float = HIGH, step: float = STEP,
+           digits: int = 2) -> float | None:
+    """The smallest x (within ``step``) for which ``passes(x)``, assuming that a larger x never hurts; None when
+    even ``high`` fails. Probes ``high`` first, then bisects: about log2((high - low) / step) + 1 calls."""
     if not passes(high):
         return None
     if passes(low):
         return low
     while high - low > step:
-        mid = round((low + high) / 2, 2)
+        mid = round((low + high) / 2, digits)
         if mid in (low, high):
             break
         if passes(mid):
@@ -50,35 +82,36 @@ def search(passes: Callable[[float], bool], low: float = LOW, high: float = HIGH
     return high
 
 
-def find(base, tokenizer, kind: str, ref, blocks, budget: dict) -> tuple:
-    """The smallest ``mixed-Nbit`` variant of ``base`` within ``budget``, measured against ``ref`` (the sweep's
-    reference): (model, spec, notes, metrics). The notes' ``auto`` entry lists every probe and its metrics."""
+def find(base, tokenizer, kind: str, ref, blocks, budget: dict, name: str = AUTO) -> tuple:
+    """The variant of family ``name`` (``FAMILIES``) with the least x within ``budget``, measured against ``ref``
+    (the sweep's reference): (model, spec, notes, metrics). The notes' ``name`` entry lists every probe."""
+    family = FAMILIES[name]
     against = {"ppl": ref.ppl} if kind == models.CAUSAL else {}
     probes, kept = [], {}
 
-    def passes(bits: float) -> bool:
-        spec = spec_for(bits)
+    def passes(x: float) -> bool:
+        spec = family.spec(base, x)
         model = copy.deepcopy(base)
         try:
             notes = specs.apply_(model, spec, blocks=blocks)
-        except ValueError as e:  # fewer bits than the smallest formats need here
-            probes.append({"bits": bits, "passed": False, "error": str(e)})
+        except ValueError as e:  # e.g. fewer bits than the smallest formats need here
+            probes.append({family.key: x, "spec": spec, "passed": False, "error": str(e)})
             return False
         metrics = evaluate.quality(model, tokenizer, kind, ref)
         missed = report.failures(metrics, against, budget)
-        probes.append({"bits": bits, "passed": not missed,
+        probes.append({family.key: x, "spec": spec, "passed": not missed,
                        **{k: v for k, v in sorted(metrics.items()) if isinstance(v, float)}})
-        log.info("auto: %s %s", spec, "passes" if not missed else "misses " + "; ".join(missed))
+        log.info("%s: %s %s", name, spec, "passes" if not missed else "misses " + "; ".join(missed))
         if not missed or not kept:  # the smallest passing variant so far, or the first probe (the top of the range)
             kept["found"] = (model, spec, notes, metrics)
         return not missed
 
-    bits = search(passes)
+    x = search(passes, family.low, family.high, family.step, family.digits)
     model, spec, notes, metrics = kept["found"]
-    return model, spec, {AUTO: {"spec": spec, "found": bits is not None, "budget": budget, "probes": probes},
+    return model, spec, {name: {"spec": spec, "found": x is not None, "budget": budget, "probes": probes},
                          **notes}, metrics
 
 
 def fingerprint(base: str, budget: dict) -> str:
-    """An ``auto`` row depends on the budget as well as on what every row depends on."""
+    """An ``auto`` (``auto-dynamic``) row depends on the budget as well as on what every row depends on."""
     return f"{base}-{hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:8]}"

@@ -85,10 +85,10 @@ class TrialActor:
         try:
             if spec in self.checkpoints:
                 return self._checkpoint(spec, row, start)
-            if spec == auto.AUTO:
+            if spec in auto.FAMILIES:
                 row["fingerprint"] = auto.fingerprint(self.fingerprint, self.budget)
                 model, made, notes, metrics = auto.find(self.base, self.tokenizer, self.kind, self.ref, self.calib,
-                                                        self.budget)
+                                                        self.budget, spec)
             else:
                 model, made = (self.base if spec == "base" else copy.deepcopy(self.base)), spec
                 notes = {} if spec == "base" else specs.apply_(model, spec, blocks=self.calib)
@@ -180,7 +180,7 @@ def reusable(rows: list[dict], cfg: SweepConfig, retry_failed: bool) -> list[dic
     ``retry_failed``) not failed. Says what it drops."""
     current = fingerprint(cfg)
     rows = [r for r in rows if r["spec"] in cfg.specs]
-    expected = {auto.AUTO: auto.fingerprint(current, cfg.budget)}
+    expected = dict.fromkeys(auto.FAMILIES, auto.fingerprint(current, cfg.budget))
     stale = [r["spec"] for r in rows if r.get("fingerprint") != expected.get(r["spec"], current)
              or (r["spec"] in cfg.checkpoints and r.get("artifact") != cfg.checkpoints[r["spec"]])]
     if stale:
@@ -374,7 +374,7 @@ def _texts(cfg: SweepConfig, out: Path) -> tuple[list[str], list[str] | None]:
         saved = json.loads(cache.read_text())
         if saved.get("fingerprint") == fingerprint(cfg):
             return saved["eval"], saved["calib"]
-    needs_calib = any(s == auto.AUTO or specs.needs_calibration(s) for s in cfg.specs if s not in cfg.checkpoints)
+    needs_calib = any(s in auto.FAMILIES or specs.needs_calibration(s) for s in cfg.specs if s not in cfg.checkpoints)
     eval_texts = data.read_texts(cfg.eval_data, cfg.eval_column) if cfg.eval_data else None
     calib_texts = data.read_texts(cfg.calib_data, cfg.eval_column) if cfg.calib_data else None
     if eval_texts is None or (needs_calib and calib_texts is None):

@@ -56,9 +56,9 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     expanded = expand_specs(raw["specs"], raw.get("grid") or {})
     canonical = []
     for s in expanded:
-        if s == auto.AUTO:
+        if s in auto.FAMILIES:
             if not raw.get("budget"):
-                raise ValueError(f"{str(path)!r}: specs: 'auto' finds the smallest variant within the budget; "
+                raise ValueError(f"{str(path)!r}: specs: {s!r} finds the smallest variant within the budget; "
                                  "give the sweep a budget")
             canonical += [s] if s not in canonical else []
             continue
@@ -105,7 +105,7 @@ def _checkpoints(raw, path: Path) -> dict[str, str]:
 
 
 def _is_spec(name: str) -> bool:
-    if name == auto.AUTO:
+    if name in auto.FAMILIES:
         return True
     try:
         specs.parse(name)

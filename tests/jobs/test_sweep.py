@@ -121,8 +121,8 @@ def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_pa
 
     # The budget changes: auto (which depends on it) runs again and finds the smallest mix within it, measured
     # probe by probe; the rows that do not depend on the budget stay as they were.
-    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%", "auto"], grid={},
-                       budget={"max_ppl_increase": 0.01, "min_top1_agreement": 0.9}, speed=False)
+    cfg = write_config(tmp_path, tiny_model_dir, wikitext, specs=["int4-g32", "wanda-50%", "auto", "auto-dynamic"],
+                       grid={}, budget={"max_ppl_increase": 0.01, "min_top1_agreement": 0.9}, speed=False)
     assert sweep.main(str(cfg), out=str(out), num_actors=1) == 0
     after = {r["spec"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
     assert after["int4-g32"]["finished_at"] == rows["int4-g32"]["finished_at"]
@@ -141,6 +141,15 @@ def test_no_variant_within_budget_writes_no_choice_and_says_so(ray_local, tmp_pa
     sensitivity = pq.read_table(out / "sensitivity.parquet").to_pylist()
     assert {r["layer"] for r in sensitivity} == set(mix["layers"]) and all(r["predicted_kl"] >= 0 for r in sensitivity)
     assert artifact.load(after["auto"]["artifact"], device="cpu")[0] is not None  # reloads from its manifest
+    # auto-dynamic: the fewest layers on float activations (the rest int8-dynamic) within the same budget
+    found = json.loads(after["auto-dynamic"]["notes"])["auto-dynamic"]
+    kept = int(found["spec"].rsplit("-", 1)[1])
+    assert found["spec"].startswith("smooth-int8-dynamic-") and found["found"]  # a Llama: SmoothQuant first
+    assert min(p["float_activation_percent"] for p in found["probes"] if p["passed"]) == 100 - kept
+    assert f"auto-dynamic: {found['spec']}" in report
+    model = artifact.load(after["auto-dynamic"]["artifact"], device="cpu")[0]
+    print(f"auto-dynamic found {found['spec']} in {len(found['probes'])} probes")
+    assert {type(m).__name__ for m in model.modules()} >= {"Int8DynamicLinear"}
 
 
 @pytest.mark.parametrize("override,message", [
