@@ -12,8 +12,9 @@ its artifact, its spec (``mixed-6.38bit``, which ``jobs.compress`` remakes) and,
 If even the top of the range misses the budget, the row is that variant, with its verdict: the closest there is.
 
 ``auto-dynamic`` searches the same way over the share of multiply-adds left on float activations, from 1% to 50% in
-steps of 1 (``smooth-int8-dynamic-P`` with P = 100 - share for the Llama family, which SmoothQuant knows;
-``int8-dynamic-P`` otherwise): the fewest float-activation layers that keep the budget, so the most prefill speed.
+steps of 1 (``smooth-int8-dynamic-P`` with P = 100 - share for the Llama family, which SmoothQuant knows, smoothed
+once for every probe; ``int8-dynamic-P`` otherwise): the fewest float-activation layers that keep the budget, so
+the most prefill speed.
 """
 
 from __future__ import annotations
@@ -34,33 +35,29 @@ AUTO, AUTO_DYNAMIC = "auto", "auto-dynamic"
 LOW, HIGH, STEP = mixed.MIN_BITS, 8.5, 0.05
 
 
-def _mixed(base, bits: float) -> str:
+def _mixed(bits: float) -> str:
     return f"mixed-{bits:g}bit"
 
 
-def _dynamic(base, float_percent: float) -> str:
-    try:
-        channel_scaling.groups(base)
-        smooth = "smooth-"
-    except ValueError:  # not the Llama family: no SmoothQuant
-        smooth = ""
-    return f"{smooth}int8-dynamic-{100 - round(float_percent)}"
+def _dynamic(float_percent: float) -> str:
+    return f"int8-dynamic-{100 - round(float_percent)}"
 
 
 @dataclass(frozen=True)
 class Family:
-    """Variants ordered by one number x, more of which never hurts quality: ``spec(base, x)`` names one."""
+    """Variants ordered by one number x, more of which never hurts quality: ``spec(x)`` names one."""
 
     key: str  # what x is, in a probe's record
-    spec: Callable[[object, float], str]
+    spec: Callable[[float], str]
     low: float
     high: float
     step: float
     digits: int  # x is rounded to this many decimals
+    smooth: bool = False  # SmoothQuant first where the architecture takes it: once, for every probe ("smooth-" spec)
 
 
 FAMILIES = {AUTO: Family("bits", _mixed, LOW, HIGH, STEP, 2),
-            AUTO_DYNAMIC: Family("float_activation_percent", _dynamic, 1, 50, 1, 0)}
+            AUTO_DYNAMIC: Family("float_activation_percent", _dynamic, 1, 50, 1, 0, smooth=True)}
 
 
 def search(passes: Callable[[float], bool], low: float = LOW, high: float = HIGH, step: float = STEP,
@@ -88,12 +85,16 @@ def find(base, tokenizer, kind: str, ref, blocks, budget: dict, name: str = AUTO
     family = FAMILIES[name]
     against = {"ppl": ref.ppl} if kind == models.CAUSAL else {}
     probes, kept = [], {}
+    start, smoothing = _smoothed(base, blocks) if family.smooth else (base, None)
 
     def passes(x: float) -> bool:
-        spec = family.spec(base, x)
-        model = copy.deepcopy(base)
+        made = family.spec(x)
+        spec = made if smoothing is None else f"smooth-{made}"  # what jobs.compress remakes in one go
+        model = copy.deepcopy(start)
         try:
-            notes = specs.apply_(model, spec, blocks=blocks)
+            notes = specs.apply_(model, made, blocks=blocks)
+            if smoothing is not None:
+                notes = {spec: {**smoothing, **notes.get(made, {})}}
         except ValueError as e:  # e.g. fewer bits than the smallest formats need here
             probes.append({family.key: x, "spec": spec, "passed": False, "error": str(e)})
             return False
@@ -110,6 +111,16 @@ def find(base, tokenizer, kind: str, ref, blocks, budget: dict, name: str = AUTO
     model, spec, notes, metrics = kept["found"]
     return model, spec, {name: {"spec": spec, "found": x is not None, "budget": budget, "probes": probes},
                          **notes}, metrics
+
+
+def _smoothed(base, blocks) -> tuple:
+    """``base`` after SmoothQuant (a copy) and what it chose, or ``base`` and None outside the Llama family."""
+    try:
+        channel_scaling.groups(base)
+    except ValueError:
+        return base, None
+    model = copy.deepcopy(base)
+    return model, {"groups_by_alpha": channel_scaling.counts(channel_scaling.smooth_(model, blocks))}
 
 
 def fingerprint(base: str, budget: dict) -> str:
