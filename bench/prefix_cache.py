@@ -6,7 +6,8 @@
 Workloads, each run with prefix caching on and off on the same engine settings, alternating round by round:
   chat    --clients concurrent conversations sharing one ~800-token system prompt (real text), each of --turns short
           user turns; every turn sends the whole conversation again (system prompt, earlier turns and answers), as
-          chat clients do. Time to first token (p50, p95) and output tokens/s over the whole load.
+          chat clients do. Time to first token (p50, p95, and p50 of each turn), output tokens/s over the whole
+          load, and the share of prompt tokens served from the cache.
   batch   rows that share a ~600-token few-shot prefix and end in a question of their own, generated as a batch
           job's model actor does (calls of 8 x --batch-size rows to one engine). rows/s; caching off runs on
           --off-rows of the rows (it is ~10x slower), on all --rows of them.
@@ -57,7 +58,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 async def _conversation(engine, tokenizer, system: str, questions: list[str], max_tokens: int, out: dict) -> None:
     messages = [{"role": "system", "content": system}]
-    for q in questions:
+    for turn, q in enumerate(questions):
         messages.append({"role": "user", "content": q})
         ids = chat_ids(tokenizer, messages)
         start, first, text = time.perf_counter(), None, ""
@@ -66,6 +67,9 @@ async def _conversation(engine, tokenizer, system: str, questions: list[str], ma
                 first = time.perf_counter() - start
             text += event.text
         out["ttft"].append(first)
+        out["by_turn"].setdefault(turn, []).append(first)
+        out["prompt_tokens"] += len(ids)
+        out["cached_tokens"] += event.num_cached_tokens
         out["tokens"] += event.num_generated_tokens
         messages.append({"role": "assistant", "content": text})
 
@@ -76,7 +80,7 @@ def chat(engine, tokenizer, text: str, clients: int, turns: int, max_tokens: int
     words = text.split()
     convs = [[f"What does the text say about {' '.join(rng.sample(words, 3))}?" for _ in range(turns)]
              for _ in range(clients)]
-    out = {"ttft": [], "tokens": 0}
+    out = {"ttft": [], "by_turn": {}, "tokens": 0, "prompt_tokens": 0, "cached_tokens": 0}
 
     async def run():
         await asyncio.gather(*(_conversation(engine, tokenizer, system, c, max_tokens, out) for c in convs))
@@ -86,7 +90,9 @@ def chat(engine, tokenizer, text: str, clients: int, turns: int, max_tokens: int
     seconds = time.perf_counter() - start
     ttft = sorted(out["ttft"])
     return {"ttft_p50": ttft[len(ttft) // 2], "ttft_p95": ttft[int(0.95 * (len(ttft) - 1))],
-            "tokens_per_s": out["tokens"] / seconds, "seconds": seconds}
+            "tokens_per_s": out["tokens"] / seconds, "seconds": seconds,
+            "cached_share": out["cached_tokens"] / out["prompt_tokens"],
+            **{f"ttft_p50_turn{t + 1}": statistics.median(v) for t, v in sorted(out["by_turn"].items())}}
 
 
 # -- batch and none -------------------------------------------------------------------------------------------------
@@ -209,7 +215,9 @@ def report(results: dict, args) -> None:
                       f"{off['ttft_p50']:.2f} -> {on['ttft_p50']:.2f} s "
                       f"({off['ttft_p50'] / on['ttft_p50']:.1f}x lower), p95 "
                       f"{off['ttft_p95']:.2f} -> {on['ttft_p95']:.2f} s; output tokens/s {off['tokens_per_s']:.1f} "
-                      f"-> {on['tokens_per_s']:.1f} ({on['tokens_per_s'] / off['tokens_per_s']:.2f}x)")
+                      f"-> {on['tokens_per_s']:.1f} ({on['tokens_per_s'] / off['tokens_per_s']:.2f}x); prompt tokens "
+                      f"from the cache {on['cached_share']:.0%}; TTFT p50 by turn " + ", ".join(
+                          f"{off[k]:.2f} -> {on[k]:.2f} s" for k in on if k.startswith("ttft_p50_turn")))
             elif work == "memory":
                 print(f"{variant:<8} memory (16 x 2048 positions): max_num_seqs 16 ran {off['peak_running']:.0f} at "
                       f"once, {off['tokens_per_s']:.1f} tokens/s; 64 ran {on['peak_running']:.0f} at once "
