@@ -186,16 +186,13 @@ def layer_table(layers: dict[str, str]) -> list[str]:
 
 
 def sensitivity_table(rows: list[dict]) -> pa.Table | None:
-    """The per-layer sensitivity a mixed-precision trial measured (predicted KL of each layer in each format), as
-    a table of (layer, format, predicted_kl); None when no trial measured one. Every mixed row of a sweep measures
-    the same base on the same calibration text, so the first found stands for all."""
-    for r in rows:
-        for step in _notes(r).values():
-            if isinstance(step, dict) and step.get("sensitivity"):
-                return pa.Table.from_pylist([{"layer": layer, "format": fmt, "predicted_kl": score}
-                                             for layer, by in step["sensitivity"].items()
-                                             for fmt, score in by.items()])
-    return None
+    """The per-layer sensitivity each trial that chose formats per layer measured (predicted KL of each layer in
+    each format it scored), as a table of (variant, layer, format, predicted_kl); None when no trial measured one.
+    Trials differ in the formats they score and in their base (``smooth-`` variants score the smoothed model)."""
+    table = [{"variant": _name(r), "layer": layer, "format": fmt, "predicted_kl": score}
+             for r in rows for step in _notes(r).values() if isinstance(step, dict) and step.get("sensitivity")
+             for layer, by in step["sensitivity"].items() for fmt, score in by.items()]
+    return pa.Table.from_pylist(table) if table else None
 
 
 def plot_pareto(out: Path, rows: list[dict], kind: str, chosen: dict | None) -> Path:
