@@ -3,8 +3,9 @@
 Each op has a portable PyTorch path (widen the weights to the activation dtype, then a float matmul) that runs on
 any device. On x86 CPUs with AVX2 + FMA, a small C++ extension (``csrc/qgemv.cpp``) does better: small-batch
 products (decode steps: a few activation rows) stream the int8 / packed int4 weights and widen them in registers,
-reading 4x / 8x fewer bytes than a float32 matmul; larger ones widen a layer's weights in one parallel pass (the
-portable int4 unpacking takes several) before a float GEMM. It is compiled on first use with the system C++ compiler and
+reading 4x / 8x fewer bytes than a float32 matmul; larger int8 ones run as an integer GEMM (int16 multiply-adds,
+faster than float32's FMAs), larger int4 ones widen a layer's weights in one parallel pass (the portable int4
+unpacking takes several) before a float GEMM. It is compiled on first use with the system C++ compiler and
 cached by torch (``TORCH_EXTENSIONS_DIR``); without a compiler, raypress logs why once and uses the portable path.
 Set ``RAYPRESS_KERNELS=0`` to force the portable path (for comparisons).
 """
@@ -22,11 +23,14 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# Up to this many activation rows the GEMV kernels (weights widened in registers) are fastest; above it, widening
-# the layer's weights to float32 in one parallel pass and then ATen's GEMM is (the widened layer stays in the
-# last-level cache). Measured with a model's worth of SmolLM2 layers streamed from memory, 2 cores: at 48 rows the
-# kernels still ran 1.3x (int8) and 1.2x (int4) float32's speed, the widen + GEMM path 1.15x; int4 stops earlier,
-# its margin being the smaller one.
+# int8 weights take the extension's product at any number of activation rows: a GEMV for a few (decode), an
+# integer GEMM for many (prefill; about 1.5x float32's GEMM on AVX2, see csrc/gemm_body.h). int4 ones take its GEMV up
+# to MAX_INT4_KERNEL_ROWS rows; above it, widening the layer's weights to float32 in one parallel pass and then ATen's
+# GEMM is faster (the widened layer stays in the last-level cache). Measured with a model's worth of SmolLM2 layers
+# streamed from memory, 2 cores: at 48 rows the int4 kernel ran 1.2x float32's speed, the widen + GEMM path 1.15x.
+#
+# int8-dynamic's products beyond MAX_INT8_KERNEL_ROWS rows go to fbgemm where its int8 GEMM is exact (CPUs with
+# VNNI: about 3x float32); below it fbgemm's per-call cost outweighs that, and raypress's kernels run them.
 MAX_INT8_KERNEL_ROWS = 48
 MAX_INT4_KERNEL_ROWS = 32
 
@@ -58,7 +62,7 @@ def _build():
         from torch.utils.cpp_extension import load
 
         csrc = Path(__file__).with_name("csrc")
-        sources = [csrc / "qgemv.cpp", csrc / "decode_ops.cpp", csrc / "gemv_body.h"]
+        sources = [csrc / "qgemv.cpp", csrc / "decode_ops.cpp", csrc / "gemv_body.h", csrc / "gemm_body.h"]
         # torch's build cache looks at the .cpp files only: the name carries a digest of every file, header included
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
         # -fopenmp lets ATen's parallel_for use torch's OpenMP threads (without it the loops run on one core);
@@ -121,10 +125,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "decode_attention")
     def _(q, keys, values, tables, lengths, scale, window):
         return q.new_empty(q.shape)
-
-    @torch.library.register_fake(lib + "int8_widen_into")
-    def _(q, scale, n0, out):
-        return None
 
     @torch.library.register_fake(lib + "int4_widen_into")
     def _(q, scale, offset, gs, n0, out):
@@ -248,12 +248,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     """y = x @ (qweight * scale[:, None]).T + bias, for qweight int8 [N, K] and scale [N]."""
     k = qweight.shape[1]
     if _use_extension(x, k, scale):
-        ext = _extension()
-        return _on_extension(
-            x, k, bias, MAX_INT8_KERNEL_ROWS, lambda x2: ext.int8_gemv(x2, [qweight], [scale]),
-            qweight.shape[0], lambda n0, out: ext.int8_widen_into(qweight, scale, n0, out),
-        )
-    y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
+        y = _extension().int8_gemv(x.reshape(-1, k).contiguous(), [qweight], [scale]).view(*x.shape[:-1], -1)
+    else:
+        y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
 
 
@@ -319,18 +316,21 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_dynamic_linear(x, qweight, scale, bias, packed=None):
     """y = quant8(x) @ (qweight * scale).T + bias with x quantized per token (symmetric, dynamic).
 
-    With ``packed`` (CPU, fbgemm): every row is first divided by its own scale so that its values span [-127, 127];
-    fbgemm's per-tensor dynamic quantization of the result then rounds each row on its own int8 grid, so this is
-    per-token quantization on fbgemm's int8 GEMM (about 3x float32's matmul speed on CPUs with VNNI). reduce_range
-    stays off: with it the activations would get 7 bits. Decode-sized x (a few rows) runs on raypress's int8 kernel
-    with the same per-token rounding, where fbgemm's per-call cost would dominate. Otherwise the per-token int8
-    values go through the int8 weight-only product (the same arithmetic on a float GEMM).
+    On raypress's kernels (CPU) the per-token int8 values multiply the int8 weights in int16 lanes: the GEMV for a few
+    rows, the integer GEMM for many; both exact. With ``packed`` (fbgemm, where its int8 GEMM is exact: CPUs with
+    VNNI) products of more than MAX_INT8_KERNEL_ROWS rows run there instead: every row is first divided by its own
+    scale so that its values span [-127, 127]; fbgemm's per-tensor dynamic quantization of the result then rounds
+    each row on its own int8 grid, so this is per-token quantization on fbgemm's int8 GEMM (about 3x float32's matmul
+    speed on CPUs with VNNI). reduce_range stays off: with it the activations would get 7 bits. Elsewhere the
+    per-token int8 values go through the portable int8 product (the same arithmetic on a float GEMM).
     """
     k = qweight.shape[1]
-    if _use_extension(x, k, scale) and x.numel() // k <= MAX_INT8_KERNEL_ROWS:  # decode: the int8 kernel's loop
+    rows = x.numel() // k if k else 0
+    on_fbgemm = packed is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    if _use_extension(x, k, scale) and not (on_fbgemm and rows > MAX_INT8_KERNEL_ROWS):
         y = _extension().int8_dynamic_gemv(x.reshape(-1, k).contiguous(), [qweight], [scale])
         y = y.view(*x.shape[:-1], -1)
-    elif packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+    elif on_fbgemm:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         sx = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127

@@ -18,12 +18,13 @@ for token as HF's ``generate`` (tested).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from compress import kernels
+from compress import fbgemm, kernels
 from compress.qmodules import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 from engine.kvcache import Layout, PagedKVCache
 
@@ -72,8 +73,11 @@ def _decode_product(modules: list[nn.Module]) -> tuple[Callable | None, int]:
         return (lambda x: ops.f32_gemv(x, weights)), kernels.MAX_F32_KERNEL_ROWS
     if kind in (Int8WeightOnlyLinear, Int8DynamicLinear) and all(m.scale.dtype == torch.float32 for m in modules):
         qs, scales = [m.qweight for m in modules], [m.scale for m in modules]
-        product = ops.int8_gemv if kind is Int8WeightOnlyLinear else ops.int8_dynamic_gemv
-        return (lambda x: product(x, qs, scales)), kernels.MAX_INT8_KERNEL_ROWS
+        if kind is Int8WeightOnlyLinear:
+            return (lambda x: ops.int8_gemv(x, qs, scales)), sys.maxsize  # GEMV or integer GEMM, at any rows
+        # int8-dynamic's larger products go to fbgemm where it is exact (kernels.int8_dynamic_linear)
+        rows = kernels.MAX_INT8_KERNEL_ROWS if fbgemm.available() and fbgemm.exact() else sys.maxsize
+        return (lambda x: ops.int8_dynamic_gemv(x, qs, scales)), rows
     group_sizes = {getattr(m, "group_size", 0) for m in modules}
     if kind is Int4WeightOnlyLinear and len(group_sizes) == 1 and modules[0].group_size % 16 == 0:
         packed, scale, offset = [m.packed for m in modules], [m.scale for m in modules], [m.offset for m in modules]

@@ -34,7 +34,6 @@ struct Int8Rows {
   float row_scale(int64_t n) const { return scale[n]; }
   int64_t group_size() const { return std::min(K, kMaxInt8Span); }  // per-row scale: groups only bound the sums
   const char* addr(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(q + n * K + k); }
-  void load(int64_t n, int64_t k, Vec::F* out) const { Vec::widen_i8(q + n * K + k, out); }
   __m256i load16(int64_t n, int64_t k) const {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * K + k)));
   }
@@ -329,27 +328,6 @@ void over_rows(const Stack<Rows>& stack, int64_t M, Tile tile) {
   });
 }
 
-// Weight rows [n0, n1) as float32 into dst[(n - n0) * K + k], each times row_scale[n] when given.
-template <typename Rows>
-void widen_rows(const Rows& rows, int64_t n0, int64_t n1, const float* row_scale, float* dst) {
-  const int64_t K = rows.K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const Vec::F s = Vec::set1(row_scale ? row_scale[n] : 1.0f);
-    float* d = dst + (n - n0) * K;
-    for (int64_t k = 0; k < K; k += 16) {
-      Vec::F w[B];
-      rows.load(n, k, w);
-      if constexpr (Rows::kGrouped) {
-        const int64_t i = n * rows.G + k / rows.gs;
-        const Vec::F gsc = Vec::set1(rows.scale[i]), goff = Vec::set1(rows.offset[i]);
-        for (int j = 0; j < B; ++j) Vec::store(d + k + j * Vec::W, Vec::fma(w[j], gsc, goff));
-      } else {
-        for (int j = 0; j < B; ++j) Vec::store(d + k + j * Vec::W, Vec::mul(w[j], s));
-      }
-    }
-  }
-}
-
 // The entry points qgemv.cpp dispatches to: plain pointers, y[M, stack rows] row-major, K % 16 == 0.
 
 inline void f32_gemv(const std::vector<F32Mat>& mats, const float* x, int64_t M, float* y) {
@@ -392,19 +370,20 @@ inline void int4_gemv(const std::vector<Int4Mat>& mats, const int16_t* xq, const
   int_gemv(stack, xq, sx, xsum, mats.front().G, M, y);
 }
 
-// Weight rows [n0, n0 + count) as float32 into dst [count, K], split between threads.
-template <typename Rows>
-void widen_parallel(const Rows& rows, const float* row_scale, int64_t n0, int64_t count, float* dst) {
-  at::parallel_for(0, count, 64, [&](int64_t r0, int64_t r1) {
-    widen_rows(rows, n0 + r0, n0 + r1, row_scale, dst + r0 * rows.K);
-  });
-}
-
-inline void int8_widen(const int8_t* q, const float* scale, int64_t K, int64_t n0, int64_t count, float* dst) {
-  widen_parallel(Int8Rows{q, scale, K}, scale, n0, count, dst);
-}
-
+// Packed int4 weight rows [n0, n0 + count) as float32 into dst [count, K], split between threads.
 inline void int4_widen(const uint8_t* q, const float* scale, const float* offset, int64_t G, int64_t gs, int64_t K,
                        int64_t n0, int64_t count, float* dst) {
-  widen_parallel(Int4Rows{q, scale, offset, K, G, gs}, nullptr, n0, count, dst);
+  const Int4Rows rows{q, scale, offset, K, G, gs};
+  at::parallel_for(0, count, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = n0 + r0; n < n0 + r1; ++n) {
+      float* d = dst + (n - n0) * K;
+      for (int64_t k = 0; k < K; k += 16) {
+        Vec::F w[B];
+        rows.load(n, k, w);
+        const int64_t i = n * G + k / gs;
+        const Vec::F gsc = Vec::set1(scale[i]), goff = Vec::set1(offset[i]);
+        for (int j = 0; j < B; ++j) Vec::store(d + k + j * Vec::W, Vec::fma(w[j], gsc, goff));
+      }
+    }
+  });
 }

@@ -10,14 +10,15 @@
 //   raypress::int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                     -> y[M,N] = (x @ q.T) * scale
 //   raypress::int8_dynamic_gemv(x, q, scale)                                   -> int8_gemv on x rounded to int8 per row
 //   raypress::int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G], offset[N,G], gs)    -> y[M,N] = x @ W.T
-//   raypress::int8_widen_into / int4_widen_into(..., n0, out)                    weight rows as float32, into out
+//   raypress::int4_widen_into(q, scale, offset, gs, n0, out)                    weight rows as float32, into out
 //
 // The products take a list of weight matrices (with their scales and offsets) that share x, and return their
 // outputs side by side, y[M, N1 + N2 + ...]: a layer's q, k and v projections (or gate and up) run as one op, with
 // one pass over x and one wake-up of the threads, while each matrix stays the tensor it is in the model.
 //
-// With many activation rows (prefill, encoders, evaluation) the product is bound by arithmetic, and ATen's GEMM
-// does that best: the Python side widens the weights with the *_widen_into ops into a reused buffer first.
+// With many activation rows (prefill, encoders, evaluation) the product is bound by arithmetic. The int8 products
+// then run as a tiled GEMM on the same int16 arithmetic (gemm_body.h), up to 1.6x float32's rate on AVX2; for
+// int4, ATen's float GEMM does best, on weights the Python side widens with int4_widen_into into a reused buffer.
 //
 // int4: W[n,k] = q[n,k] * scale[n,g] + offset[n,g] with g = k / gs (asymmetric: offset is the group's minimum).
 // Packing: each block of 16 consecutive k holds k0..k7 in the low nibbles of its 8 bytes and k8..k15 in the high
@@ -63,23 +64,18 @@ struct Vec {
   using F = __m256;
   static constexpr int W = 8;
   static constexpr int kMaxRows = 4;  // 16 ymm registers: 4 rows x 2 accumulators + totals + weights
+  static constexpr int kGemmRows = 4;  // 4 x 2 int32 sums, 2 weight vectors, an activation and a product
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static float hsum(F v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
     return _mm_cvtss_f32(lo);
-  }
-  static void widen_i8(const int8_t* p, F* out) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
   }
   static void widen_u4(const uint8_t* p, F* out) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -88,6 +84,7 @@ struct Vec {
   }
 };
 #include "gemv_body.h"
+#include "gemm_body.h"
 #undef RAYPRESS_WIDE
 }  // namespace avx2
 
@@ -99,17 +96,14 @@ struct Vec {
   using F = __m512;
   static constexpr int W = 16;
   static constexpr int kMaxRows = 8;  // 32 zmm registers
+  static constexpr int kGemmRows = 4;
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
-  static void widen_i8(const int8_t* p, F* out) {
-    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
   static void widen_u4(const uint8_t* p, F* out) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(0xF);
     const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
@@ -117,6 +111,7 @@ struct Vec {
   }
 };
 #include "gemv_body.h"
+#include "gemm_body.h"
 #undef RAYPRESS_WIDE
 }  // namespace avx512
 #pragma GCC pop_options
@@ -190,31 +185,52 @@ int64_t chunk64_weight(int64_t s, int64_t i) {
   return block * 16 + b + 8 * (s % 2);
 }
 
+// Row m of x [M, K] to int16 with the scale that maps its largest magnitude to qmax: xq = nearbyint(x / scale),
+// rounding half to even like kernels.quantize_per_token (x / s), in vectors of 8 (K % 16 == 0).
+float quantize_row(const float* row, int64_t K, float qmax, int16_t* xq) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 most = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float largest = _mm_cvtss_f32(m4);
+  const float scale = largest > 0.0f ? largest / qmax : 1.0f;
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t k = 0; k < K; k += 16) {  // cvtps rounds to nearest even (the default rounding mode)
+    const __m256i a = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + k), s));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + k + 8), s));
+    // packs works within 128-bit halves: (a0-3 b0-3 a4-7 b4-7) -> reorder the 64-bit quarters to a0-7 b0-7
+    const __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k), ab);
+  }
+  return scale;
+}
+
 IntActivations quantize_rows(const torch::Tensor& x, int64_t gs, float qmax = 32767.0f) {
   const int64_t M = x.size(0), K = x.size(1), G = gs ? (K + gs - 1) / gs : 0;
   const float* xp = x.data_ptr<float>();
   IntActivations a{std::vector<int16_t>(M * K), std::vector<float>(M), std::vector<float>(M * G)};
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = xp + m * K;
-    float most = 0.0f;
-    for (int64_t k = 0; k < K; ++k) most = std::max(most, std::abs(row[k]));
-    const float scale = most > 0.0f ? most / qmax : 1.0f;  // rounds as kernels.quantize_per_token does (x / s)
-    a.sx[m] = scale;
-    int16_t* xq = a.xq.data() + m * K;
-    for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(row[k] / scale));
-    if (gs > 0 && (gs % 64 == 0 || gs == 32)) {  // Int4Rows::chunked: chunks read by load64, activations alike
-      int16_t chunk[64];
-      for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
-        for (int64_t j = 0; j < 64; ++j) chunk[j] = xq[k0 + chunk64_weight(j / 16, j % 16)];
-        std::copy(chunk, chunk + 64, xq + k0);
+  // rows split between threads once there are enough of them to pay for the wake-up (prefill)
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xp + m * K;
+      int16_t* xq = a.xq.data() + m * K;
+      a.sx[m] = quantize_row(row, K, qmax, xq);
+      if (gs > 0 && (gs % 64 == 0 || gs == 32)) {  // Int4Rows::chunked: chunks read by load64, activations alike
+        int16_t chunk[64];
+        for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
+          for (int64_t j = 0; j < 64; ++j) chunk[j] = xq[k0 + chunk64_weight(j / 16, j % 16)];
+          std::copy(chunk, chunk + 64, xq + k0);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.0f;
+        for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) sum += row[k];
+        a.xsum[m * G + g] = sum;
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float sum = 0.0f;
-      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) sum += row[k];
-      a.xsum[m * G + g] = sum;
-    }
-  }
+  });
   return a;
 }
 
@@ -244,11 +260,25 @@ std::vector<Int8Mat> int8_mats(const torch::Tensor& x, at::TensorList q, at::Ten
   return mats;
 }
 
+// From this many activation rows on, the int8 products run as the tiled GEMM (gemm_body.h) rather than the GEMV.
+// Measured with a model's worth of SmolLM2's layers streamed from memory, 2 cores of a Zen 3 EPYC: the GEMM ran at
+// 0.89x the GEMV's speed at 8 rows, 1.04x at 12, 1.5x at 48 and 1.7x at 128 (the GEMV's single prefetched weight
+// stream reads memory best when there is little arithmetic per weight).
+constexpr int64_t kGemmMinRows = 12;
+
+std::atomic<int64_t>& gemm_min_rows() {
+  static std::atomic<int64_t> rows{kGemmMinRows};
+  return rows;
+}
+
 torch::Tensor int8_product(const torch::Tensor& x, at::TensorList q, at::TensorList scale, float qmax) {
   const auto mats = int8_mats(x, q, scale);
   const auto a = quantize_rows(x, 0, qmax);
   auto y = output(x, mats);
-  RAYPRESS_DISPATCH(int8_gemv, mats, a.xq.data(), a.sx.data(), x.size(0), y.data_ptr<float>());
+  if (x.size(0) >= gemm_min_rows().load())
+    RAYPRESS_DISPATCH(int8_gemm, mats, a.xq.data(), a.sx.data(), x.size(0), y.data_ptr<float>());
+  else
+    RAYPRESS_DISPATCH(int8_gemv, mats, a.xq.data(), a.sx.data(), x.size(0), y.data_ptr<float>());
   return y;
 }
 
@@ -304,13 +334,6 @@ void check_out(const torch::Tensor& out, int64_t K, int64_t N, int64_t n0) {
 
 }  // namespace
 
-void int8_widen_into(const torch::Tensor& q, const torch::Tensor& scale, int64_t n0, torch::Tensor out) {
-  check_int8(q, scale);
-  check_out(out, q.size(1), q.size(0), n0);
-  RAYPRESS_DISPATCH(int8_widen, q.data_ptr<int8_t>(), scale.data_ptr<float>(), q.size(1), n0, out.size(0),
-                    out.data_ptr<float>());
-}
-
 void int4_widen_into(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs,
                      int64_t n0, torch::Tensor out) {
   check_int4(q, scale, offset, gs);
@@ -338,6 +361,13 @@ std::string use_isa(const std::string& name) {
 
 std::string isa() { return isa_name(current_isa().load()); }
 
+// Run int8 products with at least `rows` activation rows as the tiled GEMM; returns the previous setting (for
+// tests and benchmarks, which compare the two loops on the same product).
+int64_t use_gemm_from(int64_t rows) {
+  TORCH_CHECK(rows >= 1, "rows must be positive");
+  return gemm_min_rows().exchange(rows);
+}
+
 // The instruction sets this CPU can run the kernels with.
 std::vector<std::string> cpu_isas() {
   return cpu_has_avx512() ? std::vector<std::string>{"avx2", "avx512"} : std::vector<std::string>{"avx2"};
@@ -348,11 +378,11 @@ TORCH_LIBRARY(raypress, m) {
   m.def("int8_gemv(Tensor x, Tensor[] q, Tensor[] scale) -> Tensor");
   m.def("int8_dynamic_gemv(Tensor x, Tensor[] q, Tensor[] scale) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor[] q, Tensor[] scale, Tensor[] offset, int gs) -> Tensor");
-  m.def("int8_widen_into(Tensor q, Tensor scale, int n0, Tensor(a!) out) -> ()");
   m.def("int4_widen_into(Tensor q, Tensor scale, Tensor offset, int gs, int n0, Tensor(a!) out) -> ()");
   m.def("parallel_threads(int n) -> int", &parallel_threads);
   m.def("use_isa(str name) -> str", &use_isa);
   m.def("isa() -> str", &isa);
+  m.def("use_gemm_from(int rows) -> int", &use_gemm_from);
   m.def("cpu_isas() -> str[]", &cpu_isas);
 }
 
@@ -361,6 +391,5 @@ TORCH_LIBRARY_IMPL(raypress, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int8_dynamic_gemv", &int8_dynamic_gemv);
   m.impl("int4_gemv", &int4_gemv);
-  m.impl("int8_widen_into", &int8_widen_into);
   m.impl("int4_widen_into", &int4_widen_into);
 }

@@ -48,9 +48,11 @@ def assert_near_float(y: torch.Tensor, exact_float: torch.Tensor, unquantized: t
     assert row_err < 3e-3 and err < weight_err / 10, (row_err, err, weight_err)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16, 41])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16, 41, 130])
 @pytest.mark.parametrize("n,k", [(37, 64), (128, 576), (6, 1536), (5, 4096 + 32)])
 def test_int8_gemv_is_the_integer_product_of_int16_activations_and_int8_weights(ext, m, n, k):
+    """From 12 rows on the product runs as the tiled integer GEMM: odd counts of rows and columns reach its edge
+    tiles, and K = 4128 its flush of the int32 sums every 2048 weights."""
     torch.manual_seed(m * n)
     w = torch.randn(n, k)
     q, scale = qmodules.quantize_per_channel(w)
@@ -87,13 +89,9 @@ def test_int4_gemv_matches_the_dequantized_matmul_with_a_partial_last_group(ext,
                       F.linear(x.double(), w.double()))
 
 
-def test_widen_ops_match_the_portable_dequantization(ext):
+def test_int4_widen_op_matches_the_portable_dequantization(ext):
     torch.manual_seed(0)
     w = torch.randn(70, 576)
-    q, scale = qmodules.quantize_per_channel(w)
-    out = torch.empty(30, 576)
-    ext.int8_widen_into(q, scale, 40, out)  # rows 40..69
-    assert torch.allclose(out, q[40:].float() * scale[40:, None], rtol=1e-6, atol=0)
     q4, s4, o4 = qmodules.quantize_groupwise(w, 128)  # 576 = 4 x 128 + 64: a partial last group
     packed = kernels.pack_int4(q4)
     portable = kernels.dequantize_int4(packed, s4, o4, 128)
@@ -109,9 +107,10 @@ def assert_linear_ops_match_the_dequantized_weights(x: torch.Tensor, n: int, gro
     q, scale = qmodules.quantize_per_channel(w)
     q4, s4, o4 = qmodules.quantize_groupwise(w, group_size)
     packed = kernels.pack_int4(q4)
-    # decode-sized x runs on 15-bit activations (see assert_near_float); the larger ones on float GEMMs
+    # int8 runs on 15-bit activations at any size (see assert_near_float), int4 for decode-sized x; the larger
+    # int4 products on float GEMMs
     rows = x.reshape(-1, x.shape[-1]).shape[0]
-    tol8 = 2e-3 if rows <= kernels.MAX_INT8_KERNEL_ROWS else 1e-4
+    tol8 = 2e-3
     tol4 = 2e-3 if rows <= kernels.MAX_INT4_KERNEL_ROWS else 1e-4
     with torch.inference_mode():
         ref8 = F.linear(x, q.float() * scale[:, None], bias)
@@ -131,8 +130,8 @@ def test_layers_larger_than_the_workspace_are_multiplied_a_chunk_of_rows_at_a_ti
 
 
 def test_dynamic_int8_larger_products_are_exact_per_token_int8_on_every_cpu():
-    """More rows than the decode kernel takes: fbgemm's GEMM where it is exact (VNNI), else the same int8 values on
-    a float GEMM; never fbgemm's saturating AVX2 path, which was 4% off on a Zen 3 EPYC."""
+    """More rows than the decode kernel takes: fbgemm's GEMM where it is exact (VNNI), else raypress's integer GEMM;
+    never fbgemm's saturating AVX2 path, which was 4% off on a Zen 3 EPYC."""
     torch.manual_seed(0)
     w, x = torch.randn(64, 576) * 0.05, torch.randn(kernels.MAX_INT8_KERNEL_ROWS + 10, 576)
     x[:, 5] *= 40  # an outlier channel, as in real models
@@ -163,7 +162,7 @@ def test_the_fbgemm_probe_tells_a_saturating_gemm_from_an_exact_one():
     assert (error < 0.01) == fbgemm.exact(), error
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 50])
 def test_a_stack_of_matrices_is_each_matrix_product_side_by_side(ext, m):
     """q, k and v (or gate and up) as one call: every column is exactly what the matrix's own product gives."""
     torch.manual_seed(m)
@@ -182,6 +181,25 @@ def test_a_stack_of_matrices_is_each_matrix_product_side_by_side(ext, m):
     assert stacked.shape == (m, sum(sizes)) and torch.equal(stacked, torch.cat(alone, 1))
     with pytest.raises(RuntimeError, match="columns"):
         ext.f32_gemv(x, [ws[0], torch.randn(4, k + 16)])  # matrices of another K cannot share x
+
+
+@pytest.mark.parametrize("m", [12, 13, 63])
+def test_the_int8_gemm_gives_the_gemv_numbers(ext, m):
+    """The GEMM and the GEMV sum the same integer products (in another order as floats), for weight-only int8
+    and int8-dynamic, on a stack whose matrices' blocks of rows end mid-tile."""
+    torch.manual_seed(m)
+    sizes, k = [70, 33, 5], 2048 + 64
+    x = torch.randn(m, k)
+    q8 = [qmodules.quantize_per_channel(torch.randn(n, k)) for n in sizes]
+    qs, scales = [q for q, _ in q8], [s for _, s in q8]
+    for product in (ext.int8_gemv, ext.int8_dynamic_gemv):
+        gemm = product(x, qs, scales)
+        before = ext.use_gemm_from(1 << 30)
+        try:
+            gemv = product(x, qs, scales)
+        finally:
+            ext.use_gemm_from(before)
+        assert before == 12 and torch.allclose(gemm, gemv, rtol=1e-5, atol=1e-5 * gemv.abs().max())
 
 
 def test_kernel_loops_run_on_all_of_torchs_threads(ext):
@@ -316,8 +334,8 @@ def test_cache_write_puts_each_token_at_its_block_and_offset(ops):
         ops.cache_write_(keys, values, k, v, slots, torch.tensor([7, 0, 2, 3, 16]))
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_dynamic_int8_decode_rows_are_exact_per_token_int8_on_the_kernel(ext, m):
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 50])
+def test_dynamic_int8_rows_are_exact_per_token_int8_on_the_kernels(ext, m):
     torch.manual_seed(m)
     w, x = torch.randn(96, 576) * 0.05, torch.randn(m, 576)
     x[:, 5] *= 40
