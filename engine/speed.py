@@ -87,11 +87,12 @@ def _medians(run, batch_sizes, repeats: int) -> dict:
 @torch.inference_mode()
 def engine_speed(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of ``prompts`` run together on a fresh engine: all prompts in one step,
-    then decode steps until every sequence has ``new_tokens`` tokens or has ended."""
+    then decode steps until every sequence has ``new_tokens`` tokens."""
     longest = max(len(p) for p in prompts)
     engine = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=longest + new_tokens,
                     max_batch_tokens=max(512, sum(map(len, prompts)) + len(prompts)))
-    handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
+    # every sequence makes new_tokens (a model's end token would shrink the batch it is timed at)
+    handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens, ignore_eos=True)) for p in prompts]
     start = clock(model)
     engine.step()  # takes the requests in; with room for every prompt, this one step prefills them all
     while engine.scheduler.num_prefilling:
