@@ -251,7 +251,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         y = _extension().int8_gemv(x.reshape(-1, k).contiguous(), [qweight], [scale]).view(*x.shape[:-1], -1)
     else:
         y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
-    return y + bias if bias is not None else y
+    return y.add_(bias) if bias is not None else y  # y is this call's own: no second output to allocate
 
 
 def int4_linear(
@@ -339,7 +339,7 @@ def int8_dynamic_linear(x, qweight, scale, bias, packed=None):
     else:
         xq, sx = quantize_per_token(x)
         y = int8_linear(xq, qweight, scale, None) * sx
-    return y + bias if bias is not None else y
+    return y.add_(bias) if bias is not None else y
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

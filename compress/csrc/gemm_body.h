@@ -82,7 +82,19 @@ inline void gemm_tile_int8(const Int8Rows& rows, int64_t n, const int16_t* xq, c
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_si256();
     if constexpr (MR == 4 && NR == 2) {
-      gemm_sums_4x2(rows.q + n * K, rows.q + (n + 1) * K, xq, K, k0, k1, reinterpret_cast<__m256i(&)[8]>(acc));
+      __m256i (&sums)[8] = reinterpret_cast<__m256i(&)[8]>(acc);
+      gemm_sums_4x2(rows.q + n * K, rows.q + (n + 1) * K, xq, K, k0, k1, sums);
+      // the 8 sums across lanes at once: hadd pairs them up (each 128-bit half on its own), then the halves add
+      __m256 f[8];
+      for (int i = 0; i < 8; ++i) f[i] = _mm256_cvtepi32_ps(sums[i]);
+      const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(f[0], f[1]), _mm256_hadd_ps(f[2], f[3]));
+      const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(f[4], f[5]), _mm256_hadd_ps(f[6], f[7]));
+      // a's lanes: (s0 s1 s2 s3 | s0 s1 s2 s3) of its low and high halves, the same for b with s4..s7
+      const __m256 t = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+      alignas(32) float v[8];
+      _mm256_store_ps(v, t);
+      for (int i = 0; i < 8; ++i) total[i / NR][i % NR] += v[i];
+      continue;
     } else {  // the edges of a product
       for (int64_t k = k0; k < k1; k += 16) {
         __m256i w[NR];
