@@ -1,6 +1,6 @@
 // Products with many activation rows (prefill, encoders, evaluation) on integer arithmetic, written once for both
 // instruction sets: qgemv.cpp includes this file after gemv_body.h inside namespace avx2 and inside namespace
-// avx512, each with its own `Vec::kGemmRows`.
+// avx512 (both run the same 256-bit code; the AVX-512 copy is compiled with its target's encodings).
 //
 // With many rows a product is bound by arithmetic, not by reading the weights. A float32 GEMM does 16
 // multiply-adds per cycle on two 8-lane FMA pipes; vpmaddwd multiplies 16 int16 pairs and adds them pairwise into 8
@@ -15,7 +15,8 @@
 // int32 sums as in row_tile_int). A thread takes kGemmBlock weight rows at a time and runs every activation row
 // over them, MR at a time: the block's weights stay in L2 and each tile's activation rows in L1.
 
-constexpr int kGemmCols = 2;          // weight rows per tile (NR): 8 int32 sums of MR = 4 rows stay in registers
+constexpr int kGemmRows = 4;          // activation rows per tile (MR)
+constexpr int kGemmCols = 2;          // weight rows per tile (NR): 8 int32 sums stay in registers
 constexpr int64_t kGemmBlock = 32;    // weight rows per thread's block: 18 KiB to 64 KiB of int8 at K = 576 to 2048
 
 inline float hsum_epi32_as_float(__m256i v) {
@@ -29,7 +30,7 @@ inline float hsum_epi32_as_float(__m256i v) {
 // The int32 sums of a 4 x 2 tile over weights [k, k1): acc[2m + j] += xq[m, :] . q_j[:] (k and k1 multiples of
 // 16). In assembly because GCC 12, given the same loop in intrinsics, either copied every sum between two registers
 // each step or, unrolled, spilled one to the stack, whose store-to-load round trip on the sum's chain halved the
-// speed (measured: 28 against 62 G multiply-adds/s on one Zen 3 core). Sums in ymm0-7, weights ymm8-9,
+// speed (measured: 28 against 54 G multiply-adds/s on one Zen 3 core). Sums in ymm0-7, weights ymm8-9,
 // activations ymm10/13, products ymm11-12/14-15.
 inline void gemm_sums_4x2(const int8_t* w0, const int8_t* w1, const int16_t* x0, int64_t K, int64_t k, int64_t k1,
                           __m256i (&acc)[8]) {
@@ -94,7 +95,6 @@ inline void gemm_tile_int8(const Int8Rows& rows, int64_t n, const int16_t* xq, c
       alignas(32) float v[8];
       _mm256_store_ps(v, t);
       for (int i = 0; i < 8; ++i) total[i / NR][i % NR] += v[i];
-      continue;
     } else {  // the edges of a product
       for (int64_t k = k0; k < k1; k += 16) {
         __m256i w[NR];
@@ -104,15 +104,15 @@ inline void gemm_tile_int8(const Int8Rows& rows, int64_t n, const int16_t* xq, c
           for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(w[j], x));
         }
       }
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NR; ++j) total[m][j] += hsum_epi32_as_float(acc[m][j]);
     }
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NR; ++j) total[m][j] += hsum_epi32_as_float(acc[m][j]);
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NR; ++j) y[m * ldy + j] = total[m][j] * sx[m] * rows.row_scale(n + j);
 }
 
-// gemm_tile_int8 with MR and NR chosen at run time (the edges of the product), up to Vec::kGemmRows x kGemmCols.
+// gemm_tile_int8 with MR and NR chosen at run time (the edges of the product), up to kGemmRows x kGemmCols.
 template <int MR>
 inline void gemm_tile_int8_cols(int64_t nr, const Int8Rows& rows, int64_t n, const int16_t* xq, const float* sx,
                                 int64_t K, float* y, int64_t ldy) {
@@ -123,7 +123,7 @@ inline void gemm_tile_int8_cols(int64_t nr, const Int8Rows& rows, int64_t n, con
     gemm_tile_int8<MR, 1>(rows, n, xq, sx, K, y, ldy);
 }
 
-template <int MR = Vec::kGemmRows>
+template <int MR = kGemmRows>
 inline void gemm_tile_int8_any(int64_t mr, int64_t nr, const Int8Rows& rows, int64_t n, const int16_t* xq,
                                const float* sx, int64_t K, float* y, int64_t ldy) {
   if constexpr (MR > 1) {
@@ -146,8 +146,8 @@ inline void int8_gemm(const std::vector<Int8Mat>& mats, const int16_t* xq, const
     for (int64_t b = b0; b < b1; ++b) {
       const auto [first, count] = blocks[b];
       const auto [rows, r0] = stack.find(first);
-      for (int64_t m0 = 0; m0 < M; m0 += Vec::kGemmRows) {
-        const int64_t mr = std::min<int64_t>(Vec::kGemmRows, M - m0);
+      for (int64_t m0 = 0; m0 < M; m0 += kGemmRows) {
+        const int64_t mr = std::min<int64_t>(kGemmRows, M - m0);
         for (int64_t i = 0; i < count; i += kGemmCols) {
           const int64_t nr = std::min<int64_t>(kGemmCols, count - i);
           gemm_tile_int8_any(mr, nr, *rows, r0 + i, xq + m0 * K, sx + m0, K, y + m0 * N + first + i, N);

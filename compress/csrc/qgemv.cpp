@@ -64,7 +64,6 @@ struct Vec {
   using F = __m256;
   static constexpr int W = 8;
   static constexpr int kMaxRows = 4;  // 16 ymm registers: 4 rows x 2 accumulators + totals + weights
-  static constexpr int kGemmRows = 4;  // 4 x 2 int32 sums, 2 weight vectors, an activation and a product
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
@@ -96,7 +95,6 @@ struct Vec {
   using F = __m512;
   static constexpr int W = 16;
   static constexpr int kMaxRows = 8;  // 32 zmm registers
-  static constexpr int kGemmRows = 4;
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
