@@ -164,7 +164,15 @@ class Int4WeightOnlyLinear(nn.Module):
         return cls.from_quantized(q, scale, offset, group_size, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int4_linear(x, self.packed, self.scale, self.offset, self.group_size, self.bias)
+        return kernels.int4_linear(x, self.packed, self.scale, self.offset, self.group_size, self.bias,
+                                   self.kernel_offset())
+
+    def kernel_offset(self) -> torch.Tensor:
+        """``kernels.int4_kernel_offset`` of this layer, found again only when scale or offset changed."""
+        key = (self.scale.data_ptr(), self.scale._version, self.offset.data_ptr(), self.offset._version)
+        if getattr(self, "_kernel_key", None) != key:
+            self._kernel_offset, self._kernel_key = kernels.int4_kernel_offset(self.scale, self.offset), key
+        return self._kernel_offset
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -80,7 +80,11 @@ def _decode_product(modules: list[nn.Module]) -> tuple[Callable | None, int]:
         return (lambda x: ops.int8_dynamic_gemv(x, qs, scales)), rows
     group_sizes = {getattr(m, "group_size", 0) for m in modules}
     if kind is Int4WeightOnlyLinear and len(group_sizes) == 1 and modules[0].group_size % 16 == 0:
-        packed, scale, offset = [m.packed for m in modules], [m.scale for m in modules], [m.offset for m in modules]
+        packed, scale = [m.packed for m in modules], [m.scale for m in modules]
+        offset = [m.kernel_offset() for m in modules]  # none on the symmetric grid (kernels.int4_kernel_offset)
+        symmetric = [o.numel() == 0 for o in offset]
+        if any(symmetric) and not all(symmetric):  # grids mixed in one stack: every matrix on its offsets
+            offset = [m.offset for m in modules]
         gs = modules[0].group_size
         return (lambda x: ops.int4_gemv(x, packed, scale, offset, gs)), kernels.MAX_INT4_KERNEL_ROWS
     return None, 0

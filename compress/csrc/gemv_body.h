@@ -56,21 +56,6 @@ struct Int4Rows {
     const __m128i mask = _mm_set1_epi8(0xF);
     return _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)));
   }
-  // Where groups hold whole 64-weight chunks, a chunk's 32 bytes become four vectors of 16 int16 with shifts and
-  // masks alone: vector s holds nibble s of each 16-bit lane. That is not the weights' order, so the activations
-  // of each such chunk are stored in the same order instead (chunk64_order, applied by qgemv.cpp once per call).
-  // Groups of 32 are chunked too: a chunk's vectors then hold two groups, one per 128-bit half.
-  static bool chunked(int64_t gs) { return gs % 64 == 0 || gs == 32; }
-  bool chunked() const { return chunked(gs); }
-  void load64(int64_t n, int64_t k, __m256i* out) const { split64(q + n * (K / 2) + k / 2, out); }
-  static void split64(const uint8_t* p, __m256i* out) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i mask = _mm256_set1_epi16(0xF);
-    out[0] = _mm256_and_si256(v, mask);
-    out[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    out[2] = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask);
-    out[3] = _mm256_srli_epi16(v, 12);
-  }
 };
 
 // y[m, n] for MR activation rows and one float32 weight row n.
@@ -109,116 +94,95 @@ inline void row_tile(const F32Rows& rows, int64_t n, const float* x, int64_t K, 
   }
 }
 
-// The integer path for int8 and int4 weights: each activation row quantized to int16 with its own scale sx[m]
+// The integer path for int8 weights (and int4 ones in groups other than 32 or whole 64-weight chunks, which
+// row_tile_int4_q8 takes): each activation row quantized to int16 with its own scale sx[m]
 // (qgemv.cpp does that once per call; tested to cost under a tenth of the weights' own rounding error),
 // weights widened to int16, and one vpmaddwd multiplies 16 pairs and adds them into 8 int32 lanes: half the
 // instructions of widening to float, so the product stays memory-bound where the float path was compute-bound.
 // The int32 lanes are turned to float once per group (int4) or per kMaxInt8Span weights (int8), which also
 // bounds them: |q| <= 127, |xq| <= 32767 and 2048 / 16 sums of two products stay below 2^31.
 
-// The int32 dot products (8 lanes) of one 64-weight chunk split by Int4Rows::split64 with its 64 activations, which
-// quantize_rows stored in the same order.
-inline __m256i dot64(const __m256i* w, const int16_t* xq) {
-  const __m256i* x = reinterpret_cast<const __m256i*>(xq);
-  const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
-                                     _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1)));
-  const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)),
-                                     _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3)));
-  return _mm256_add_epi32(a, b);
+// The sum of the 8 lanes of v.
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
 }
 
-// row_tile_int4_chunked's groups when they hold whole 64-weight chunks (64, 128, ...), into ``total``.
-template <int MR>
-inline void row_groups_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t* xq, int64_t K,
-                                    __m256 (&total)[MR][2]) {
-  const int64_t G = rows.G, gs = rows.gs;
-  const uint8_t* w = rows.q + n * (K / 2);
-  const float* scale = rows.scale + n * G;
-  const int64_t whole = K / gs, chunks = gs / 64;  // groups of whole chunks; a shorter last one may follow
-  const uint8_t* wp = w;
-  const int16_t* xp = xq;
-  for (int64_t g = 0; g < whole; ++g) {
-    __m256i acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < chunks; ++c, wp += 32, xp += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
-      __m256i v[4];
-      Int4Rows::split64(wp, v);
-      for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_epi32(acc[m], dot64(v, xp + m * K));
-    }
-    const __m256 s = _mm256_set1_ps(scale[g]);
-    for (int m = 0; m < MR; ++m) total[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][g & 1]);
+// sum_i a[i] * b[i] in vectors of 8 on two sums (a scalar loop's chain of dependent adds, one per group of a
+// row, cost more than the row's products at 1.1B sizes).
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
   }
-  if (whole < G) {  // the last, shorter group: its whole chunks were permuted too, so they are read as chunks
-    __m256i acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-    int64_t k = whole * gs;
-    for (; k + 64 <= K; k += 64) {
-      __m256i v[4];
-      rows.load64(n, k, v);
-      for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_epi32(acc[m], dot64(v, xq + m * K + k));
-    }
-    for (; k < K; k += 16) {
-      const __m256i wv = rows.load16(n, k);
-      for (int m = 0; m < MR; ++m)
-        acc[m] = _mm256_add_epi32(
-            acc[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k))));
-    }
-    const __m256 s = _mm256_set1_ps(scale[whole]);
-    for (int m = 0; m < MR; ++m) total[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][0]);
-  }
+  float sum = hsum8(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
-// row_tile_int for packed int4 whose groups hold whole 64-weight chunks (Int4Rows::chunked): the common case, with
-// the row's pointers taken once and nothing but the chunk loop and one flush per group inside, since at 64 or 128
-// weights per group the generic loop's bookkeeping per group cost as much as the group's arithmetic. Two float
-// totals per activation row take alternate groups, so that the flushes do not wait on each other; the offsets'
-// share (sum over groups of offset * the group's activation sum) is one dot product after the loop.
-template <int MR>
-inline void row_tile_int4_chunked(const Int4Rows& rows, int64_t n, const int16_t* xq, const float* sx, int64_t K,
-                                  const float* xsum, float* y, int64_t ldy) {
-  const int64_t G = rows.G, gs = rows.gs;
+// Packed int4 on activations quantized to int8 per block of 32 weights (qgemv.cpp's quantize_blocks8, in QChunks of
+// 64): the arithmetic of llama.cpp's Q4 x Q8_0 products. A chunk's 32 bytes of weights become two vectors of 32
+// unsigned bytes, the low and the high nibbles, and vpmaddubsw multiplies each by its 32 int8 activations (stored in
+// the same order) and adds pairs into int16 lanes: 15 * 127 * 4 < 2^15, so the two results add without overflow.
+// One vpmaddwd by ones widens the sums to 8 int32 lanes, 4 per block of 32: lanes 0-3 are the chunk's weights 0-31,
+// lanes 4-7 weights 32-63 (every 16-weight block keeps its low nibbles in the low half). Each block's sum is
+// turned to float and scaled once, by its group's scale times its activations' scale. Against the 15-bit
+// activations' vpmaddwd on int16 weights (row_tile_int) this is half the activation bytes and 3 multiplies per 64
+// weights instead of 4, and it keeps 1.1B-class products bound by memory rather than arithmetic.
+//
+// The symmetric grid (offset = -8 * scale) is applied in the integers: each block's sum less 8 times the sum of its
+// activations (QChunk::corr), so its offsets are never read. Other grids add sum_g offset[g] * xsum[g] (the
+// groups' float activation sums) after the loop. kPairs: groups of 32, so a chunk's halves have scales 2c and
+// 2c + 1; else groups of whole chunks (64, 128, ...), one scale per chunk.
+template <int MR, bool kPairs, bool kSymmetric>
+inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act, int64_t chunks, const float* xsum,
+                             float* y, int64_t ldy) {
+  constexpr int T = MR == 1 ? 2 : 1;  // totals per row: with one row, two so that consecutive FMAs do not chain
+  const int64_t K = rows.K, G = rows.G, gs = rows.gs, whole = K / 64;
   const uint8_t* w = rows.q + n * (K / 2);
   const float* scale = rows.scale + n * G;
-  const float* offset = rows.offset + n * G;
-  __m256 total[MR][2];
-  for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
-  if (gs == 32) {
-    // Each chunk holds two groups: lanes 0-7 of its vectors are weights 0-31 (Int4Rows::split64), so the low half
-    // of each int32 sum is group 2c's and the high half group 2c + 1's, scaled by one vector of both scales.
-    const int64_t pairs = K / 64;
-    for (int64_t c = 0; c < pairs; ++c) {
-      const uint8_t* wp = w + 32 * c;
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
-      __m256i v[4];
-      Int4Rows::split64(wp, v);
-      const __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * c + 1]), _mm_set1_ps(scale[2 * c]));
-      for (int m = 0; m < MR; ++m)
-        total[m][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(v, xq + m * K + 64 * c)), s, total[m][c & 1]);
+  const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 total[MR][T];
+  for (int m = 0; m < MR; ++m)
+    for (int t = 0; t < T; ++t) total[m][t] = _mm256_setzero_ps();
+  const auto chunk = [&](__m256i v, __m256 ws, int64_t c) {
+    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    for (int m = 0; m < MR; ++m) {
+      const QChunk& a = act[m * chunks + c];
+      const __m256i pairs = _mm256_add_epi16(
+          _mm256_maddubs_epi16(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.lo))),
+          _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.hi))));
+      __m256i dot = _mm256_madd_epi16(pairs, ones);
+      if constexpr (kSymmetric) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.corr)));
+      const __m256 s = _mm256_mul_ps(ws, _mm256_load_ps(a.xs));
+      total[m][c % T] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, total[m][c % T]);
     }
-    for (int64_t g = 2 * pairs; g < G; ++g) {  // a last half chunk (in the weights' own order) and a partial group
-      __m256i acc[MR];
-      for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-      for (int64_t k = 32 * g; k < std::min(K, 32 * g + 32); k += 16) {
-        const __m256i wv = rows.load16(n, k);
-        for (int m = 0; m < MR; ++m)
-          acc[m] = _mm256_add_epi32(
-              acc[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k))));
-      }
-      const __m256 s = _mm256_set1_ps(scale[g]);
-      for (int m = 0; m < MR; ++m) total[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, total[m][0]);
-    }
-  } else {
-    row_groups_int4_chunked<MR>(rows, n, xq, K, total);
+  };
+  for (int64_t c = 0; c < whole; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 32 * c) + kPrefetchBytes, _MM_HINT_T0);
+    __m256 ws;
+    if constexpr (kPairs)  // scales 2c and 2c + 1, each over its half
+      ws = _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scale + 2 * c)))), halves);
+    else
+      ws = _mm256_set1_ps(scale[64 * c / gs]);
+    chunk(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c)), ws, c);
+  }
+  if (whole < chunks) {  // K % 64 weights left: their bytes copied out (no read past the row), the rest zero
+    alignas(32) uint8_t tail[32] = {};
+    std::memcpy(tail, w + 32 * whole, (K - 64 * whole) / 2);
+    const int64_t g = 64 * whole / gs, g2 = std::min(G - 1, (64 * whole + 32) / gs);
+    chunk(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)),
+          _mm256_set_m128(_mm_set1_ps(scale[g2]), _mm_set1_ps(scale[g])), whole);
   }
   for (int m = 0; m < MR; ++m) {
-    const __m256 t = _mm256_add_ps(total[m][0], total[m][1]);
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    float shift = 0.0f;
-    for (int64_t g = 0; g < G; ++g) shift += offset[g] * xsum[m * G + g];
-    y[m * ldy] = _mm_cvtss_f32(lo) * sx[m] + shift;
+    __m256 t = total[m][0];
+    for (int i = 1; i < T; ++i) t = _mm256_add_ps(t, total[m][i]);
+    y[m * ldy] = hsum8(t) + (kSymmetric ? 0.0f : dot(rows.offset + n * G, xsum + m * G, G));
   }
 }
 
@@ -237,7 +201,7 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
     const int64_t k1 = std::min(K, k0 + gs);
     __m256i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-    int64_t k = k0;  // (int4 in whole 64-weight chunks never comes here: row_tile_int4_chunked)
+    int64_t k = k0;
     // four blocks per step: one prefetch and one loop branch per 64 weights, two sums per row so that the adds
     // of consecutive blocks do not wait on each other
     __m256i acc2[MR];
@@ -275,10 +239,7 @@ inline void row_tile_int(const Rows& rows, int64_t n, const int16_t* xq, const f
     }
   }
   for (int m = 0; m < MR; ++m) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(total[m]), _mm256_extractf128_ps(total[m], 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    y[m * ldy] = _mm_cvtss_f32(lo) * sx[m] * rows.row_scale(n) + shift[m];
+    y[m * ldy] = hsum8(total[m]) * sx[m] * rows.row_scale(n) + shift[m];
   }
 }
 
@@ -345,13 +306,6 @@ void int_gemv(const Stack<Rows>& stack, const int16_t* xq, const float* sx, cons
               float* y) {
   const int64_t K = stack.K(), N = stack.rows_total();
   over_rows(stack, M, [&](const Rows& rows, int64_t r, int64_t n, int64_t m0, auto mr) {
-    if constexpr (Rows::kGrouped) {
-      if (rows.chunked()) {
-        row_tile_int4_chunked<decltype(mr)::value>(rows, r, xq + m0 * K, sx + m0, K, xsum + m0 * G, y + m0 * N + n,
-                                                   N);
-        return;
-      }
-    }
     row_tile_int<decltype(mr)::value>(rows, r, xq + m0 * K, sx + m0, K, xsum ? xsum + m0 * G : nullptr,
                                       y + m0 * N + n, N);
   });
@@ -368,6 +322,30 @@ inline void int4_gemv(const std::vector<Int4Mat>& mats, const int16_t* xq, const
   Stack<Int4Rows> stack;
   for (const auto& m : mats) stack.add(Int4Rows{m.q, m.scale, m.offset, m.K, m.G, m.gs}, m.N);
   int_gemv(stack, xq, sx, xsum, mats.front().G, M, y);
+}
+
+template <bool kPairs, bool kSymmetric>
+void int4_q8_tiles(const Stack<Int4Rows>& stack, const QChunk* act, int64_t chunks, const float* xsum, int64_t M,
+                   float* y) {
+  const int64_t G = stack.parts.front().G, N = stack.rows_total();
+  over_rows(stack, M, [&](const Int4Rows& rows, int64_t r, int64_t n, int64_t m0, auto mr) {
+    row_tile_int4_q8<decltype(mr)::value, kPairs, kSymmetric>(rows, r, act + m0 * chunks, chunks,
+                                                              xsum ? xsum + m0 * G : nullptr, y + m0 * N + n, N);
+  });
+}
+
+// int4 on int8 activation blocks (groups of 32 or of whole 64-weight chunks); xsum null: the symmetric grid.
+inline void int4_q8_gemv(const std::vector<Int4Mat>& mats, const QChunk* act, int64_t chunks, const float* xsum,
+                         int64_t M, float* y) {
+  Stack<Int4Rows> stack;
+  for (const auto& m : mats) stack.add(Int4Rows{m.q, m.scale, m.offset, m.K, m.G, m.gs}, m.N);
+  const bool pairs = mats.front().gs == 32;
+  if (xsum == nullptr)
+    pairs ? int4_q8_tiles<true, true>(stack, act, chunks, xsum, M, y)
+          : int4_q8_tiles<false, true>(stack, act, chunks, xsum, M, y);
+  else
+    pairs ? int4_q8_tiles<true, false>(stack, act, chunks, xsum, M, y)
+          : int4_q8_tiles<false, false>(stack, act, chunks, xsum, M, y);
 }
 
 // Packed int4 weight rows [n0, n0 + count) as float32 into dst [count, K], split between threads.

@@ -2,14 +2,16 @@
 //
 // At decode a linear layer multiplies a few activation rows by a large weight matrix, so its speed is the speed of
 // streaming the weights from memory. Keeping the weights int8 (or packed int4) and widening them in registers reads
-// 4x (8x) fewer bytes than a float32 product; those two multiply int16 weights with the activation rows quantized
-// to 15 bits (gemv_body.h says why and at what cost). The float32 product itself streams better here than ATen's
+// 4x (8x) fewer bytes than a float32 product. int8 weights multiply the activation rows quantized to 15 bits in
+// int16 lanes; packed int4 ones multiply activations quantized to int8 per block of 32, as llama.cpp's Q4 x Q8_0
+// (gemv_body.h says why and at what cost). The float32 product itself streams better here than ATen's
 // GEMV for up to 8 rows. The loops run on ATen's OpenMP threads (the extension is built with -fopenmp).
 //
 //   raypress::f32_gemv(x[M,K] f32, w[N,K] f32)                                   -> y[M,N] = x @ w.T
 //   raypress::int8_gemv(x[M,K] f32, q[N,K] i8, scale[N] f32)                     -> y[M,N] = (x @ q.T) * scale
 //   raypress::int8_dynamic_gemv(x, q, scale)                                   -> int8_gemv on x rounded to int8 per row
 //   raypress::int4_gemv(x[M,K] f32, q[N,K/2] u8, scale[N,G], offset[N,G], gs)    -> y[M,N] = x @ W.T
+//                                                                   (offset empty: the symmetric grid, -8 * scale)
 //   raypress::int4_widen_into(q, scale, offset, gs, n0, out)                    weight rows as float32, into out
 //
 // The products take a list of weight matrices (with their scales and offsets) that share x, and return their
@@ -34,8 +36,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -56,6 +59,16 @@ struct Int4Mat {
   const float* scale;
   const float* offset;
   int64_t N, K, G, gs;
+};
+
+// 64 activations of one row quantized to int8 in two blocks of 32, each with its own scale (as llama.cpp's Q8_0),
+// laid out for the int4 kernel (gemv_body.h, row_tile_int4_q8): lo[i] and hi[i] are the activations of the weights
+// in the low and the high nibble of the chunk's byte i; xs holds block 0's scale in lanes 0-3 and block 1's in
+// lanes 4-7, corr 8 times each block's sum of int8 values in lanes 0 and 4 (the symmetric grid's zero point).
+struct alignas(32) QChunk {
+  int8_t lo[32], hi[32];
+  float xs[8];
+  int32_t corr[8];
 };
 
 namespace avx2 {
@@ -175,12 +188,11 @@ struct IntActivations {
   std::vector<float> sx, xsum;
 };
 
-// Which weight of a 64-weight chunk of packed int4 lane i of vector s of Int4Rows::load64 holds: its byte is
-// 2i + s / 2 (two bytes per 16-bit lane, little-endian), its nibble s % 2; byte b of a 16-weight block holds weight
-// b (low nibble) and b + 8 (high).
-int64_t chunk64_weight(int64_t s, int64_t i) {
-  const int64_t byte = 2 * i + s / 2, block = byte / 8, b = byte % 8;
-  return block * 16 + b + 8 * (s % 2);
+// The largest of the 8 lanes of v.
+float lane_max(__m256 v) {
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
 
 // Row m of x [M, K] to int16 with the scale that maps its largest magnitude to qmax: xq = nearbyint(x / scale),
@@ -189,10 +201,7 @@ float quantize_row(const float* row, int64_t K, float qmax, int16_t* xq) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 most = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float largest = _mm_cvtss_f32(m4);
+  const float largest = lane_max(most);
   const float scale = largest > 0.0f ? largest / qmax : 1.0f;
   const __m256 s = _mm256_set1_ps(scale);
   for (int64_t k = 0; k < K; k += 16) {  // cvtps rounds to nearest even (the default rounding mode)
@@ -205,6 +214,15 @@ float quantize_row(const float* row, int64_t K, float qmax, int16_t* xq) {
   return scale;
 }
 
+// The float sums of each group of gs activations of a row (for int4's offsets), into out[ceil(K / gs)].
+void group_sums(const float* row, int64_t K, int64_t gs, float* out) {
+  for (int64_t g = 0; gs > 0 && g * gs < K; ++g) {
+    float sum = 0.0f;
+    for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) sum += row[k];
+    out[g] = sum;
+  }
+}
+
 IntActivations quantize_rows(const torch::Tensor& x, int64_t gs, float qmax = 32767.0f) {
   const int64_t M = x.size(0), K = x.size(1), G = gs ? (K + gs - 1) / gs : 0;
   const float* xp = x.data_ptr<float>();
@@ -215,17 +233,54 @@ IntActivations quantize_rows(const torch::Tensor& x, int64_t gs, float qmax = 32
       const float* row = xp + m * K;
       int16_t* xq = a.xq.data() + m * K;
       a.sx[m] = quantize_row(row, K, qmax, xq);
-      if (gs > 0 && (gs % 64 == 0 || gs == 32)) {  // Int4Rows::chunked: chunks read by load64, activations alike
-        int16_t chunk[64];
-        for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
-          for (int64_t j = 0; j < 64; ++j) chunk[j] = xq[k0 + chunk64_weight(j / 16, j % 16)];
-          std::copy(chunk, chunk + 64, xq + k0);
+      group_sums(row, K, gs, a.xsum.data() + m * G);
+    }
+  });
+  return a;
+}
+
+// The activations of the int4 kernel on int8 blocks: each row as ceil(K / 64) QChunks (zeros past K), and, where
+// the grid has offsets to apply (with_sums), each group's sum of the activations as rounded (block scale x int8
+// values). With the rounded sums the offsets see the same activations as the 4-bit values do, so the error is the
+// weights times the activations' rounding (as llama.cpp's Q4_1 x Q8_1); with the exact sums it grew with the
+// offsets, 3x the weights' own rounding error on a test with an outlier channel.
+struct BlockActivations {
+  std::vector<QChunk> chunks;
+  std::vector<float> xsum;
+  int64_t per_row;
+};
+
+BlockActivations quantize_blocks8(const torch::Tensor& x, int64_t gs, bool with_sums) {
+  const int64_t M = x.size(0), K = x.size(1), G = (K + gs - 1) / gs, C = (K + 63) / 64;
+  const float* xp = x.data_ptr<float>();
+  BlockActivations a{std::vector<QChunk>(M * C), std::vector<float>(with_sums ? M * G : 0), C};
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xp + m * K;
+      for (int64_t c = 0; c < C; ++c) {
+        QChunk& q = a.chunks[m * C + c];
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k0 = 64 * c + 32 * h, n = std::clamp<int64_t>(K - k0, 0, 32);
+          alignas(32) float v[32] = {};
+          std::memcpy(v, row + std::min(k0, K), n * sizeof(float));
+          const __m256 sign = _mm256_set1_ps(-0.0f);
+          __m256 most = _mm256_setzero_ps();
+          for (int i = 0; i < 32; i += 8) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, _mm256_load_ps(v + i)));
+          const float scale = lane_max(most) / 127.0f;
+          alignas(32) int32_t r[32] = {};
+          if (scale > 0.0f)  // rounded half to even, x / scale, as quantize_row
+            for (int i = 0; i < 32; i += 8)
+              _mm256_store_si256(reinterpret_cast<__m256i*>(r + i),
+                                 _mm256_cvtps_epi32(_mm256_div_ps(_mm256_load_ps(v + i), _mm256_set1_ps(scale))));
+          int32_t sum = 0;
+          for (int i = 0; i < 32; ++i) {  // weight i of the block: nibble (i % 16 >= 8) of byte 16h + i / 16 * 8 + i % 8
+            const int b = 16 * h + i / 16 * 8 + i % 8;
+            (i % 16 < 8 ? q.lo : q.hi)[b] = static_cast<int8_t>(r[i]);
+            sum += r[i];
+          }
+          for (int l = 0; l < 4; ++l) q.xs[4 * h + l] = scale, q.corr[4 * h + l] = l == 0 ? 8 * sum : 0;
+          if (with_sums && n > 0) a.xsum[m * G + k0 / gs] += scale * static_cast<float>(sum);
         }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float sum = 0.0f;
-        for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) sum += row[k];
-        a.xsum[m * G + g] = sum;
       }
     }
   });
@@ -305,20 +360,35 @@ torch::Tensor int8_dynamic_gemv(const torch::Tensor& x, at::TensorList q, at::Te
   return int8_product(x, q, scale, 127.0f);
 }
 
+// An empty offset tensor stands for the symmetric grid (offset = -8 * scale; kernels.int4_kernel_offset): the
+// int8-block kernel then never reads offsets. Groups of 32 or of whole 64-weight chunks take that kernel, other
+// group sizes the int16 one.
 torch::Tensor int4_gemv(const torch::Tensor& x, at::TensorList q, at::TensorList scale, at::TensorList offset,
                         int64_t gs) {
   TORCH_CHECK(!q.empty() && q.size() == scale.size() && q.size() == offset.size(),
               "give one scale and one offset per weight matrix (and at least one matrix)");
+  const bool symmetric = offset[0].numel() == 0;
+  const bool blocks8 = gs == 32 || gs % 64 == 0;
+  std::vector<torch::Tensor> offsets;  // the symmetric grid's, for the int16 kernel
   std::vector<Int4Mat> mats;
   for (size_t i = 0; i < q.size(); ++i) {
-    check_int4(q[i], scale[i], offset[i], gs);
+    TORCH_CHECK((offset[i].numel() == 0) == symmetric, "give every matrix its offsets, or none (symmetric) for all");
+    offsets.push_back(symmetric && !blocks8 ? scale[i] * -8.0 : offset[i]);
+    check_int4(q[i], scale[i], symmetric && blocks8 ? scale[i] : offsets.back(), gs);
     check_x(x, q[i].size(1) * 2);
-    mats.push_back({q[i].data_ptr<uint8_t>(), scale[i].data_ptr<float>(), offset[i].data_ptr<float>(), q[i].size(0),
+    mats.push_back({q[i].data_ptr<uint8_t>(), scale[i].data_ptr<float>(),
+                    symmetric && blocks8 ? nullptr : offsets.back().data_ptr<float>(), q[i].size(0),
                     q[i].size(1) * 2, scale[i].size(1), gs});
   }
-  const auto a = quantize_rows(x, gs);
   auto y = output(x, mats);
-  RAYPRESS_DISPATCH(int4_gemv, mats, a.xq.data(), a.sx.data(), a.xsum.data(), x.size(0), y.data_ptr<float>());
+  if (blocks8) {
+    const auto a = quantize_blocks8(x, gs, !symmetric);
+    RAYPRESS_DISPATCH(int4_q8_gemv, mats, a.chunks.data(), a.per_row, symmetric ? nullptr : a.xsum.data(), x.size(0),
+                      y.data_ptr<float>());
+  } else {
+    const auto a = quantize_rows(x, gs);
+    RAYPRESS_DISPATCH(int4_gemv, mats, a.xq.data(), a.sx.data(), a.xsum.data(), x.size(0), y.data_ptr<float>());
+  }
   return y;
 }
 

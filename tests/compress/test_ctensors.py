@@ -33,7 +33,11 @@ TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dyna
 
 @pytest.mark.parametrize("spec", list(TOLERANCE))
 def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logits(spec, tiny_causal, tmp_path,
-                                                                                   wikitext_texts, quick_spec):
+                                                                                   wikitext_texts, quick_spec,
+                                                                                   monkeypatch):
+    # the weights compared, not arithmetic: raypress's int4 on float products (its decode kernel rounds the
+    # activations to 8 bits per block of 32; test_kernels.py checks that arithmetic)
+    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 0)
     model = copy.deepcopy(tiny_causal.model)
     blocks = data.token_blocks(tiny_causal.tokenizer, wikitext_texts, 64, 4) if specs.needs_calibration(spec) else None
     specs.apply_(model, quick_spec(spec), blocks=blocks)
@@ -81,10 +85,12 @@ def test_variants_the_format_cannot_hold_are_refused_with_what_would_work(tiny_c
 
 @pytest.mark.parametrize("spec", ["int4-g32", "gptq-int4-g64"])
 def test_asymmetric_int4_exports_decompress_in_the_package_to_the_weights_raypress_holds(
-        spec, smollm2_loaded, make_tiny_llama, tmp_path, wikitext_texts):
+        spec, smollm2_loaded, make_tiny_llama, tmp_path, wikitext_texts, monkeypatch):
     """W4A16 with zero points: the package's own ModelCompressor decompresses the export to raypress's weights
     exactly, and raypress reads it back onto its kernels. (transformers 5.24's loader refuses this form: it expects
-    the zero points unpacked, [N, G], where the format packs them [N/8, G].)"""
+    the zero points unpacked, [N, G], where the format packs them [N/8, G].) The logits are compared on float
+    products: on the decode kernel, whose activations are rounded to 8 bits, a last-bit difference in an offset
+    can move an activation across a rounding step."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
     from safetensors.torch import load_file
@@ -114,6 +120,7 @@ def test_asymmetric_int4_exports_decompress_in_the_package_to_the_weights_raypre
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     back = models.load(out, device="cpu").model
     assert type(back.model.layers[1].mlp.up_proj) is qmodules.Int4WeightOnlyLinear
+    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 0)
     logits_diff = (_logprobs(model, ids) - _logprobs(back, ids)).abs().max()
     print(f"{spec}: {len(diffs)} layers, max |package's decompressed weight - raypress's| {max(diffs):.1e}; "
           f"reimported max |d log p| {logits_diff:.1e}")
@@ -133,8 +140,9 @@ def _float_twin(base, quantized):
 def test_smollm2_exports_load_in_transformers(smollm2_loaded, tmp_path):
     """The built-in model (its weights were 4-bit in the GGUF it ships as; here they are quantized again): what
     transformers loads is exactly the variant's weights; raypress's kernels add their own float rounding. W8A8
-    rounds SmolLM2's outlier activations to 8 bits on both sides, each its own way: far down the vocabulary's tail the
-    log-probs then differ by whole units, so it is compared by KL divergence and top-1 choice instead."""
+    rounds SmolLM2's outlier activations to 8 bits on both sides, each its own way, and raypress's int4 decode kernel
+    rounds them to 8 bits per block of 32 (as llama.cpp does): far down the vocabulary's tail the log-probs then
+    differ by whole units, so those two are compared by KL divergence and top-1 choice instead."""
     ids = torch.tensor([smollm2_loaded.tokenizer(PROMPT)["input_ids"]])
     for spec in ("int8", "int4s-g64", "int8-dynamic"):
         model = copy.deepcopy(smollm2_loaded.model)
@@ -142,17 +150,21 @@ def test_smollm2_exports_load_in_transformers(smollm2_loaded, tmp_path):
         saved = artifact.save(model, smollm2_loaded.tokenizer, tmp_path / spec, {"spec": spec})
         out = export.export(str(saved), tmp_path / f"{spec}-ct")
         theirs, ours = _logprobs(_hf_load(out), ids), _logprobs(model, ids)
-        if spec == "int8-dynamic":
+        if spec != "int8-dynamic":
+            exact = (theirs - _logprobs(_float_twin(smollm2_loaded.model, model), ids)).abs().max()
+            print(f"smollm2 {spec}: max |d log p| transformers vs the variant's weights in float {exact:.2e}")
+            assert exact < 1e-4
+        if spec == "int8":
+            kernels_diff = (theirs - ours).abs().max()
+            print(f"smollm2 {spec}: max |d log p| transformers vs raypress's kernels {kernels_diff:.2e}")
+            assert kernels_diff < 0.1
+        else:
             kl = (ours.exp() * (ours - theirs)).sum(-1).mean()
             top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
             print(f"smollm2 {spec}: transformers vs raypress's kernels: KL {kl:.2e}, top-1 agreement {top1:.3f}")
-            assert kl < 0.2 and top1 >= 0.9  # measured 0.081 and 1.0; each is about as far from the float model
-            continue
-        exact = (theirs - _logprobs(_float_twin(smollm2_loaded.model, model), ids)).abs().max()
-        kernels_diff = (theirs - ours).abs().max()
-        print(f"smollm2 {spec}: max |d log p| transformers vs the variant's weights in float {exact:.2e}, "
-              f"vs raypress's kernels {kernels_diff:.2e}")
-        assert exact < 1e-4 and kernels_diff < 0.1
+            # measured: int8-dynamic 0.081 and 1.0, int4s-g64 0.015 and 0.85 (11 of 13 tokens); over wikitext,
+            # int4's 8-bit activation blocks moved its KL to the float model from 0.494 to 0.498
+            assert kl < 0.2 and top1 >= (0.9 if spec == "int8-dynamic" else 0.75)
 
 
 @pytest.mark.parametrize("scheme", ["w4a16-asymmetric-g32", "w8a16", "w8a8-dynamic"])
@@ -179,7 +191,7 @@ def test_a_checkpoint_written_by_the_package_loads_onto_raypress_kernels(scheme,
                            "w8a16": qmodules.Int8WeightOnlyLinear, "w8a8-dynamic": qmodules.Int8DynamicLinear}[scheme]
     diff = (reference - _logprobs(loaded, ids)).abs().max()
     print(f"{scheme}: max |d log p| raypress kernels vs the package's own forward {diff:.2e}")
-    assert diff < (0.05 if scheme == "w8a8-dynamic" else 1e-3)
+    assert diff < (1e-3 if scheme == "w8a16" else 0.05)  # int8 activations: per token, or per block of 32 (int4)
 
 
 def test_packing_round_trips_and_matches_the_packages_own():
