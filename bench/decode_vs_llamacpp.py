@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import data, gguf_export, models, specs  # noqa: E402
 from compress.cpu import cpu_description  # noqa: E402
 from compress.kernels import kernel_isa  # noqa: E402
+from compress.qmodules import Int4WeightOnlyLinear  # noqa: E402
 from engine import speed  # noqa: E402
 
 # Llama shapes of real models, for random weights: TinyLlama-1.1B and Llama-3.2-3B (with SmolLM2's vocabulary)
@@ -76,12 +77,15 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 def matrix_bytes(model) -> int:
     """Bytes of the weights a decode step reads once per token: every linear layer (the output head included;
-    raypress reads a tied head from the embedding's table), not the embedding lookup."""
+    raypress reads a tied head from the embedding's table), not the embedding lookup; not the offsets of int4 on the
+    symmetric grid, which its kernel never reads (kernels.int4_kernel_offset)."""
     total = 0
     for name, mod in model.named_modules():
         if name.endswith(("_proj", "lm_head")):
+            unread = {id(mod.offset)} if isinstance(mod, Int4WeightOnlyLinear) and not mod.kernel_offset().numel() \
+                else set()
             total += sum(t.numel() * t.element_size() for t in (*mod.parameters(recurse=False),
-                                                              *mod.buffers(recurse=False)))
+                                                              *mod.buffers(recurse=False)) if id(t) not in unread)
     return total
 
 

@@ -140,16 +140,19 @@ inline float dot(const float* a, const float* b, int64_t n) {
 template <int MR, bool kPairs, bool kSymmetric>
 inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act, int64_t chunks, const float* xsum,
                              float* y, int64_t ldy) {
-  constexpr int T = MR == 1 ? 2 : 1;  // totals per row: with one row, two so that consecutive FMAs do not chain
+  // With one row, two sets of totals take alternate chunks so that consecutive FMAs do not chain. Each set is named
+  // by a constant index (the loop below is unrolled by hand): indexed by c % 2, GCC kept them on the stack, and the
+  // store-to-load round trip on every chunk halved the loop's speed.
+  constexpr int T = MR == 1 ? 2 : 1;
   const int64_t K = rows.K, G = rows.G, gs = rows.gs, whole = K / 64;
   const uint8_t* w = rows.q + n * (K / 2);
   const float* scale = rows.scale + n * G;
   const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
   const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  __m256 total[MR][T];
-  for (int m = 0; m < MR; ++m)
-    for (int t = 0; t < T; ++t) total[m][t] = _mm256_setzero_ps();
-  const auto chunk = [&](__m256i v, __m256 ws, int64_t c) {
+  __m256 total[T][MR];
+  for (int t = 0; t < T; ++t)
+    for (int m = 0; m < MR; ++m) total[t][m] = _mm256_setzero_ps();
+  const auto chunk = [&](__m256i v, __m256 ws, int64_t c, __m256(&sums)[MR]) {
     const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
     for (int m = 0; m < MR; ++m) {
       const QChunk& a = act[m * chunks + c];
@@ -158,11 +161,10 @@ inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act,
           _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.hi))));
       __m256i dot = _mm256_madd_epi16(pairs, ones);
       if constexpr (kSymmetric) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.corr)));
-      const __m256 s = _mm256_mul_ps(ws, _mm256_load_ps(a.xs));
-      total[m][c % T] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, total[m][c % T]);
+      sums[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_load_ps(a.xs)), sums[m]);
     }
   };
-  for (int64_t c = 0; c < whole; ++c) {
+  const auto whole_chunk = [&](int64_t c, __m256(&sums)[MR]) {
     _mm_prefetch(reinterpret_cast<const char*>(w + 32 * c) + kPrefetchBytes, _MM_HINT_T0);
     __m256 ws;
     if constexpr (kPairs)  // scales 2c and 2c + 1, each over its half
@@ -170,18 +172,24 @@ inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act,
           _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scale + 2 * c)))), halves);
     else
       ws = _mm256_set1_ps(scale[64 * c / gs]);
-    chunk(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c)), ws, c);
+    chunk(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c)), ws, c, sums);
+  };
+  int64_t c = 0;
+  for (; c + T <= whole; c += T) {
+    whole_chunk(c, total[0]);
+    if constexpr (T == 2) whole_chunk(c + 1, total[T - 1]);
   }
+  for (; c < whole; ++c) whole_chunk(c, total[0]);
   if (whole < chunks) {  // K % 64 weights left: their bytes copied out (no read past the row), the rest zero
     alignas(32) uint8_t tail[32] = {};
     std::memcpy(tail, w + 32 * whole, (K - 64 * whole) / 2);
     const int64_t g = 64 * whole / gs, g2 = std::min(G - 1, (64 * whole + 32) / gs);
     chunk(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)),
-          _mm256_set_m128(_mm_set1_ps(scale[g2]), _mm_set1_ps(scale[g])), whole);
+          _mm256_set_m128(_mm_set1_ps(scale[g2]), _mm_set1_ps(scale[g])), whole, total[0]);
   }
   for (int m = 0; m < MR; ++m) {
-    __m256 t = total[m][0];
-    for (int i = 1; i < T; ++i) t = _mm256_add_ps(t, total[m][i]);
+    __m256 t = total[0][m];
+    if constexpr (T == 2) t = _mm256_add_ps(t, total[T - 1][m]);
     y[m * ldy] = hsum8(t) + (kSymmetric ? 0.0f : dot(rows.offset + n * G, xsum + m * G, G));
   }
 }
