@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 # int8 weights take the extension's product at any number of activation rows: a GEMV for a few (decode), an
 # integer GEMM for many (prefill; about 1.5x float32's GEMM on AVX2, see csrc/gemm_body.h). int4 ones take its GEMV up
 # to MAX_INT4_KERNEL_ROWS rows; above it, widening the layer's weights to float32 in one parallel pass and then ATen's
-# GEMM is faster (the widened layer stays in the last-level cache). Measured with a model's worth of SmolLM2 layers
-# streamed from memory, 2 cores: at 48 rows the int4 kernel ran 1.2x float32's speed, the widen + GEMM path 1.15x.
+# GEMM is faster (the widened layer stays in the last-level cache). Measured on the int8-activation int4 kernel, a
+# layer of TinyLlama-1.1B's shapes and six of SmolLM2's, 2 cores of a Zen 3 EPYC: the kernel ran 2.3x / 1.7x the
+# widen + GEMM path's speed at 32 rows, 1.5x / 1.4x at 64, 1.12x / 1.05x at 128 and 0.89x / 0.83x at 256.
 # The int4 kernel rounds the activations to int8 per block of 32 (llama.cpp's arithmetic for its Q4 formats); the
 # sweep's evaluation (blocks of 256 tokens) runs on the float GEMM. Measured on SmolLM2 over wikitext with every
 # product forced onto the kernel: KL to the float model 0.494 -> 0.498 (int4s-g32), 0.388 -> 0.393 (int4-g32),
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 # int8-dynamic's products beyond MAX_INT8_KERNEL_ROWS rows go to fbgemm where its int8 GEMM is exact (CPUs with
 # VNNI: about 3x float32); below it fbgemm's per-call cost outweighs that, and raypress's kernels run them.
 MAX_INT8_KERNEL_ROWS = 48
-MAX_INT4_KERNEL_ROWS = 32
+MAX_INT4_KERNEL_ROWS = 128
 
 
 _UNSET = object()

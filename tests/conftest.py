@@ -107,6 +107,16 @@ def make_tiny_llama(smollm2_loaded):
 
 
 @pytest.fixture
+def float_int4_products(monkeypatch):
+    """int4 layers on float products at every size, for tests that compare weights (an export read back by another
+    loader) rather than arithmetic: raypress's int4 kernel rounds the activations to 8 bits per block of 32, as
+    llama.cpp does (tests/compress/test_kernels.py checks that arithmetic), which a float loader does not."""
+    from compress import kernels
+
+    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 0)
+
+
+@pytest.fixture
 def quick_spec():
     """quick_spec("distill-L1") -> the spec with distillation trained on 512 tokens instead of its default budget:
     for tests of what a variant is (its layout, its export, its reload), which the training length does not change."""

@@ -34,10 +34,7 @@ TOLERANCE = {"int8": 1e-3, "int4s-g32": 1e-3, "gptq-int4s-g32": 1e-3, "int8-dyna
 @pytest.mark.parametrize("spec", list(TOLERANCE))
 def test_an_export_loads_in_transformers_and_back_in_raypress_with_the_same_logits(spec, tiny_causal, tmp_path,
                                                                                    wikitext_texts, quick_spec,
-                                                                                   monkeypatch):
-    # the weights compared, not arithmetic: raypress's int4 on float products (its decode kernel rounds the
-    # activations to 8 bits per block of 32; test_kernels.py checks that arithmetic)
-    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 0)
+                                                                                   float_int4_products):
     model = copy.deepcopy(tiny_causal.model)
     blocks = data.token_blocks(tiny_causal.tokenizer, wikitext_texts, 64, 4) if specs.needs_calibration(spec) else None
     specs.apply_(model, quick_spec(spec), blocks=blocks)
@@ -85,11 +82,11 @@ def test_variants_the_format_cannot_hold_are_refused_with_what_would_work(tiny_c
 
 @pytest.mark.parametrize("spec", ["int4-g32", "gptq-int4-g64"])
 def test_asymmetric_int4_exports_decompress_in_the_package_to_the_weights_raypress_holds(
-        spec, smollm2_loaded, make_tiny_llama, tmp_path, wikitext_texts, monkeypatch):
+        spec, smollm2_loaded, make_tiny_llama, tmp_path, wikitext_texts, float_int4_products):
     """W4A16 with zero points: the package's own ModelCompressor decompresses the export to raypress's weights
     exactly, and raypress reads it back onto its kernels. (transformers 5.24's loader refuses this form: it expects
     the zero points unpacked, [N, G], where the format packs them [N/8, G].) The logits are compared on float
-    products: on the decode kernel, whose activations are rounded to 8 bits, a last-bit difference in an offset
+    products: on the int4 kernel, whose activations are rounded to 8 bits, a last-bit difference in an offset
     can move an activation across a rounding step."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
@@ -120,7 +117,6 @@ def test_asymmetric_int4_exports_decompress_in_the_package_to_the_weights_raypre
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     back = models.load(out, device="cpu").model
     assert type(back.model.layers[1].mlp.up_proj) is qmodules.Int4WeightOnlyLinear
-    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 0)
     logits_diff = (_logprobs(model, ids) - _logprobs(back, ids)).abs().max()
     print(f"{spec}: {len(diffs)} layers, max |package's decompressed weight - raypress's| {max(diffs):.1e}; "
           f"reimported max |d log p| {logits_diff:.1e}")

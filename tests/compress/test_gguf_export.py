@@ -20,7 +20,7 @@ EXPECTED = {("int8", "f32"): "Q8_0", ("int4-g32", "f32"): "Q4_1", ("int4s-g64", 
 
 @pytest.mark.parametrize("spec,gguf_float", list(EXPECTED))
 def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spec, gguf_float, tiny_causal,
-                                                                            tmp_path, quick_spec, monkeypatch):
+                                                                            tmp_path, quick_spec, float_int4_products):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = copy.deepcopy(tiny_causal.model)
@@ -41,9 +41,6 @@ def test_an_export_loads_in_transformers_with_the_variants_logits_and_tokens(spe
     assert ("blk.1.attn_q.weight" in kinds) == (spec != "distill-L1")
     ids = torch.tensor([tiny_causal.tokenizer(TEXT)["input_ids"]])
     theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
-    # the weights compared, not arithmetic: raypress's int4 on float products (its decode kernel rounds the
-    # activations to 8 bits per block of 32, as llama.cpp does; test_kernels.py checks that arithmetic)
-    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 0)
     with torch.inference_mode():
         diff = (torch.log_softmax(model(ids).logits, -1) - torch.log_softmax(theirs(ids).logits, -1)).abs().max()
     print(f"{spec} ({gguf_float}): max |d log p| raypress vs transformers reading the GGUF {diff:.2e}")

@@ -160,7 +160,8 @@ def plan_of(model, up: str) -> dict[str, str]:
     return {name: fmt(name) for name in sensitivity.layers(model)}
 
 
-def test_a_mix_exports_to_compressed_tensors_with_a_group_per_scheme(make_tiny_llama, tiny_causal, tmp_path):
+def test_a_mix_exports_to_compressed_tensors_with_a_group_per_scheme(make_tiny_llama, tiny_causal, tmp_path,
+                                                                    float_int4_products):
     from transformers import AutoModelForCausalLM
 
     model = make_tiny_llama(hidden=128)  # symmetric int4: transformers' loader refuses zero points (test_ctensors)
@@ -186,7 +187,7 @@ def test_a_mix_exports_to_compressed_tensors_with_a_group_per_scheme(make_tiny_l
     assert type(block.mlp.down_proj) is torch.nn.Linear
 
 
-def test_a_mix_exports_to_gguf_with_a_type_per_tensor(make_tiny_llama, tiny_causal, tmp_path):
+def test_a_mix_exports_to_gguf_with_a_type_per_tensor(make_tiny_llama, tiny_causal, tmp_path, float_int4_products):
     from transformers import AutoModelForCausalLM
 
     model = make_tiny_llama(hidden=128)

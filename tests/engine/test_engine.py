@@ -267,10 +267,12 @@ def test_the_lean_forward_matches_hf_forward_on_quantized_modules(make_tiny_llam
             for seq, _ in step.parts:
                 engine.scheduler.free(seq)
     assert first[0].shape == (3, model.config.vocab_size)
-    # int8-dynamic rounds activations to 8 bits per token: a last-bit difference in a normalised input (the lean
-    # forward's RMSNorm sums in another order) can move one across a rounding boundary
-    tol = 2e-3 if scheme == "int8-dynamic" else 1e-4
-    assert torch.allclose(first[0], first[1], rtol=tol, atol=tol)
+    # int8-dynamic rounds activations to 8 bits per token, int4's kernel per block of 32: a last-bit difference in a
+    # normalised input (the lean forward's RMSNorm sums in another order) can move one across a rounding boundary
+    if scheme == "int8":
+        assert torch.allclose(first[0], first[1], rtol=1e-4, atol=1e-4)
+    else:
+        assert (first[0] - first[1]).norm() / first[1].norm() < 1e-2
     params = [SamplingParams(max_tokens=6)] * 3
     assert [g.token_ids for g in lean.generate(prompts, params)] == [g.token_ids for g in hf.generate(prompts, params)]
 
