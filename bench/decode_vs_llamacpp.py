@@ -82,10 +82,10 @@ def matrix_bytes(model) -> int:
     total = 0
     for name, mod in model.named_modules():
         if name.endswith(("_proj", "lm_head")):
-            unread = {id(mod.offset)} if isinstance(mod, Int4WeightOnlyLinear) and not mod.kernel_offset().numel() \
-                else set()
+            symmetric = isinstance(mod, Int4WeightOnlyLinear) and not mod.kernel_offset().numel()
             total += sum(t.numel() * t.element_size() for t in (*mod.parameters(recurse=False),
-                                                              *mod.buffers(recurse=False)) if id(t) not in unread)
+                                                              *mod.buffers(recurse=False))
+                         if not (symmetric and t is mod.offset))
     return total
 
 

@@ -167,13 +167,14 @@ void check_int8(const torch::Tensor& q, const torch::Tensor& scale) {
               "scale must be contiguous f32 [N]");
 }
 
+// offset undefined: the symmetric grid, whose offsets the int8-block kernel does not read.
 void check_int4(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs) {
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous u8 [N,K/2]");
   TORCH_CHECK(gs > 0 && gs % 16 == 0, "group size must be a multiple of 16");
-  TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
-                  offset.scalar_type() == torch::kFloat32 && scale.sizes() == offset.sizes() &&
-                  scale.dim() == 2 && scale.size(0) == q.size(0) &&
-                  scale.size(1) == (q.size(1) * 2 + gs - 1) / gs,
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == torch::kFloat32 && scale.dim() == 2 &&
+                  scale.size(0) == q.size(0) && scale.size(1) == (q.size(1) * 2 + gs - 1) / gs &&
+                  (!offset.defined() || (offset.is_contiguous() && offset.scalar_type() == torch::kFloat32 &&
+                                         offset.sizes() == scale.sizes())),
               "scale and offset must be contiguous f32 [N, ceil(K / group size)]");
 }
 
@@ -369,16 +370,17 @@ torch::Tensor int4_gemv(const torch::Tensor& x, at::TensorList q, at::TensorList
               "give one scale and one offset per weight matrix (and at least one matrix)");
   const bool symmetric = offset[0].numel() == 0;
   const bool blocks8 = gs == 32 || gs % 64 == 0;
-  std::vector<torch::Tensor> offsets;  // the symmetric grid's, for the int16 kernel
+  std::vector<torch::Tensor> offsets;  // each matrix's: none for the int8-block kernel on the symmetric grid
   std::vector<Int4Mat> mats;
   for (size_t i = 0; i < q.size(); ++i) {
     TORCH_CHECK((offset[i].numel() == 0) == symmetric, "give every matrix its offsets, or none (symmetric) for all");
-    offsets.push_back(symmetric && !blocks8 ? scale[i] * -8.0 : offset[i]);
-    check_int4(q[i], scale[i], symmetric && blocks8 ? scale[i] : offsets.back(), gs);
+    // the int16 kernel reads offsets on every grid: the symmetric grid's made here
+    offsets.push_back(!symmetric ? offset[i] : blocks8 ? torch::Tensor() : scale[i] * -8.0);
+    const torch::Tensor& o = offsets.back();
+    check_int4(q[i], scale[i], o, gs);
     check_x(x, q[i].size(1) * 2);
-    mats.push_back({q[i].data_ptr<uint8_t>(), scale[i].data_ptr<float>(),
-                    symmetric && blocks8 ? nullptr : offsets.back().data_ptr<float>(), q[i].size(0),
-                    q[i].size(1) * 2, scale[i].size(1), gs});
+    mats.push_back({q[i].data_ptr<uint8_t>(), scale[i].data_ptr<float>(), o.defined() ? o.data_ptr<float>() : nullptr,
+                    q[i].size(0), q[i].size(1) * 2, scale[i].size(1), gs});
   }
   auto y = output(x, mats);
   if (blocks8) {
@@ -404,6 +406,7 @@ void check_out(const torch::Tensor& out, int64_t K, int64_t N, int64_t n0) {
 
 void int4_widen_into(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& offset, int64_t gs,
                      int64_t n0, torch::Tensor out) {
+  TORCH_CHECK(offset.numel() > 0, "widening takes the offsets of every grid");
   check_int4(q, scale, offset, gs);
   check_out(out, q.size(1) * 2, q.size(0), n0);
   RAYPRESS_DISPATCH(int4_widen, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
