@@ -244,25 +244,33 @@ class Engine:
         start = time.perf_counter()
         step = s.schedule()
         if step.parts:
-            self._run(step)
+            self._run(step, start)
+        else:
+            self.metrics.add_phase("schedule", time.perf_counter() - start)
         self.metrics.observe_step(time.perf_counter() - start, step.num_decode)
 
-    def _run(self, step: Step) -> None:
-        """One forward over the step's parts; sample where a part reaches the end of its tokens, and publish."""
-        parts = step.parts
+    def _run(self, step: Step, start: float) -> None:
+        """One forward over the step's parts; sample where a part reaches the end of its tokens, and publish. The
+        time of each phase (``engine.metrics.PHASES``) from ``start`` is added to the metrics."""
+        parts, phase = step.parts, self.metrics.add_phase
         try:
             batch = pack(step, self.cache)
+            packed = time.perf_counter()
             logits = self.runner.forward(batch)
         except Exception as e:  # the step's requests fail with the reason; the engine goes on with new ones
             log.exception("raypress engine: a forward over %d requests failed", len(parts))
             for seq, _ in parts:
                 self._finish(seq, final_event(seq, "error", error=f"{type(e).__name__}: {e}"))
             return
+        forward = time.perf_counter()
+        phase("forward_prefill" if len(parts) > step.num_decode else "forward_decode", forward - packed)
         rows = batch.layout.part_rows  # each part's rows of the logits: all of a chunk's for prompt logprobs
         for (seq, _), part in zip(parts, rows, strict=True):
             if len(part) > 1:
                 add_prompt_logprobs(seq, logits[part.start : part.stop])
         ready = self.scheduler.advance(parts)
+        sampling = time.perf_counter()
+        phase("schedule", sampling - forward + packed - start)
         if not ready:
             return
         seqs = [parts[r][0] for r in ready]
@@ -274,6 +282,12 @@ class Engine:
         except Exception:  # one row's parameters must not fail the others: sample row by row
             chosen = logits[last]
             tokens = [self._sample_one(seq, chosen[i : i + 1]) for i, seq in enumerate(seqs)]
+        output = time.perf_counter()
+        phase("sample", output - sampling)
+        self._publish(seqs, last, tokens, logits)
+        phase("output", time.perf_counter() - output)
+
+    def _publish(self, seqs: list[Sequence], last: list[int], tokens: list[int | None], logits) -> None:
         for row, seq, token in zip(last, seqs, tokens, strict=True):
             if token is None:
                 continue

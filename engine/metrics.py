@@ -2,6 +2,7 @@
 
     metrics = EngineMetrics()
     metrics.observe_step(seconds, decode_batch=8)
+    metrics.add_phase("forward_decode", seconds)                      # where the steps' time went, summed
     snapshot = metrics.snapshot(running=3, waiting=0, max_num_seqs=16, cache=CacheStats(...))   # an EngineStats
 
 The engine's thread writes; readers take a snapshot, whose counters are plain numbers and whose histograms are
@@ -75,6 +76,7 @@ class EngineStats:
     step_s: Histogram
     decode_batch: Histogram
     cache: CacheStats
+    phase_s: dict[str, float]  # seconds of steps spent in each of PHASES, summed over all steps
 
     def counters(self) -> dict:
         """The plain numbers, by name (what /stats answers)."""
@@ -84,7 +86,14 @@ class EngineStats:
                 "generation_tokens_per_s": self.generation_tokens_per_s, "kv_blocks": self.cache.blocks,
                 "kv_blocks_free": self.cache.free_blocks, "kv_blocks_cached": self.cache.cached_blocks,
                 "prefix_cache_hit_rate": self.cache.hit_rate, "cached_prompt_tokens": self.cache.cached_tokens,
-                "preemptions": self.cache.preemptions}
+                "preemptions": self.cache.preemptions, "step_phase_seconds": dict(self.phase_s)}
+
+
+# Where a step's time goes: choosing its parts, packing them and advancing its sequences after the forward (with the
+# prompt logprobs of requests that ask for them); the forward of a step that runs prompt chunks (with the decode rows
+# it carries) or of a decode-only step; sampling (penalties, bias and grammars included); and publishing each
+# request's output (detokenizing, stop strings, logprobs).
+PHASES = ("schedule", "forward_prefill", "forward_decode", "sample", "output")
 
 
 class EngineMetrics:
@@ -99,6 +108,11 @@ class EngineMetrics:
         self.step_s = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         # (time, generation tokens) after each step of the last RATE_WINDOW_S, and the one step before them
         self._recent: deque[tuple[float, int]] = deque()
+        self.phase_s = dict.fromkeys(PHASES, 0.0)
+
+    def add_phase(self, phase: str, seconds: float) -> None:
+        """``seconds`` of a step went to ``phase`` (one of PHASES)."""
+        self.phase_s[phase] += seconds
 
     def observe_step(self, seconds: float, decode_batch: int) -> None:
         """A step ended: it took ``seconds`` and decoded ``decode_batch`` running sequences."""
@@ -132,4 +146,4 @@ class EngineMetrics:
             prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, steps=self.steps,
             max_decode_batch=self.max_decode_batch, generation_tokens_per_s=self.tokens_per_s(),
             ttft_s=copy.deepcopy(self.ttft_s), step_s=copy.deepcopy(self.step_s),
-            decode_batch=copy.deepcopy(self.decode_batch), cache=cache)
+            decode_batch=copy.deepcopy(self.decode_batch), cache=cache, phase_s=dict(self.phase_s))

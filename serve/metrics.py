@@ -45,6 +45,10 @@ def prometheus_text(stats: EngineStats, model: str) -> str:
            round(c.hit_rate, 4))
     metric("raypress_preemptions_total", "counter", "Running requests sent back to wait for KV blocks.",
            c.preemptions)
+    name = "raypress_step_phase_seconds_total"
+    lines.extend([f"# HELP {name} Seconds of engine steps spent in each phase (schedule, forward_prefill, "
+                  "forward_decode, sample, output).", f"# TYPE {name} counter"])
+    lines.extend(f'{name}{{{label},phase="{phase}"}} {seconds}' for phase, seconds in stats.phase_s.items())
     histogram("raypress_time_to_first_token_seconds", "Time from arrival to the first token.", stats.ttft_s)
     histogram("raypress_step_seconds", "Time of one engine step (prompt chunks and one decode forward).",
               stats.step_s)

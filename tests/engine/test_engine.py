@@ -50,7 +50,11 @@ def test_greedy_is_token_identical_to_hf_for_requests_arriving_at_different_time
                 engine.step()
         while not all(h.done for h in handles):
             engine.step()
-    assert engine.stats().max_decode_batch == 3  # slots were shared, moved and reused
+    stats = engine.stats()
+    assert stats.max_decode_batch == 3  # slots were shared, moved and reused
+    # every phase of a step was timed, and the phases account for the steps' time
+    assert all(stats.phase_s[p] > 0 for p in ("schedule", "forward_prefill", "forward_decode", "sample", "output"))
+    assert 0.9 * stats.step_s.sum <= sum(stats.phase_s.values()) <= stats.step_s.sum
     for p, n, h in zip(prompts, lengths, handles, strict=True):
         g = h.result()
         expected = hf_greedy(model, p, n, engine.eos)

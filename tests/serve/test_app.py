@@ -262,7 +262,8 @@ def test_logprobs_in_chat_and_completions(client):
 def test_metrics_page_in_prometheus_text(smol_url):
     text = requests.get(f"{smol_url}/metrics", timeout=30).text
     for name in ("raypress_requests_running", "raypress_requests_waiting", "raypress_generation_tokens_total",
-                 "raypress_time_to_first_token_seconds_bucket", "raypress_step_seconds_count"):
+                 "raypress_time_to_first_token_seconds_bucket", "raypress_step_seconds_count",
+                 'raypress_step_phase_seconds_total{model="smol",phase="forward_decode"}'):
         assert name in text
     total = next(line for line in text.splitlines() if line.startswith("raypress_generation_tokens_total"))
     assert float(total.split()[-1]) > 0
