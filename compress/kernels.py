@@ -67,15 +67,16 @@ def _build():
         from torch.utils.cpp_extension import load
 
         csrc = Path(__file__).with_name("csrc")
-        sources = [csrc / "qgemv.cpp", csrc / "decode_ops.cpp", csrc / "gemv_body.h", csrc / "gemm_body.h"]
+        sources = [csrc / "qgemv.cpp", csrc / "decode_ops.cpp", csrc / "decode_layers.cpp", csrc / "ops.h",
+                   csrc / "gemv_body.h", csrc / "gemm_body.h"]
         # torch's build cache looks at the .cpp files only: the name carries a digest of every file, header included
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
         # -fopenmp lets ATen's parallel_for use torch's OpenMP threads (without it the loops run on one core);
         # the OpenMP symbols resolve to the runtime torch has already loaded. The AVX-512 copy of the kernels is
         # compiled under a target pragma inside the same file and only runs where cpuid reports AVX-512.
         flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-        load(name=f"raypress_kernels_{digest}", sources=[str(p) for p in sources[:2]], extra_cflags=flags,
-             verbose=False, is_python_module=False)
+        load(name=f"raypress_kernels_{digest}", sources=[str(p) for p in sources if p.suffix == ".cpp"],
+             extra_cflags=flags, verbose=False, is_python_module=False)
         _register_fakes()
         log.info("raypress CPU kernels: %s", torch.ops.raypress.isa())
         return torch.ops.raypress
@@ -130,6 +131,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "decode_attention")
     def _(q, keys, values, tables, lengths, scale, window):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake(lib + "decode_layers")
+    def _(h, weights, scales, offsets, kind, gs, norms, biases, cos, sin, keys, values, tables, lengths, blocks,
+          positions, heads, scaling, eps, window):
+        return torch.empty_like(h)
 
     @torch.library.register_fake(lib + "int4_widen_into")
     def _(q, scale, offset, gs, n0, out):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,17 +32,33 @@ log = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+class _Kernel:
+    """A stack of matrices that share their input, on one of the extension's products, with every matrix's weights
+    bound once (a module's forward checks and reshapes on every call, which at batch 1 costs as long as the
+    product). ``kind`` numbers the products as the extension's decode_layers does."""
+
+    F32, INT8, INT8_DYNAMIC, INT4 = 0, 1, 2, 3
+
+    def __init__(self, kind: int, weights: list, scales: list, offsets: list, gs: int, max_rows: int):
+        self.kind, self.weights, self.scales, self.offsets, self.gs = kind, weights, scales, offsets, gs
+        self.max_rows = max_rows  # up to how many rows of x it is used
+        ops = kernels.ops()
+        self.run = {self.F32: lambda x: ops.f32_gemv(x, weights),
+                         self.INT8: lambda x: ops.int8_gemv(x, weights, scales),  # GEMV or integer GEMM, any rows
+                         self.INT8_DYNAMIC: lambda x: ops.int8_dynamic_gemv(x, weights, scales),
+                         self.INT4: lambda x: ops.int4_gemv(x, weights, scales, offsets, gs)}[kind]
+
+
 class _Product:
     """One or more projections that share their input (q, k and v; gate and up; or one alone), as one call on x
-    [tokens, K] returning their outputs side by side. Decode-sized x goes straight to one of the extension's
-    products with every matrix's weights bound once (a module's forward checks and reshapes on every call, which
-    at batch 1 costs as long as the product); other x to each module's own forward, concatenated. The modules'
-    weights stay the tensors they are, so nothing is copied and a saved model is unchanged."""
+    [tokens, K] returning their outputs side by side. Decode-sized x goes straight to the extension (``_Kernel``);
+    other x to each module's own forward, concatenated. The modules' weights stay the tensors they are, so nothing
+    is copied and a saved model is unchanged."""
 
     def __init__(self, modules: list[nn.Module]):
         self.general = [m.forward if isinstance(m, Int8WeightOnlyLinear | Int4WeightOnlyLinear) else m
                         for m in modules]
-        self.fast, self.max_rows = _decode_product(modules)
+        self.kernel = _decode_kernel(modules)
         biases = [m.bias for m in modules]
         given = [b for b in biases if b is not None]
         self.bias = None  # one vector for the stacked outputs (zeros for the modules without)
@@ -52,32 +67,33 @@ class _Product:
                                    for m, b in zip(modules, biases, strict=True)])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast is not None and x.shape[0] <= self.max_rows and x.is_contiguous():
-            y = self.fast(x)
+        k = self.kernel
+        if k is not None and x.shape[0] <= k.max_rows and x.is_contiguous():
+            y = k.run(x)
             return y if self.bias is None else y.add_(self.bias)
         ys = [f(x) for f in self.general]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
-def _decode_product(modules: list[nn.Module]) -> tuple[Callable | None, int]:
-    """The extension's product of the modules' weights for a few rows, and up to how many rows it is used; None
-    where the extension is not loaded or the modules do not share one kind of weights."""
+def _decode_kernel(modules: list[nn.Module]) -> _Kernel | None:
+    """The extension's product of the modules' weights for a few rows; None where the extension is not loaded or
+    the modules do not share one kind of weights."""
     ops = kernels.ops()
     kind = type(modules[0])
     if ops is None or any(type(m) is not kind for m in modules) or modules[0].in_features % 16:
-        return None, 0
+        return None
     if any(t.device.type != "cpu" for m in modules for t in (*m.parameters(), *m.buffers())):
-        return None, 0  # the extension's ops are CPU ops: on a GPU the modules' own forward runs
+        return None  # the extension's ops are CPU ops: on a GPU the modules' own forward runs
     if kind is nn.Linear and all(m.weight.dtype == torch.float32 for m in modules):
         weights = [m.weight.detach().contiguous() for m in modules]
-        return (lambda x: ops.f32_gemv(x, weights)), kernels.MAX_F32_KERNEL_ROWS
+        return _Kernel(_Kernel.F32, weights, [], [], 0, kernels.MAX_F32_KERNEL_ROWS)
     if kind in (Int8WeightOnlyLinear, Int8DynamicLinear) and all(m.scale.dtype == torch.float32 for m in modules):
         qs, scales = [m.qweight for m in modules], [m.scale for m in modules]
         if kind is Int8WeightOnlyLinear:
-            return (lambda x: ops.int8_gemv(x, qs, scales)), sys.maxsize  # GEMV or integer GEMM, at any rows
+            return _Kernel(_Kernel.INT8, qs, scales, [], 0, sys.maxsize)
         # int8-dynamic's larger products go to fbgemm where it is exact (kernels.int8_dynamic_linear)
         rows = kernels.MAX_INT8_KERNEL_ROWS if fbgemm.available() and fbgemm.exact() else sys.maxsize
-        return (lambda x: ops.int8_dynamic_gemv(x, qs, scales)), rows
+        return _Kernel(_Kernel.INT8_DYNAMIC, qs, scales, [], 0, rows)
     group_sizes = {getattr(m, "group_size", 0) for m in modules}
     if kind is Int4WeightOnlyLinear and len(group_sizes) == 1 and modules[0].group_size % 16 == 0:
         packed, scale = [m.packed for m in modules], [m.scale for m in modules]
@@ -85,9 +101,39 @@ def _decode_product(modules: list[nn.Module]) -> tuple[Callable | None, int]:
         symmetric = [o.numel() == 0 for o in offset]
         if any(symmetric) and not all(symmetric):  # grids mixed in one stack: every matrix on its offsets
             offset = [m.offset for m in modules]
-        gs = modules[0].group_size
-        return (lambda x: ops.int4_gemv(x, packed, scale, offset, gs)), kernels.MAX_INT4_KERNEL_ROWS
-    return None, 0
+        return _Kernel(_Kernel.INT4, packed, scale, offset, modules[0].group_size, kernels.MAX_INT4_KERNEL_ROWS)
+    return None
+
+
+class _FusedLayers:
+    """Every decoder layer of a decode-only step as the extension's one ``decode_layers`` op (its arguments, bound
+    once): where each layer's products are kernels of one kind and group size, and only q, k and v have biases."""
+
+    def __init__(self, layers: list[_Layer], cache: PagedKVCache):
+        products = [p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        first = products[0].kernel
+        self.kind, self.gs = first.kind, first.gs
+        self.max_rows = min(p.kernel.max_rows for p in products)
+        self.weights = [w for p in products for w in p.kernel.weights]
+        self.scales = [s for p in products for s in p.kernel.scales]
+        self.offsets = [o for p in products for o in p.kernel.offsets]
+        self.norms = [w for layer in layers for w in (layer.norm1, layer.norm2)]
+        self.biases = [layer.qkv.bias if layer.qkv.bias is not None else torch.empty(0) for layer in layers]
+        self.scaling = [float(layer.scaling) for layer in layers]
+        self.keys = [cache.keys[layer.idx] for layer in layers]
+        self.values = [cache.values[layer.idx] for layer in layers]
+
+    @staticmethod
+    def applies(layers: list[_Layer]) -> bool:
+        products = [p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if kernels.ops() is None or any(p.kernel is None for p in products):
+            return False
+        if len({(p.kernel.kind, p.kernel.gs) for p in products}) > 1:
+            return False
+        if any(p.bias is not None for layer in layers for p in (layer.o, layer.gate_up, layer.down)):
+            return False
+        return all(len(p.kernel.weights) == n for layer in layers
+                   for p, n in ((layer.qkv, 3), (layer.o, 1), (layer.gate_up, 2), (layer.down, 1)))
 
 
 class _Layer:
@@ -123,6 +169,8 @@ class LeanRunner:
         with torch.no_grad():
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=param.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_model_len, head_dim]
+        # a decode-only step in one op where the layers allow it (fused = None runs them one by one, as a test does)
+        self.fused = _FusedLayers(self.layers, cache) if _FusedLayers.applies(self.layers) else None
 
     @classmethod
     def for_model(cls, model, cache: PagedKVCache, max_model_len: int) -> LeanRunner | None:
@@ -146,6 +194,14 @@ class LeanRunner:
         ops = kernels.ops() if kernels.on_cpu_kernels(h) else None
         # decode_attention_applies, decided once per step (h is on the extension, so the cache is too)
         direct_attention = ops is not None and not layout.prefill and dim % kernels.ATTENTION_HEAD_DIM_MULTIPLE == 0
+        fused = self.fused
+        if direct_attention and fused is not None and n <= fused.max_rows:
+            delta = ops.decode_layers(h, fused.weights, fused.scales, fused.offsets, fused.kind, fused.gs,
+                                      fused.norms, fused.biases, cos, sin, fused.keys, fused.values,
+                                      layout.decode_tables, layout.decode_lengths, layout.token_blocks,
+                                      layout.token_offsets, heads, fused.scaling, self.eps, cache.sliding_window or 0)
+            last = layout.logit_rows
+            return self.head(kernels.rms_norm(h[last] + delta[last], self.norm, self.eps))
         delta = None
         for layer in self.layers:
             if delta is None:

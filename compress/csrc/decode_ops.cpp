@@ -27,6 +27,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
+
 namespace {
 
 void check_f32(const torch::Tensor& t, int64_t dim, const char* name) {

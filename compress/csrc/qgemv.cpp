@@ -44,6 +44,8 @@
 #include <utility>
 #include <vector>
 
+#include "ops.h"
+
 // One weight matrix of a product, as plain pointers (both instruction sets' kernels take these).
 struct F32Mat {
   const float* w;

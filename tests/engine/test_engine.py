@@ -281,6 +281,47 @@ def test_the_lean_forward_matches_hf_forward_on_quantized_modules(make_tiny_llam
     assert [g.token_ids for g in lean.generate(prompts, params)] == [g.token_ids for g in hf.generate(prompts, params)]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int8-dynamic", "int4s-g32", "int4-g64"])
+def test_a_decode_step_in_one_op_is_the_layers_run_one_by_one(tok, arch, scheme):
+    """The lean forward runs a decode-only step's layers as the extension's one decode_layers op (a float model,
+    every weight kind; qwen2's q, k and v biases): its logits are those of the same ops called layer by layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress import kernels, specs
+
+    if kernels.ops() is None:
+        pytest.skip("the CPU extension is not built here (its portable path has no fused step)")
+    torch.manual_seed(5)
+    config = AutoConfig.for_model(arch, vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if scheme:
+        specs.apply_(model, scheme)
+    engine = Engine(model, tok, max_num_seqs=3, max_model_len=256, block_size=16)
+    runner = engine.runner
+    assert runner.name == "lean" and runner.fused is not None
+    assert (runner.fused.biases[0].numel() > 0) == (arch == "qwen2")
+    for p in random_prompts(3, 300, seed=4, lo=10, hi=40):
+        engine.submit(p, SamplingParams(max_tokens=20))
+    with torch.inference_mode():
+        engine.step()
+        while engine.scheduler.num_prefilling:
+            engine.step()
+        for _ in range(3):  # decode steps: each run both ways, then taken by the engine (the same step again)
+            step = engine.scheduler.schedule()
+            assert step.num_decode == len(step.parts) == 3
+            batch = pack(step, engine.cache)
+            fused = runner.forward(batch)
+            runner.fused, saved = None, runner.fused
+            try:
+                one_by_one = runner.forward(batch)
+            finally:
+                runner.fused = saved
+            assert torch.equal(fused, one_by_one)
+            engine.step()
+
+
 @pytest.mark.parametrize("scheme", [None, "int4-g32"])
 def test_the_lean_forward_without_the_extension_still_matches_hf(make_tiny_llama, tok, monkeypatch, scheme):
     """Where the CPU kernels cannot load (no compiler, a GPU, another CPU), the lean forward's portable path runs:
@@ -299,7 +340,7 @@ def test_the_lean_forward_without_the_extension_still_matches_hf(make_tiny_llama
     assert kernels.ops() is None
     prompts = random_prompts(3, model.config.vocab_size, seed=5)
     engine = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16)  # chunked prompts mixed with decodes
-    assert engine.runner.name == "lean" and engine.runner.layers[0].qkv.fast is None
+    assert engine.runner.name == "lean" and engine.runner.layers[0].qkv.kernel is None and engine.runner.fused is None
     hf = Engine(model, tok, max_num_seqs=2, max_batch_tokens=16, lean=False)
     params = [SamplingParams(max_tokens=n, logprobs=0) for n in (7, 3, 9)]
     ours, theirs = engine.generate(prompts, params), hf.generate(prompts, params)
