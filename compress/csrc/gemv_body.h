@@ -14,6 +14,7 @@
 constexpr int B = 16 / Vec::W;  // vectors per block
 constexpr int64_t kPrefetchBytes = 512;
 constexpr int64_t kMaxInt8Span = 2048;  // int8 weights per int32 accumulation (see row_tile_int)
+constexpr int64_t kMaxPairK = 1024;  // int4 rows of at most this many weights are read two at a time at batch 1
 
 struct F32Rows {
   static constexpr int kBlockBytes = 64;
@@ -137,6 +138,45 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // activations (QChunk::corr), so its offsets are never read. Other grids add sum_g offset[g] * xsum[g] (the
 // groups' float activation sums) after the loop. kPairs: groups of 32, so a chunk's halves have scales 2c and
 // 2c + 1; else groups of whole chunks (64, 128, ...), one scale per chunk.
+// One 64-weight chunk (its 32 bytes in v) times its activations a: the 8 block sums as floats, lanes 0-3 weights
+// 0-31 and lanes 4-7 weights 32-63, less 8 times the activations' sums on the symmetric grid.
+template <bool kSymmetric>
+inline __m256 chunk_dot(__m256i v, const QChunk& a) {
+  const __m256i nibble = _mm256_set1_epi8(0xF);
+  const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+  const __m256i pairs =
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.lo))),
+                       _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.hi))));
+  __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  if constexpr (kSymmetric) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.corr)));
+  return _mm256_cvtepi32_ps(dot);
+}
+
+// The group scales of chunk c of a row (scale: the row's), one per lane: with groups of 32 (kPairs) scales 2c and
+// 2c + 1, each over its half; else the one group's the chunk lies in.
+template <bool kPairs>
+inline __m256 chunk_scales(const float* scale, int64_t c, int64_t gs) {
+  if constexpr (kPairs)
+    return _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scale + 2 * c)))),
+        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  else
+    return _mm256_set1_ps(scale[64 * c / gs]);
+}
+
+// The last chunk of a row whose K is not a multiple of 64: its bytes copied out (no read past the row), the rest
+// zero (zero nibbles against zero activations add nothing).
+template <bool kSymmetric>
+inline __m256 tail_product(const Int4Rows& rows, const uint8_t* w, const float* scale, const QChunk& a,
+                           int64_t whole) {
+  alignas(32) uint8_t tail[32] = {};
+  std::memcpy(tail, w + 32 * whole, (rows.K - 64 * whole) / 2);
+  const int64_t g = 64 * whole / rows.gs, g2 = std::min(rows.G - 1, (64 * whole + 32) / rows.gs);
+  return _mm256_mul_ps(chunk_dot<kSymmetric>(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), a),
+                       _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(scale[g2]), _mm_set1_ps(scale[g])),
+                                     _mm256_load_ps(a.xs)));
+}
+
 template <int MR, bool kPairs, bool kSymmetric>
 inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act, int64_t chunks, const float* xsum,
                              float* y, int64_t ldy) {
@@ -147,32 +187,17 @@ inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act,
   const int64_t K = rows.K, G = rows.G, gs = rows.gs, whole = K / 64;
   const uint8_t* w = rows.q + n * (K / 2);
   const float* scale = rows.scale + n * G;
-  const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
-  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   __m256 total[T][MR];
   for (int t = 0; t < T; ++t)
     for (int m = 0; m < MR; ++m) total[t][m] = _mm256_setzero_ps();
-  const auto chunk = [&](__m256i v, __m256 ws, int64_t c, __m256(&sums)[MR]) {
-    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    for (int m = 0; m < MR; ++m) {
-      const QChunk& a = act[m * chunks + c];
-      const __m256i pairs = _mm256_add_epi16(
-          _mm256_maddubs_epi16(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.lo))),
-          _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.hi))));
-      __m256i dot = _mm256_madd_epi16(pairs, ones);
-      if constexpr (kSymmetric) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(a.corr)));
-      sums[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_load_ps(a.xs)), sums[m]);
-    }
-  };
   const auto whole_chunk = [&](int64_t c, __m256(&sums)[MR]) {
     _mm_prefetch(reinterpret_cast<const char*>(w + 32 * c) + kPrefetchBytes, _MM_HINT_T0);
-    __m256 ws;
-    if constexpr (kPairs)  // scales 2c and 2c + 1, each over its half
-      ws = _mm256_permutevar8x32_ps(
-          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scale + 2 * c)))), halves);
-    else
-      ws = _mm256_set1_ps(scale[64 * c / gs]);
-    chunk(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c)), ws, c, sums);
+    const __m256 ws = chunk_scales<kPairs>(scale, c, gs);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+    for (int m = 0; m < MR; ++m) {
+      const QChunk& a = act[m * chunks + c];
+      sums[m] = _mm256_fmadd_ps(chunk_dot<kSymmetric>(v, a), _mm256_mul_ps(ws, _mm256_load_ps(a.xs)), sums[m]);
+    }
   };
   int64_t c = 0;
   for (; c + T <= whole; c += T) {
@@ -180,18 +205,44 @@ inline void row_tile_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act,
     if constexpr (T == 2) whole_chunk(c + 1, total[T - 1]);
   }
   for (; c < whole; ++c) whole_chunk(c, total[0]);
-  if (whole < chunks) {  // K % 64 weights left: their bytes copied out (no read past the row), the rest zero
-    alignas(32) uint8_t tail[32] = {};
-    std::memcpy(tail, w + 32 * whole, (K - 64 * whole) / 2);
-    const int64_t g = 64 * whole / gs, g2 = std::min(G - 1, (64 * whole + 32) / gs);
-    chunk(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)),
-          _mm256_set_m128(_mm_set1_ps(scale[g2]), _mm_set1_ps(scale[g])), whole, total[0]);
-  }
+  if (whole < chunks)
+    for (int m = 0; m < MR; ++m)
+      total[0][m] = _mm256_add_ps(total[0][m], tail_product<kSymmetric>(rows, w, scale, act[m * chunks + whole], whole));
   for (int m = 0; m < MR; ++m) {
     __m256 t = total[0][m];
     if constexpr (T == 2) t = _mm256_add_ps(t, total[T - 1][m]);
     y[m * ldy] = hsum8(t) + (kSymmetric ? 0.0f : dot(rows.offset + n * G, xsum + m * G, G));
   }
+}
+
+// Two adjacent weight rows (n, n + 1) on one activation row: at decode of small models (K of a few hundred) the
+// work per row besides its chunks (the sums' reduction, the store, finding the row) cost as much as the chunks. Two
+// rows share that, and each chunk's activations are loaded once for both; the rows lie one after the other in
+// memory, so this is still one sequential stream. The two rows' sums are two independent chains.
+template <bool kPairs, bool kSymmetric>
+inline void row_pair_int4_q8(const Int4Rows& rows, int64_t n, const QChunk* act, int64_t chunks, const float* xsum,
+                             float* y) {
+  const int64_t K = rows.K, G = rows.G, gs = rows.gs, whole = K / 64;
+  const uint8_t* w0 = rows.q + n * (K / 2);
+  const uint8_t* w1 = w0 + K / 2;
+  const float *scale0 = rows.scale + n * G, *scale1 = scale0 + G;
+  __m256 total0 = _mm256_setzero_ps(), total1 = _mm256_setzero_ps();
+  for (int64_t c = 0; c < whole; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + 32 * c) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + 32 * c) + kPrefetchBytes, _MM_HINT_T0);
+    const QChunk& a = act[c];
+    const __m256 xs = _mm256_load_ps(a.xs);
+    const __m256 d0 = chunk_dot<kSymmetric>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 32 * c)), a);
+    const __m256 d1 = chunk_dot<kSymmetric>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + 32 * c)), a);
+    total0 = _mm256_fmadd_ps(d0, _mm256_mul_ps(chunk_scales<kPairs>(scale0, c, gs), xs), total0);
+    total1 = _mm256_fmadd_ps(d1, _mm256_mul_ps(chunk_scales<kPairs>(scale1, c, gs), xs), total1);
+  }
+  if (whole < chunks) {
+    total0 = _mm256_add_ps(total0, tail_product<kSymmetric>(rows, w0, scale0, act[whole], whole));
+    total1 = _mm256_add_ps(total1, tail_product<kSymmetric>(rows, w1, scale1, act[whole], whole));
+  }
+  y[0] = hsum8(total0) + (kSymmetric ? 0.0f : dot(rows.offset + n * G, xsum, G));
+  y[1] = hsum8(total1) + (kSymmetric ? 0.0f : dot(rows.offset + (n + 1) * G, xsum, G));
 }
 
 template <int MR, typename Rows>
@@ -336,6 +387,23 @@ template <bool kPairs, bool kSymmetric>
 void int4_q8_tiles(const Stack<Int4Rows>& stack, const QChunk* act, int64_t chunks, const float* xsum, int64_t M,
                    float* y) {
   const int64_t G = stack.parts.front().G, N = stack.rows_total();
+  if (M == 1 && stack.K() <= kMaxPairK) {  // one activation row, short weight rows: two at a time
+    at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
+      for (int64_t n = 2 * p0; n < std::min(N, 2 * p1); n += 2) {
+        const auto [rows, r] = stack.find(n);
+        if (n + 1 < N && stack.find(n + 1).first == rows) {
+          row_pair_int4_q8<kPairs, kSymmetric>(*rows, r, act, chunks, xsum, y + n);
+          continue;
+        }
+        row_tile_int4_q8<1, kPairs, kSymmetric>(*rows, r, act, chunks, xsum, y + n, N);
+        if (n + 1 < N) {
+          const auto [next, r1] = stack.find(n + 1);
+          row_tile_int4_q8<1, kPairs, kSymmetric>(*next, r1, act, chunks, xsum, y + n + 1, N);
+        }
+      }
+    });
+    return;
+  }
   over_rows(stack, M, [&](const Int4Rows& rows, int64_t r, int64_t n, int64_t m0, auto mr) {
     row_tile_int4_q8<decltype(mr)::value, kPairs, kSymmetric>(rows, r, act + m0 * chunks, chunks,
                                                               xsum ? xsum + m0 * G : nullptr, y + m0 * N + n, N);
