@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-e2e test-clients test-peers test-vllm venv-vllm lint clean
+.PHONY: install demo test test-e2e test-clients test-peers test-vllm venv-vllm llama-server lint clean
 
 install: $(VENV)/.installed
 
@@ -68,8 +68,23 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 test-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/jobs/test_vllm.py tests/serve/test_vllm_serve.py
 
+# llama.cpp's server, for `python bench/serve_load.py --peer .peers/llama-server`: built from the llama.cpp source
+# that llama-cpp-python 0.3.36 (the bench extra) vendors, so both benches run the same llama.cpp (minutes).
+LLAMA_CPP := .peers/llama_cpp_python-0.3.36/vendor/llama.cpp
+llama-server: .peers/llama-server
+
+.peers/llama-server: | $(VENV)/.installed
+	mkdir -p .peers
+	test -f .peers/llama_cpp_python-0.3.36.tar.gz || \
+		$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .peers
+	test -d $(LLAMA_CPP) || tar xzf .peers/llama_cpp_python-0.3.36.tar.gz -C .peers
+	cmake -S $(LLAMA_CPP) -B .peers/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON \
+		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build .peers/build -j --target llama-server
+	ln -sf build/bin/llama-server $@
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) artifacts .pytest_cache .peers

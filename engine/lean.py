@@ -11,8 +11,10 @@ fewest operations. Per layer, on the CPU extension: the residual add and RMSNorm
 product over the three matrices (so are gate and up), with each layer's weights bound once; RoPE (from a cos/sin
 table built once from the model's own rotary embedding, so its scaling variants carry over) and the cache write are
 one op; a decode-only step's attention is one op, otherwise ``PagedKVCache.attend`` (the code the HF path uses);
-SiLU times up is one op. That is 9 calls per layer where HF's forward makes dozens. Greedy output is the same token
-for token as HF's ``generate`` (tested).
+SiLU times up is one op. That is 9 calls per layer where HF's forward makes dozens. A decode-only step (the most
+common step of a server) goes further: all its layers are one call of the extension's ``decode_layers``, which calls the
+same ops from C++, so a step pays Python and the dispatcher once instead of some 270 times (SmolLM2); its logits are
+bit-identical to the layer-by-layer path. Greedy output is the same token for token as HF's ``generate`` (tested).
 """
 
 from __future__ import annotations
