@@ -80,7 +80,7 @@ llama-server: .peers/llama-server
 	test -d $(LLAMA_CPP) || tar xzf .peers/llama_cpp_python-0.3.36.tar.gz -C .peers
 	cmake -S $(LLAMA_CPP) -B .peers/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON \
 		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-	cmake --build .peers/build -j --target llama-server
+	cmake --build .peers/build -j $$(nproc) --target llama-server
 	ln -sf build/bin/llama-server $@
 
 lint: install
