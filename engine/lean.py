@@ -45,10 +45,12 @@ class _Kernel:
         self.kind, self.weights, self.scales, self.offsets, self.gs = kind, weights, scales, offsets, gs
         self.max_rows = max_rows  # up to how many rows of x it is used
         ops = kernels.ops()
-        self.run = {self.F32: lambda x: ops.f32_gemv(x, weights),
-                         self.INT8: lambda x: ops.int8_gemv(x, weights, scales),  # GEMV or integer GEMM, any rows
-                         self.INT8_DYNAMIC: lambda x: ops.int8_dynamic_gemv(x, weights, scales),
-                         self.INT4: lambda x: ops.int4_gemv(x, weights, scales, offsets, gs)}[kind]
+        self.run = {  # x [rows, K] -> [rows, every matrix's outputs]
+            self.F32: lambda x: ops.f32_gemv(x, weights),
+            self.INT8: lambda x: ops.int8_gemv(x, weights, scales),  # GEMV or integer GEMM, at any rows
+            self.INT8_DYNAMIC: lambda x: ops.int8_dynamic_gemv(x, weights, scales),
+            self.INT4: lambda x: ops.int4_gemv(x, weights, scales, offsets, gs),
+        }[kind]
 
 
 class _Product:
