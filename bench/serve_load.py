@@ -349,8 +349,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="sample the Serve replica with py-spy during its first run and split the samples")
     args = parser.parse_args()
+    if args.peer is not None and args.engine != "raypress":
+        sys.exit("--peer compares llama-server with raypress's engine: leave --engine out")
     if args.peer is not None and not (args.peer.is_file() and os.access(args.peer, os.X_OK)):
-        sys.exit(f"--peer {args.peer}: not an executable file (build llama-server as the README says)")
+        sys.exit(f"--peer {args.peer}: not an executable file (make llama-server builds .peers/llama-server)")
     if args.profile and py_spy() is None:
         sys.exit("--profile needs py-spy (pip install py-spy)")
     import ray
