@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from compress import kernel_fakes
+
 log = logging.getLogger(__name__)
 
 # int8 weights take the extension's product at any number of activation rows: a GEMV for a few (decode), an
@@ -77,68 +79,11 @@ def _build():
         flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
         load(name=f"raypress_kernels_{digest}", sources=[str(p) for p in sources if p.suffix == ".cpp"],
              extra_cflags=flags, verbose=False, is_python_module=False)
-        _register_fakes()
+        kernel_fakes.register()
         log.info("raypress CPU kernels: %s", torch.ops.raypress.isa())
         return torch.ops.raypress
     except Exception as e:  # a missing compiler or headers must not stop the model from running
         log.warning("could not build the raypress CPU kernels (%s); using the portable path", e)
-        return None
-
-
-def _register_fakes() -> None:
-    """Shapes of the ops' outputs without running them, for torch.compile and meta tensors."""
-    lib = "raypress::"
-
-    def stacked(x, weights):  # the products' outputs: every matrix's rows side by side
-        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
-
-    @torch.library.register_fake(lib + "f32_gemv")
-    def _(x, w):
-        return stacked(x, w)
-
-    @torch.library.register_fake(lib + "int8_gemv")
-    def _(x, q, scale):
-        return stacked(x, q)
-
-    @torch.library.register_fake(lib + "int8_dynamic_gemv")
-    def _(x, q, scale):
-        return stacked(x, q)
-
-    @torch.library.register_fake(lib + "int4_gemv")
-    def _(x, q, scale, offset, gs):
-        return stacked(x, q)
-
-    @torch.library.register_fake(lib + "rms_norm")
-    def _(x, weight, eps):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake(lib + "add_rms_norm_")
-    def _(h, delta, weight, eps):
-        return torch.empty_like(h)
-
-    @torch.library.register_fake(lib + "silu_mul")
-    def _(gu):
-        return gu.new_empty(gu.shape[0], gu.shape[1] // 2)
-
-    @torch.library.register_fake(lib + "rope_write_")
-    def _(qkv, cos, sin, keys, values, slots, positions, heads):
-        return None
-
-    @torch.library.register_fake(lib + "cache_write_")
-    def _(keys, values, k, v, slots, positions):
-        return None
-
-    @torch.library.register_fake(lib + "decode_attention")
-    def _(q, keys, values, tables, lengths, scale, window):
-        return q.new_empty(q.shape)
-
-    @torch.library.register_fake(lib + "decode_layers")
-    def _(h, weights, scales, offsets, kind, gs, norms, biases, cos, sin, keys, values, tables, lengths, blocks,
-          positions, heads, scaling, eps, window):
-        return torch.empty_like(h)
-
-    @torch.library.register_fake(lib + "int4_widen_into")
-    def _(q, scale, offset, gs, n0, out):
         return None
 
 
