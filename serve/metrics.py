@@ -8,7 +8,7 @@ prefix cache's hits and preemptions.
 
 from __future__ import annotations
 
-from engine.metrics import EngineStats, Histogram
+from engine.metrics import PHASES, EngineStats, Histogram
 
 
 def prometheus_text(stats: EngineStats, model: str) -> str:
@@ -46,8 +46,8 @@ def prometheus_text(stats: EngineStats, model: str) -> str:
     metric("raypress_preemptions_total", "counter", "Running requests sent back to wait for KV blocks.",
            c.preemptions)
     name = "raypress_step_phase_seconds_total"
-    lines.extend([f"# HELP {name} Seconds of engine steps spent in each phase (schedule, forward_prefill, "
-                  "forward_decode, sample, output).", f"# TYPE {name} counter"])
+    lines.extend([f"# HELP {name} Seconds of engine steps spent in each phase ({', '.join(PHASES)}).",
+                  f"# TYPE {name} counter"])
     lines.extend(f'{name}{{{label},phase="{phase}"}} {seconds}' for phase, seconds in stats.phase_s.items())
     histogram("raypress_time_to_first_token_seconds", "Time from arrival to the first token.", stats.ttft_s)
     histogram("raypress_step_seconds", "Time of one engine step (prompt chunks and one decode forward).",
